@@ -1,0 +1,48 @@
+# One-command setup + run. `make demo` and `make test` create .venv if missing and install the
+# pinned set (requirements.lock) first. torch comes alone and first: on this machine
+# `torch==2.13.0` is the CPU build on local disk; a bare `torch` would pull GBs of CUDA wheels.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= test,realmeshes
+STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export HF_HUB_OFFLINE ?= 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-slow test-all bench clean-data
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements.lock pyproject.toml | $(PY)
+	@# open3d-cpu links libusb-1.0 (a system library, not a wheel); install it where missing.
+	@ldconfig -p | grep -q libusb-1.0 || { echo "installing libusb-1.0-0 (needed by open3d)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq libusb-1.0-0; }
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c requirements.lock -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/partlift demo $(DEMO_ARGS)
+
+test: install
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+test-all: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/bench_render.py $(BENCH_ARGS)
+
+clean-data:
+	rm -rf partlift-data

@@ -1,0 +1,1 @@
+"""Ray drivers, config schemas, the `partlift` CLI and job submission."""

@@ -1,0 +1,195 @@
+"""Job configuration: one pydantic model, YAML files in configs/, `--set a.b=value` overrides.
+
+Unknown keys are an error everywhere (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from operators.render import RenderSettings
+from operators.storage import StorageOptions
+
+DEFAULT_ROOT = "./partlift-data"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the config."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class StorageConfig(Section):
+    """Object storage. Unset fields fall back to the standard AWS environment variables."""
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
+    region: str | None = Field(None, description="S3 region (default: AWS_REGION or us-east-1)")
+    access_key_id: SecretStr | None = Field(None, description="S3 access key (prefer AWS_ACCESS_KEY_ID)")
+    secret_access_key: SecretStr | None = Field(None, description="S3 secret (prefer AWS_SECRET_ACCESS_KEY)")
+    session_token: SecretStr | None = None
+    connect_timeout_s: float = Field(5.0, gt=0)
+    request_timeout_s: float = Field(30.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+
+    def options(self) -> StorageOptions:
+        secret = lambda s: s.get_secret_value() if s is not None else None  # noqa: E731
+        return StorageOptions(self.endpoint_url, self.region, secret(self.access_key_id),
+                              secret(self.secret_access_key), secret(self.session_token),
+                              self.connect_timeout_s, self.request_timeout_s, self.max_attempts)
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="Ray cluster address; unset = start a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (unset: all)")
+    dashboard_host: str = Field("127.0.0.1", description="local Ray dashboard bind address")
+    include_dashboard: bool = Field(False, description="start the dashboard with a local Ray")
+    progress_bars: bool = Field(True, description="Ray Data progress bars")
+
+
+class StageResources(Section):
+    """How one Ray Data stage is scheduled (routed through rayjobs.resources)."""
+
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per task/actor")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor")
+    concurrency: int | None = Field(None, ge=1, description="max parallel tasks / actor-pool size")
+    batch_size: int = Field(2, ge=1, description="assets per task call (= per output shard)")
+
+
+class JobConfig(Section):
+    overwrite: bool = Field(False, description="redo everything instead of resuming")
+    max_error_fraction: float = Field(0.1, ge=0, le=1, description="fail the job above this failed/input fraction")
+    name: str | None = Field(None, description="run name recorded in _job.json")
+
+
+class AssetsConfig(Section):
+    n: int = Field(24, ge=1, description="procedural assets to make")
+    seed: int = Field(0, description="procedural generator seed")
+    categories: list[str] | None = Field(None, description="procedural categories (default: all)")
+    input: str | None = Field(None, description="directory/URI of mesh files to scan")
+    resources: StageResources = StageResources(batch_size=8, num_cpus=1.0)
+
+
+class RenderConfig(Section):
+    views: int = Field(19, ge=1, description="views per asset (DFC A.4: 19)")
+    width: int = Field(224, ge=8, description="image width, pixels")
+    height: int = Field(224, ge=8, description="image height, pixels")
+    fov_deg: float = Field(40.0, gt=1, lt=170, description="vertical field of view, degrees")
+    distribution: Literal["fibonacci", "rings"] = "fibonacci"
+    elevation_min_deg: float = Field(-60.0, ge=-90, le=90, description="lowest camera elevation (negative = from below)")
+    elevation_max_deg: float = Field(80.0, ge=-90, le=90, description="highest camera elevation")
+    distance_margin: float = Field(1.15, ge=1, description="camera distance factor over the bounding-sphere fit")
+    background: tuple[int, int, int] = (255, 255, 255)
+    ambient: float = Field(0.35, ge=0, le=1)
+    n_points: int = Field(100_000, ge=1, description="surface samples per asset (DFC A.4: 100K)")
+    seed: int = Field(0, description="seed for lights and surface sampling (mixed with the asset id)")
+    resources: StageResources = StageResources(batch_size=2, num_cpus=1.0)
+
+    @field_validator("background")
+    @classmethod
+    def _rgb(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(not 0 <= c <= 255 for c in value):
+            raise ValueError("background channels must be in 0..255")
+        return value
+
+    def settings(self) -> RenderSettings:
+        fields = RenderSettings.__dataclass_fields__
+        return RenderSettings(**{k: v for k, v in self.model_dump().items() if k in fields})
+
+
+class PartliftConfig(Section):
+    root: str = Field(DEFAULT_ROOT, description="run root: local dir, file:// or s3://bucket/prefix")
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+    job: JobConfig = JobConfig()
+    assets: AssetsConfig = AssetsConfig()
+    render: RenderConfig = RenderConfig()
+
+    def redacted(self) -> dict[str, Any]:
+        """JSON-ready dict with secrets replaced (for _job.json and logs)."""
+        data = self.model_dump(mode="json")
+        for key in ("access_key_id", "secret_access_key", "session_token"):
+            if data["storage"].get(key) is not None:
+                data["storage"][key] = "***"
+        return data
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`render.views=19` -> ("render.views", 19); values are YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set render.views=19")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value
+    return out
+
+
+def _describe(err: ValidationError, sources: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            section = _section_for(e["loc"][:-1])
+            valid = ", ".join(sorted(section.model_fields)) if section else ""
+            lines.append(f"unknown config key '{loc}'" + (f" (valid here: {valid})" if valid else ""))
+        else:
+            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+    return f"invalid configuration from {sources}:\n  " + "\n  ".join(lines)
+
+
+def _section_for(path: Sequence[Any]) -> type[BaseModel] | None:
+    model: type[BaseModel] = PartliftConfig
+    for key in path:
+        field = model.model_fields.get(str(key))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (),
+                **explicit: Any) -> PartliftConfig:
+    """Merge YAML files (in order), then `--set` overrides, then explicit CLI values (non-None)."""
+    tree: dict = {}
+    for file in files:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping")
+        tree = _merge(tree, loaded)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    for dotted, value in explicit.items():
+        if value is not None:
+            _set_dotted(tree, dotted.replace("__", "."), value)
+    sources = ", ".join([str(f) for f in files] + [f"--set {o}" for o in overrides]) or "defaults"
+    try:
+        return PartliftConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, sources)) from None

@@ -1,0 +1,122 @@
+"""`partlift render`: every asset of the manifest -> `views/` and `points/` on Ray Data tasks.
+
+Each task renders a batch of assets and writes one shard per table (views first, points last:
+the points shard is the commit marker). Resume = skip asset_ids already in `points/` after
+removing view shards whose points shard never landed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from operators.assets import read_mesh_file
+from operators.render import RenderSettings, render_asset
+from operators.storage import RunRoot, StorageOptions, make_table, shard_name
+from rayjobs.assets_job import ASSETS_TABLE
+from rayjobs.config import PartliftConfig
+from rayjobs.runtime import (StageReport, ensure_ray, error_row, finish_stage, new_job_id,
+                             run_batches, seed_for, summarise_rows, write_errors)
+
+VIEWS_TABLE = "views"
+POINTS_TABLE = "points"
+STAGE = "render"
+
+
+def _part_labels(face_part: np.ndarray | list | None, face_id: np.ndarray, n_faces: int,
+                 asset_id: str) -> np.ndarray:
+    """Per-point part index for procedural assets (face_part[face_id]), -1 for scanned meshes."""
+    labels = np.asarray(face_part if face_part is not None else [], dtype=np.int16)
+    if labels.size == 0:
+        return np.full(face_id.shape, -1, dtype=np.int16)
+    if labels.size != n_faces:
+        raise ValueError(f"asset {asset_id}: manifest has {labels.size} face part labels but the "
+                         f"mesh has {n_faces} faces (mesh file changed after `assets make`?)")
+    return labels[face_id]
+
+
+def render_batch(batch: dict[str, np.ndarray], root_uri: str, storage: StorageOptions,
+                 settings: RenderSettings, seed: int, job_id: str) -> dict[str, list]:
+    """Ray Data task: render a batch of assets, write their views/points shard, return one
+    summary row per asset (ok or failed with the error)."""
+    root = RunRoot(root_uri, storage)
+    views, points = defaultdict(list), defaultdict(list)
+    summaries, errors = [], []
+    ids = batch["asset_id"].tolist()
+    for asset_id, uri, face_part in zip(ids, batch["uri"].tolist(), batch["face_part"]):
+        started = time.perf_counter()
+        try:
+            mesh, _ = read_mesh_file(uri, storage)
+            rendered, samples = render_asset(mesh, settings, seed_for(seed, asset_id), name=uri)
+            part = _part_labels(face_part, samples.face_id, mesh.n_faces, asset_id)
+        except Exception as err:  # row-level: recorded in errors/, the batch goes on
+            errors.append(error_row(STAGE, job_id, asset_id, f"{uri}: {err}" if uri not in str(err)
+                                    else err, error_type=type(err).__name__))
+            summaries.append({"asset_id": asset_id, "status": "failed",
+                              "error_type": type(err).__name__, "message": str(err)[:2000],
+                              "seconds": time.perf_counter() - started})
+            continue
+        n_views = rendered.rgb.shape[0]
+        views["asset_id"] += [asset_id] * n_views
+        views["view_id"].append(np.arange(n_views, dtype=np.int32))
+        for name in ("rgb", "depth", "mask", "face_id", "K", "cam_to_world"):
+            views[name].append(getattr(rendered, name))
+        views["normal"].append(rendered.normal.astype(np.float16))
+        points["asset_id"].append(asset_id)
+        points["xyz"].append(samples.xyz[None])
+        points["normal"].append(samples.normal[None])
+        points["face_id"].append(samples.face_id[None])
+        points["part"].append(part[None])
+        summaries.append({"asset_id": asset_id, "status": "ok", "error_type": "", "message": "",
+                          "seconds": time.perf_counter() - started})
+    shard = shard_name(ids)
+    if points:
+        tables = {
+            VIEWS_TABLE: make_table({k: v if k == "asset_id" else np.concatenate(v)
+                                     for k, v in views.items()}),
+            POINTS_TABLE: make_table({k: v if k == "asset_id" else np.concatenate(v)
+                                      for k, v in points.items()}),
+        }
+        root.write_shard_set(shard, tables, commit_table=POINTS_TABLE)
+    write_errors(root, STAGE, job_id, shard, errors)
+    return {k: [s[k] for s in summaries] for k in summaries[0]}
+
+
+def run_render(config: PartliftConfig) -> StageReport:
+    root = RunRoot(config.root, config.storage.options())
+    root.check_reachable()
+    started = time.time()
+    job_id = new_job_id(STAGE)
+    manifest = root.read_table(ASSETS_TABLE, columns=["asset_id", "uri", "face_part"])
+    if manifest is None or manifest.num_rows == 0:
+        raise FileNotFoundError(f"render: no assets under {root.display(ASSETS_TABLE)}/; "
+                                "run `partlift assets make` or `partlift assets scan` first")
+    removed: list[str] = []
+    if config.job.overwrite:
+        for table in (VIEWS_TABLE, POINTS_TABLE):
+            root.delete_table(table)
+        done: set[str] = set()
+    else:
+        removed = root.remove_uncommitted([VIEWS_TABLE, POINTS_TABLE], POINTS_TABLE)
+        done = root.ids_in(POINTS_TABLE)
+    items = [row for row in manifest.to_pylist() if row["asset_id"] not in done]
+    items.sort(key=lambda row: row["asset_id"])
+    settings = config.render.settings()
+    ensure_ray(config.ray)
+    summaries = run_batches(items, render_batch,
+                            {"root_uri": config.root, "storage": config.storage.options(),
+                             "settings": settings, "seed": config.render.seed, "job_id": job_id},
+                            config.render.resources)
+    ok, failed, types, examples = summarise_rows(summaries)
+    report = StageReport(
+        stage=STAGE, job_id=job_id, root=config.root,
+        inputs={"assets": root.display(ASSETS_TABLE) + "/"},
+        outputs={VIEWS_TABLE: root.display(VIEWS_TABLE) + "/",
+                 POINTS_TABLE: root.display(POINTS_TABLE) + "/"},
+        started=started, ended=time.time(), input_count=manifest.num_rows,
+        skipped_done=manifest.num_rows - len(items), ok=ok, failed=failed,
+        units={"views": ok * settings.views, "points": ok * settings.n_points},
+        error_types=types, error_examples=examples, removed_uncommitted=removed)
+    return finish_stage(root, config, report, VIEWS_TABLE)

@@ -1,0 +1,40 @@
+"""`partlift status`: what a run root holds."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+
+from operators.storage import PARQUET_SUFFIX, RunRoot
+from rayjobs.config import PartliftConfig
+
+KNOWN_TABLES = ("assets", "views", "points", "labels/boxes", "labels/points", "labels/masks",
+                "features/views", "features/points", "errors")
+
+
+def table_counts(root: RunRoot) -> dict[str, tuple[int, int]]:
+    """table -> (shards, rows), from Parquet footers only (no data is read)."""
+    counts = {}
+    for table in KNOWN_TABLES:
+        shards = root.list_shards(table)
+        if shards:
+            rows = sum(pq.ParquetFile(root.path(table, s + PARQUET_SUFFIX),
+                                      filesystem=root.fs).metadata.num_rows for s in shards)
+            counts[table] = (len(shards), rows)
+    return counts
+
+
+def print_status(config: PartliftConfig) -> None:
+    root = RunRoot(config.root, config.storage.options())
+    root.check_reachable(create=False)
+    counts = table_counts(root)
+    print(f"run root {root.display()}")
+    if not counts:
+        print("  (empty: run `partlift assets make` or `partlift demo`)")
+    for table, (shards, rows) in counts.items():
+        print(f"  {table:<16} {rows:>9} rows in {shards} shards")
+    for table in ("assets", "views"):
+        if root.exists(f"{table}/_job.json"):
+            job = root.read_json(f"{table}/_job.json")
+            c = job["counts"]
+            print(f"  last {job['stage']}: {job['ended']}  ok {c['ok']}, failed {c['failed']}, "
+                  f"skipped {c['skipped_done']}  ({job['job_id']})")

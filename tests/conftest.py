@@ -1,0 +1,71 @@
+"""Session fixtures: one local Ray for the integration tests, one real S3-compatible HTTP server
+(moto's server in a subprocess on 127.0.0.1) for the storage tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+S3_KEY, S3_SECRET = "partlift-test-key", "partlift-test-secret"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """URL of a real S3-compatible server for this test session."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("moto S3 server did not start within 30 s")
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_root(s3_endpoint: str) -> tuple[str, "object"]:
+    """A fresh bucket on the test server: (s3 URI of a prefix in it, StorageOptions)."""
+    from operators.storage import StorageOptions
+    options = StorageOptions(endpoint_url=s3_endpoint, access_key_id=S3_KEY,
+                             secret_access_key=S3_SECRET, region="us-east-1")
+    import boto3
+    bucket = f"partlift-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id=S3_KEY,
+                 aws_secret_access_key=S3_SECRET, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/run", options
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False)
+    import ray.data
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()

@@ -1,0 +1,1 @@
+"""Models, losses, pair sampling, metrics and Ray Train loops (later issues)."""

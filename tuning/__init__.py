@@ -1,0 +1,1 @@
+"""Search spaces, Tuner construction and result tables (later issues)."""

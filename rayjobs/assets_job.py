@@ -111,16 +111,18 @@ def _existing_manifest(root: RunRoot) -> tuple[set[str], set[str]]:
 
 def _write_manifest(root: RunRoot, stage: str, job_id: str, summaries: Sequence[dict],
                     known_ids: set[str]) -> tuple[list[dict], int]:
-    """Write new records (first occurrence of each asset_id wins); duplicates become errors."""
-    records, errors = [], []
-    for row in summaries:
+    """Write new records; of files with identical bytes (one asset_id) the first URI in sorted
+    order is kept. Returns the new records and how many duplicate files were skipped."""
+    records, errors, duplicates = [], [], 0
+    for row in sorted(summaries, key=lambda r: r["source_key"]):
         if row["status"] != "ok":
             errors.append(error_row(stage, job_id, row["asset_id"] or row["source_key"],
                                     row["message"], error_type=row["error_type"]))
             continue
         record = json.loads(row["record"])
         if record["asset_id"] in known_ids:
-            continue  # same bytes already in the manifest (e.g. a copy of a file): keep one row
+            duplicates += 1  # same bytes already in the manifest (a copy of a file): one row
+            continue
         known_ids.add(record["asset_id"])
         records.append(record)
     for start in range(0, len(records), MANIFEST_ROWS_PER_SHARD):
@@ -128,7 +130,7 @@ def _write_manifest(root: RunRoot, stage: str, job_id: str, summaries: Sequence[
         columns = {k: [r[k] for r in chunk] for k in chunk[0]}
         root.write_shard(ASSETS_TABLE, shard_name(r["asset_id"] for r in chunk), make_table(columns))
     write_errors(root, stage, job_id, shard_name(e["asset_id"] for e in errors) if errors else "", errors)
-    return records, len(errors)
+    return records, duplicates
 
 
 def _run_manifest_stage(config: PartliftConfig, stage: str, items: list[dict], fn, fn_kwargs: dict,
@@ -143,13 +145,14 @@ def _run_manifest_stage(config: PartliftConfig, stage: str, items: list[dict], f
     pending = [item for item in items if item["source_key"] not in done_keys]
     ensure_ray(config.ray)
     summaries = run_batches(pending, fn, fn_kwargs, config.assets.resources)
-    records, _ = _write_manifest(root, stage, job_id, summaries, known_ids)
+    records, duplicates = _write_manifest(root, stage, job_id, summaries, known_ids)
     ok, failed, types, examples = summarise_rows(summaries)
     report = StageReport(stage=stage, job_id=job_id, root=config.root, inputs=inputs,
                          outputs={"assets": root.display(ASSETS_TABLE) + "/"},
                          started=started, ended=time.time(), input_count=len(items),
                          skipped_done=len(items) - len(pending), ok=ok, failed=failed,
-                         units={"new manifest rows": len(records)},
+                         units={"new manifest rows": len(records),
+                                "duplicate files skipped": duplicates},
                          error_types=types, error_examples=examples)
     return finish_stage(root, config, report, ASSETS_TABLE)
 

@@ -159,7 +159,8 @@ def summarise_rows(rows: Sequence[dict]) -> tuple[int, int, dict[str, int], list
     """ok count, failed count, error types, a few example messages from per-item summaries."""
     failed = [r for r in rows if r["status"] != "ok"]
     types = collections.Counter(str(r["error_type"]) for r in failed)
-    examples = [f"{r['asset_id']}: {r['message']}" for r in failed[:5]]
+    examples = [f"{r['asset_id']}: {r['message']}" if r["asset_id"] else str(r["message"])
+                for r in failed[:5]]
     return len(rows) - len(failed), len(failed), dict(types), examples
 
 

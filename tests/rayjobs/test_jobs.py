@@ -1,0 +1,172 @@
+"""Assets and render jobs on a real local Ray: row counts, resume, overwrite, broken inputs, S3."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import open3d as o3d
+import pytest
+
+from operators.storage import RunRoot, StorageError, table_columns
+from rayjobs.assets_job import run_assets_make, run_assets_scan
+from rayjobs.config import PartliftConfig, load_config
+from rayjobs.render_job import run_render
+from rayjobs.runtime import JobFailedError
+
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
+
+SMALL = ["render.views=4", "render.width=32", "render.height=24", "render.n_points=300",
+         "render.resources.batch_size=2", "ray.progress_bars=false"]
+
+
+def small_config(root: str, *extra: str, storage=None) -> PartliftConfig:
+    overrides = [*SMALL, *extra]
+    if storage is not None:
+        overrides += [f"storage.endpoint_url={storage.endpoint_url}",
+                      f"storage.access_key_id={storage.access_key_id}",
+                      f"storage.secret_access_key={storage.secret_access_key}"]
+    return load_config((), overrides, root=root)
+
+
+def counts(root: RunRoot) -> dict[str, int]:
+    out = {}
+    for table in ("assets", "views", "points"):
+        data = root.read_table(table, columns=["asset_id"])
+        out[table] = 0 if data is None else data.num_rows
+    return out
+
+
+def test_make_render_resume_add_and_overwrite(tmp_path: Path) -> None:
+    uri = str(tmp_path / "run")
+    root = RunRoot(uri)
+    run_assets_make(small_config(uri, "assets.n=5"))
+    first = run_render(small_config(uri))
+    assert (first.ok, first.failed, first.skipped_done) == (5, 0, 0)
+    assert counts(root) == {"assets": 5, "views": 20, "points": 5}
+    shards_before = root.list_shards("views")
+
+    again = run_render(small_config(uri))  # nothing left to do
+    assert (again.ok, again.skipped_done) == (0, 5)
+    assert root.list_shards("views") == shards_before
+
+    run_assets_make(small_config(uri, "assets.n=7"))  # two more assets appear in the input
+    added = run_render(small_config(uri))
+    assert (added.ok, added.skipped_done) == (2, 5)
+    assert counts(root) == {"assets": 7, "views": 28, "points": 7}
+
+    redo = run_render(small_config(uri, "job.overwrite=true"))
+    assert (redo.ok, redo.skipped_done) == (7, 0)
+    assert counts(root) == {"assets": 7, "views": 28, "points": 7}
+    views = table_columns(root.read_table("views"))
+    pairs = list(zip(views["asset_id"].tolist(), views["view_id"].tolist()))
+    assert len(set(pairs)) == 28  # no duplicate (asset_id, view_id)
+    assert views["rgb"].shape == (28, 24, 32, 3) and views["mask"].dtype == np.bool_
+    assert views["K"].shape == (28, 3, 3) and views["cam_to_world"].shape == (28, 4, 4)
+    points = table_columns(root.read_table("points"))
+    assert points["xyz"].shape == (7, 300, 3)
+    assert (points["part"] >= 0).all()  # procedural assets carry part labels for every point
+
+    record = json.loads((tmp_path / "run" / "views" / "_job.json").read_text())
+    assert record["counts"]["ok"] + record["counts"]["failed"] == record["counts"]["processed"] == 7
+    assert record["config"]["render"]["views"] == 4 and record["stage"] == "render"
+    assert {"git_commit", "package_version", "started", "ended", "inputs"} <= set(record)
+
+
+def test_interrupted_render_leaves_no_duplicates(tmp_path: Path) -> None:
+    """A crash between the views and points writes leaves an uncommitted views shard; the next
+    run removes it and completes with exactly the expected rows."""
+    uri = str(tmp_path / "run")
+    root = RunRoot(uri)
+    run_assets_make(small_config(uri, "assets.n=4"))
+    run_render(small_config(uri))
+    victim = root.list_shards("points")[0]
+    root.delete_shard("points", victim)  # as if killed after writing its views shard
+    assert counts(root)["views"] == 16 and counts(root)["points"] == 2  # 2 assets per shard
+    report = run_render(small_config(uri))
+    assert report.ok == 2 and report.removed_uncommitted == [f"views/{victim}"]
+    assert counts(root) == {"assets": 4, "views": 16, "points": 4}
+
+
+def _write_mesh_dir(base: Path) -> None:
+    (base / "mug").mkdir(parents=True)
+    (base / "bowl").mkdir()
+    good = o3d.geometry.TriangleMesh.create_cylinder(0.04, 0.1, resolution=12)
+    o3d.io.write_triangle_mesh(str(base / "mug" / "a.ply"), good)
+    o3d.io.write_triangle_mesh(str(base / "bowl" / "b.obj"), o3d.geometry.TriangleMesh.create_sphere(0.05, 8))
+    (base / "zcopy").mkdir()
+    o3d.io.write_triangle_mesh(str(base / "zcopy" / "copy.ply"), good)  # same bytes as mug/a.ply
+    (base / "bowl" / "nan.obj").write_text("v nan 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
+    (base / "bowl" / "empty.stl").write_bytes(b"")
+    (base / "notes.txt").write_text("not a mesh")
+
+
+def test_scan_keeps_good_meshes_and_reports_broken_ones(tmp_path: Path) -> None:
+    _write_mesh_dir(tmp_path / "meshes")
+    uri = str(tmp_path / "run")
+    with pytest.raises(JobFailedError, match=r"2 of 5 assets failed") as info:
+        run_assets_scan(small_config(uri, f"assets.input={tmp_path / 'meshes'}"))
+    assert "nan.obj" in str(info.value) and "errors" in str(info.value)
+    root = RunRoot(uri)
+    manifest = root.read_table("assets").to_pylist()
+    # zcopy/copy.ply has the same bytes as mug/a.ply: one asset, the first URI in sorted order
+    assert sorted(r["category"] for r in manifest) == ["bowl", "mug"]
+    assert root.read_json("assets/_job.json")["counts"]["duplicate files skipped"] == 1
+    mug = next(r for r in manifest if r["category"] == "mug")
+    assert "pour-with" in mug["functions"] and mug["n_faces"] > 0
+    errors = root.read_table("errors").to_pylist()
+    assert sorted(Path(e["asset_id"]).name for e in errors) == ["empty.stl", "nan.obj"]
+    assert {e["error_type"] for e in errors} == {"MeshError"}
+    assert any("NaN" in e["message"] for e in errors)
+
+    rescan = run_assets_scan(small_config(uri, f"assets.input={tmp_path / 'meshes'}",
+                                          "job.max_error_fraction=1"))
+    # manifest files are skipped; broken files are retried; the copy is found again, not added
+    assert (rescan.skipped_done, rescan.failed, rescan.units["duplicate files skipped"]) == (2, 2, 1)
+    assert root.read_table("assets").num_rows == 2
+
+
+def test_render_records_a_missing_mesh_and_lands_the_rest(tmp_path: Path) -> None:
+    uri = str(tmp_path / "run")
+    run_assets_make(small_config(uri, "assets.n=4"))
+    meshes = sorted((tmp_path / "run" / "meshes" / "procedural").iterdir())
+    meshes[0].unlink()
+    with pytest.raises(JobFailedError, match="1 of 4 assets failed"):
+        run_render(small_config(uri))  # 25% > the default max_error_fraction of 10%
+    root = RunRoot(uri)
+    assert counts(root)["points"] == 3 and counts(root)["views"] == 12
+    error = root.read_table("errors").to_pylist()[0]
+    assert error["stage"] == "render" and error["error_type"] == "FileNotFoundError"
+    assert meshes[0].name in error["message"]
+    record = root.read_json("views/_job.json")
+    assert (record["counts"]["ok"], record["counts"]["failed"]) == (3, 1)
+
+
+def test_render_without_assets_says_what_to_run(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="partlift assets make"):
+        run_render(small_config(str(tmp_path / "empty")))
+
+
+@pytest.mark.s3
+def test_make_and_render_on_s3(s3_root) -> None:
+    uri, options = s3_root
+    config = small_config(uri, "assets.n=3", storage=options)
+    run_assets_make(config)
+    report = run_render(config)
+    root = RunRoot(uri, options)
+    assert report.ok == 3 and counts(root) == {"assets": 3, "views": 12, "points": 3}
+    record = root.read_json("views/_job.json")
+    assert record["config"]["storage"]["secret_access_key"] == "***"
+    assert options.secret_access_key not in json.dumps(record)
+    assert run_render(config).skipped_done == 3
+
+
+@pytest.mark.s3
+def test_unreachable_storage_fails_before_any_work() -> None:
+    config = load_config((), ["storage.endpoint_url=http://127.0.0.1:9",
+                              "storage.connect_timeout_s=1", "storage.max_attempts=1"],
+                         root="s3://bucket/run")
+    with pytest.raises(StorageError, match=r"cannot reach run root s3://bucket/run"):
+        run_render(config)

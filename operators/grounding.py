@@ -445,6 +445,8 @@ class OracleBackend:
     noise: OracleNoise = OracleNoise()
     seed: int = 0
     name: ClassVar[str] = "oracle"
+    # Callers (operators.label) pass face_id / face_part / part_indices to backends that say so.
+    needs_ground_truth: ClassVar[bool] = True
 
     def ground(
         self,

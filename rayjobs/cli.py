@@ -117,6 +117,27 @@ def render(**common: Any) -> None:
 
 
 @main.command()
+@click.option("--backend", default=None,
+              type=click.Choice(["oracle", "hf-zero-shot", "hf-vlm", "openai"]),
+              help="Grounding backend [default: oracle = procedural ground truth with noise].")
+@common_options
+@report_user_errors
+def label(backend: str | None, **common: Any) -> None:
+    """Pseudo-label functional parts (DFC A.4): box every part prompt in every view
+    (label.trials [4] times) on an actor pool, vote the boxes onto the surface points, and
+    threshold the splatted scores into per-view masks.
+
+    Writes <root>/labels/boxes/ (asset x view x function x part x trial), labels/points/ (per-point
+    scores 0-1, float16) and labels/masks/ (asset x view x function x part). Settings (label.*):
+    backend, model_path, functions, template [cogvlm], consensus, zoom, visibility_abs_tol
+    [0.002 m], mask_sigma [1 px], oracle_jitter/miss_rate/false_positive_rate [0.1 each],
+    grounding.num_gpus / grounding.concurrency (actor pool), aggregate.batch_size.
+    """
+    from rayjobs.label_job import run_label
+    run_label(build_config(**common, label__backend=backend))
+
+
+@main.command()
 @click.option("--n", "n", type=int, default=None, help="Procedural assets to make [default: 24].")
 @common_options
 @report_user_errors

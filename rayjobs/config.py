@@ -103,6 +103,47 @@ class RenderConfig(Section):
         return RenderSettings(**{k: v for k, v in self.model_dump().items() if k in fields})
 
 
+class LabelConfig(Section):
+    """Pseudo-labelling (DFC A.4): grounding backend, trials, aggregation and mask settings."""
+
+    backend: Literal["oracle", "hf-zero-shot", "hf-vlm", "openai"] = Field(
+        "oracle", description="grounding backend; oracle = procedural ground truth + noise (offline)")
+    model_path: str | None = Field(None, description="local model directory (hf-zero-shot, hf-vlm)")
+    functions: list[str] | None = Field(None, description="functions to label (default: all of the category's)")
+    template: str = Field("cogvlm", description="prompt template (cogvlm | qwen | zero-shot)")
+    trials: int = Field(4, ge=1, description="queries per view and part (DFC A.4: 4)")
+    consensus: bool = Field(False, description="keep the largest cluster of a view's trial boxes")
+    zoom: bool = Field(False, description="second zoomed query for small boxes")
+    min_boxes_per_view: int = Field(1, ge=1, description="skip views with fewer boxes")
+    visibility_rel_tol: float = Field(0.01, ge=0, description="depth-test tolerance, fraction of depth")
+    visibility_abs_tol: float = Field(0.002, ge=0, description="depth-test tolerance, metres")
+    mask_sigma: float = Field(1.0, ge=0, description="score smoothing before Otsu, pixels")
+    closing_iterations: int = Field(2, ge=0, description="binary closing steps on the masks")
+    box_threshold: float = Field(0.1, ge=0, description="hf-zero-shot: minimum box score")
+    text_threshold: float = Field(0.1, ge=0, description="hf-zero-shot (Grounding DINO): text score")
+    vlm_style: Literal["cogvlm", "qwen"] = Field("cogvlm", description="hf-vlm/openai box format")
+    max_new_tokens: int = Field(64, ge=1, description="hf-vlm generation length")
+    temperature: float = Field(0.7, ge=0, description="hf-vlm/openai sampling temperature")
+    base_url: str | None = Field(None, description="openai: endpoint, e.g. http://127.0.0.1:8000/v1")
+    model: str | None = Field(None, description="openai: served model name")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable with the key")
+    timeout_s: float = Field(30.0, gt=0, description="openai: request timeout, seconds")
+    max_retries: int = Field(3, ge=0, description="openai: retries with exponential backoff")
+    max_concurrency: int = Field(4, ge=1, description="openai: parallel requests per actor")
+    oracle_jitter: float = Field(0.1, ge=0, description="oracle: box corner noise, fraction of box size")
+    oracle_miss_rate: float = Field(0.1, ge=0, le=1, description="oracle: chance a view's box is missed")
+    oracle_false_positive_rate: float = Field(0.1, ge=0, le=1, description="oracle: chance of an extra wrong box")
+    seed: int = Field(0, description="seed for oracle noise (mixed with the asset id)")
+    device: str | None = Field(None, description="torch device for transformers backends (default: cuda if the actor has a GPU)")
+    grounding: StageResources = StageResources(batch_size=1, num_cpus=1.0, concurrency=1)
+    aggregate: StageResources = StageResources(batch_size=2, num_cpus=1.0)
+
+    def settings(self) -> "LabelSettings":
+        from operators.label import LabelSettings
+        fields = LabelSettings.__dataclass_fields__
+        return LabelSettings(**{k: v for k, v in self.model_dump().items() if k in fields})
+
+
 class PartliftConfig(Section):
     root: str = Field(DEFAULT_ROOT, description="run root: local dir, file:// or s3://bucket/prefix")
     storage: StorageConfig = StorageConfig()
@@ -110,6 +151,7 @@ class PartliftConfig(Section):
     job: JobConfig = JobConfig()
     assets: AssetsConfig = AssetsConfig()
     render: RenderConfig = RenderConfig()
+    label: LabelConfig = LabelConfig()
 
     def redacted(self) -> dict[str, Any]:
         """JSON-ready dict with secrets replaced (for _job.json and logs)."""

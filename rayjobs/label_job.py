@@ -1,0 +1,304 @@
+"""`partlift label`: views + points -> labels/{boxes,points,masks} (DFC A.4) as one Ray Data stream.
+
+    load views (CPU tasks) -> ground every prompt/view/trial (actor pool: the model is loaded once
+    per actor; GPUs from label.grounding.num_gpus) -> vote onto points, masks, write (CPU tasks)
+
+An asset that fails before the last stage is written to `errors/` by the stage that failed and
+leaves the stream; the driver counts those rows (same job id), so ok + failed = processed.
+`labels/points/` is the commit table of each shard; resume skips asset_ids it already holds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import ray.data
+
+from operators.grounding import Box, GroundingBackend, OracleBackend, OracleNoise
+from operators.label import (GroundTruthParts, LabelSettings, PartPrompt, aggregate_asset,
+                             ground_asset, prompts_for)
+from operators.storage import RunRoot, StorageOptions, make_table, shard_name, table_columns
+from operators.taxonomy import load_taxonomy
+from rayjobs.assets_job import ASSETS_TABLE
+from rayjobs.config import LabelConfig, PartliftConfig
+from rayjobs.render_job import POINTS_TABLE, VIEWS_TABLE
+from rayjobs.resources import map_batches_args
+from rayjobs.runtime import (ERRORS_TABLE, StageReport, ensure_ray, error_row, finish_stage,
+                             new_job_id, seed_for, write_errors)
+
+STAGE = "label"
+BOXES_TABLE = "labels/boxes"
+LABEL_POINTS_TABLE = "labels/points"
+MASKS_TABLE = "labels/masks"
+LABEL_TABLES = (BOXES_TABLE, MASKS_TABLE, LABEL_POINTS_TABLE)
+VIEW_COLUMNS = ("rgb", "depth", "mask", "face_id", "K", "cam_to_world")
+
+
+def shard_index(root: RunRoot, table: str) -> dict[str, str]:
+    """asset_id -> the shard of `table` that holds it (reads only the asset_id column)."""
+    index = {}
+    for shard in root.list_shards(table):
+        for asset_id in set(root.read_shard(table, shard, ["asset_id"])["asset_id"].to_pylist()):
+            index[asset_id] = shard
+    return index
+
+
+def _rows_of(table, asset_id: str):
+    return table.filter(pc.equal(table["asset_id"], asset_id))
+
+
+def _group_by(values: Iterable[str]) -> dict[str, list[int]]:
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, value in enumerate(values):
+        groups[value].append(i)
+    return groups
+
+
+def load_views_batch(batch: dict[str, np.ndarray], root_uri: str, storage: StorageOptions,
+                     job_id: str) -> dict[str, Any]:
+    """CPU task: one row per asset with its views stacked (V, ...), each views shard read once."""
+    root = RunRoot(root_uri, storage)
+    rows: list[dict[str, Any]] = []
+    errors = []
+    for shard, members in _group_by(batch["views_shard"].tolist()).items():
+        try:
+            table = root.read_shard(VIEWS_TABLE, shard, ["asset_id", "view_id", *VIEW_COLUMNS])
+        except Exception as err:  # the whole shard is unreadable: every asset in it fails
+            errors += [error_row(STAGE, job_id, batch["asset_id"][i], f"views shard {shard}: {err}")
+                       for i in members]
+            continue
+        for i in members:
+            asset_id = batch["asset_id"][i]
+            cols = table_columns(_rows_of(table, asset_id).sort_by("view_id"))
+            rows.append({"asset_id": asset_id, "category": batch["category"][i],
+                         "part_names": [str(p) for p in batch["part_names"][i]],
+                         "face_part": np.asarray(batch["face_part"][i], dtype=np.int16),
+                         "points_shard": batch["points_shard"][i],
+                         **{name: cols[name] for name in VIEW_COLUMNS}})
+    write_errors(root, STAGE, job_id, shard_name(e["asset_id"] for e in errors) if errors else "",
+                 errors)
+    return _columns(rows)
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    if not rows:
+        return {}
+    return {k: (np.stack([r[k] for r in rows]) if k in VIEW_COLUMNS else [r[k] for r in rows])
+            for k in rows[0]}
+
+
+def build_backend(cfg: LabelConfig, device: str) -> GroundingBackend | None:
+    """The model-backed backend (None for oracle, which is built per asset with its seed)."""
+    if cfg.backend == "oracle":
+        return None
+    from operators.grounding_backends import make_backend
+    if cfg.backend == "hf-zero-shot":
+        return make_backend(cfg.backend, model_path=cfg.model_path, device=device,
+                            box_threshold=cfg.box_threshold, text_threshold=cfg.text_threshold)
+    if cfg.backend == "hf-vlm":
+        return make_backend(cfg.backend, model_path=cfg.model_path, device=device,
+                            style=cfg.vlm_style, max_new_tokens=cfg.max_new_tokens,
+                            temperature=cfg.temperature)
+    return make_backend(cfg.backend, base_url=cfg.base_url, model=cfg.model,
+                        api_key_env=cfg.api_key_env, style=cfg.vlm_style,
+                        timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+                        max_concurrency=cfg.max_concurrency, temperature=cfg.temperature)
+
+
+def _prompts_json(prompts: list[PartPrompt], boxes: list) -> str:
+    return json.dumps([{"function": p.function, "part": p.part, "part_index": p.part_index,
+                        "boxes": [[[[b.x0, b.y0, b.x1, b.y1, b.score] for b in trial]
+                                   for trial in view] for view in per_view]}
+                       for p, per_view in zip(prompts, boxes)])
+
+
+class GroundingActor:
+    """Actor: loads the grounding model once, then boxes every prompt in every view and trial."""
+
+    def __init__(self, cfg: LabelConfig, root_uri: str, storage: StorageOptions, job_id: str):
+        import torch
+        self.cfg, self.job_id = cfg, job_id
+        self.root = RunRoot(root_uri, storage)
+        self.settings = cfg.settings()
+        self.taxonomy = load_taxonomy()
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.backend = build_backend(cfg, device)
+
+    def _backend_for(self, asset_id: str) -> GroundingBackend:
+        if self.backend is not None:
+            return self.backend
+        noise = OracleNoise(self.cfg.oracle_jitter, self.cfg.oracle_miss_rate,
+                            self.cfg.oracle_false_positive_rate)
+        return OracleBackend(noise, seed=seed_for(self.cfg.seed, asset_id) % (2**31))
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        keep, out_json, errors = [], [], []
+        for i, asset_id in enumerate(batch["asset_id"]):
+            try:
+                part_names = list(batch["part_names"][i])
+                prompts = prompts_for(self.taxonomy, batch["category"][i], part_names,
+                                      self.cfg.functions)
+                if not prompts:
+                    raise ValueError(f"category '{batch['category'][i]}' has none of the "
+                                     f"functions {self.cfg.functions}")
+                face_part = np.asarray(batch["face_part"][i], dtype=np.int16)
+                truth = GroundTruthParts(batch["face_id"][i], face_part) if face_part.size else None
+                boxes = ground_asset(self._backend_for(asset_id), batch["rgb"][i], prompts,
+                                     self.settings, truth)
+            except Exception as err:  # row-level: recorded, the asset leaves the stream
+                errors.append(error_row(STAGE, self.job_id, asset_id, err))
+                continue
+            keep.append(i)
+            out_json.append(_prompts_json(prompts, boxes))
+        write_errors(self.root, STAGE, self.job_id,
+                     shard_name(e["asset_id"] for e in errors) if errors else "", errors)
+        if not keep:
+            return {}
+        out = {k: ([batch[k][i] for i in keep] if isinstance(batch[k], list) else batch[k][keep])
+               for k in ("asset_id", "points_shard", "depth", "mask", "K", "cam_to_world")}
+        out["prompts_json"] = out_json
+        return out
+
+
+def aggregate_write_batch(batch: dict[str, Any], root_uri: str, storage: StorageOptions,
+                          settings: LabelSettings, job_id: str) -> dict[str, list]:
+    """CPU task: votes -> per-point scores -> per-view masks; writes one shard per label table."""
+    root = RunRoot(root_uri, storage)
+    boxes_rows, masks_rows, points_rows = defaultdict(list), defaultdict(list), defaultdict(list)
+    summaries, errors = [], []
+    ids = [str(a) for a in batch["asset_id"]]
+    for shard, members in _group_by([str(s) for s in batch["points_shard"]]).items():
+        points = root.read_shard(POINTS_TABLE, shard, ["asset_id", "xyz"])
+        for i in members:
+            asset_id, started = ids[i], time.perf_counter()
+            try:
+                xyz = table_columns(_rows_of(points, asset_id), ["xyz"])["xyz"][0]
+                prompts = json.loads(batch["prompts_json"][i])
+                boxes = [[[[Box(*b) for b in trial] for trial in view] for view in p["boxes"]]
+                         for p in prompts]
+                scores, masks = aggregate_asset(boxes, xyz, batch["K"][i], batch["cam_to_world"][i],
+                                                batch["depth"][i], batch["mask"][i], settings)
+            except Exception as err:  # row-level: recorded, the batch goes on
+                errors.append(error_row(STAGE, job_id, asset_id, err))
+                summaries.append({"asset_id": asset_id, "status": "failed",
+                                  "error_type": type(err).__name__, "message": str(err)[:2000]})
+                continue
+            n_views = masks.shape[1]
+            for p, prompt in enumerate(prompts):
+                for v, view in enumerate(prompt["boxes"]):
+                    for t, trial in enumerate(view):
+                        boxes_rows["asset_id"].append(asset_id)
+                        boxes_rows["view_id"].append(v)
+                        boxes_rows["function"].append(prompt["function"])
+                        boxes_rows["part"].append(prompt["part"])
+                        boxes_rows["trial"].append(t)
+                        boxes_rows["boxes"].append([b[:4] for b in trial])
+                        boxes_rows["scores"].append([b[4] for b in trial])
+                masks_rows["asset_id"] += [asset_id] * n_views
+                masks_rows["view_id"].append(np.arange(n_views, dtype=np.int32))
+                masks_rows["function"] += [prompt["function"]] * n_views
+                masks_rows["part"] += [prompt["part"]] * n_views
+                masks_rows["mask"].append(masks[p])
+                points_rows["asset_id"].append(asset_id)
+                points_rows["function"].append(prompt["function"])
+                points_rows["part"].append(prompt["part"])
+                points_rows["score"].append(scores[p][None].astype(np.float16))
+            summaries.append({"asset_id": asset_id, "status": "ok", "error_type": "",
+                              "message": f"{len(prompts)} prompts in "
+                                         f"{time.perf_counter() - started:.2f} s"})
+    shard = shard_name(ids)
+    if points_rows:
+        stack = lambda rows: {k: (np.concatenate(v) if isinstance(v[0], np.ndarray) else v)  # noqa: E731
+                              for k, v in rows.items()}
+        root.write_shard_set(shard, {BOXES_TABLE: make_table(stack(boxes_rows)),
+                                     MASKS_TABLE: make_table(stack(masks_rows)),
+                                     LABEL_POINTS_TABLE: make_table(stack(points_rows))},
+                             commit_table=LABEL_POINTS_TABLE)
+    write_errors(root, STAGE, job_id, shard, errors)
+    return {k: [s[k] for s in summaries] for k in summaries[0]} if summaries else {}
+
+
+def _job_errors(root: RunRoot, job_id: str) -> list[dict]:
+    table = root.read_table(ERRORS_TABLE, columns=["job_id", "asset_id", "error_type", "message"])
+    if table is None:
+        return []
+    return table.filter(pc.equal(table["job_id"], job_id)).to_pylist()
+
+
+def run_label(config: PartliftConfig) -> StageReport:
+    root = RunRoot(config.root, config.storage.options())
+    root.check_reachable()
+    started = time.time()
+    job_id = new_job_id(STAGE)
+    cfg = config.label
+    if cfg.backend in ("hf-zero-shot", "hf-vlm") and not cfg.model_path:
+        from rayjobs.config import ConfigError
+        raise ConfigError(f"label.backend={cfg.backend} needs label.model_path (a local model "
+                          "directory); the offline default is label.backend=oracle")
+    if cfg.backend == "openai" and not (cfg.base_url and cfg.model):
+        from rayjobs.config import ConfigError
+        raise ConfigError("label.backend=openai needs label.base_url and label.model")
+    manifest = root.read_table(ASSETS_TABLE, columns=["asset_id", "category", "part_names",
+                                                      "face_part"])
+    points_index = shard_index(root, POINTS_TABLE)
+    if manifest is None or not points_index:
+        raise FileNotFoundError(f"label: no rendered assets under {root.display(POINTS_TABLE)}/;"
+                                " run `partlift render` first")
+    views_index = shard_index(root, VIEWS_TABLE)
+    removed: list[str] = []
+    if config.job.overwrite:
+        for table in LABEL_TABLES:
+            root.delete_table(table)
+        done: set[str] = set()
+    else:
+        removed = root.remove_uncommitted(LABEL_TABLES, LABEL_POINTS_TABLE)
+        done = root.ids_in(LABEL_POINTS_TABLE)
+    rendered = [r for r in manifest.to_pylist()
+                if r["asset_id"] in points_index and r["asset_id"] in views_index]
+    items = sorted(({**r, "points_shard": points_index[r["asset_id"]],
+                     "views_shard": views_index[r["asset_id"]]}
+                    for r in rendered if r["asset_id"] not in done),
+                   key=lambda r: (r["views_shard"], r["asset_id"]))
+    summaries: list[dict] = []
+    if items:
+        ensure_ray(config.ray)
+        storage = config.storage.options()
+        blocks = max(1, -(-len(items) // cfg.aggregate.batch_size))
+        ds = ray.data.from_items(items, override_num_blocks=blocks)
+        ds = ds.map_batches(load_views_batch, fn_kwargs={"root_uri": config.root,
+                                                         "storage": storage, "job_id": job_id},
+                            batch_format="numpy", **map_batches_args(cfg.aggregate, actors=False))
+        ds = ds.map_batches(GroundingActor, fn_constructor_kwargs={
+                                "cfg": cfg, "root_uri": config.root, "storage": storage,
+                                "job_id": job_id},
+                            batch_format="numpy", **map_batches_args(cfg.grounding, actors=True))
+        ds = ds.map_batches(aggregate_write_batch, fn_kwargs={
+                                "root_uri": config.root, "storage": storage,
+                                "settings": cfg.settings(), "job_id": job_id},
+                            batch_format="numpy", **map_batches_args(cfg.aggregate, actors=False))
+        summaries = ds.take_all()
+    ok = sum(1 for s in summaries if s["status"] == "ok")
+    failures = _job_errors(root, job_id)
+    failed_ids = {f["asset_id"] for f in failures}
+    types: dict[str, int] = defaultdict(int)
+    for f in failures:
+        types[f["error_type"]] += 1
+    n_prompts = root.read_table(LABEL_POINTS_TABLE, columns=["asset_id"])
+    report = StageReport(
+        stage=STAGE, job_id=job_id, root=config.root,
+        inputs={VIEWS_TABLE: root.display(VIEWS_TABLE) + "/",
+                POINTS_TABLE: root.display(POINTS_TABLE) + "/", "backend": cfg.backend},
+        outputs={t: root.display(t) + "/" for t in LABEL_TABLES},
+        started=started, ended=time.time(), input_count=len(rendered),
+        skipped_done=len(rendered) - len(items), ok=ok, failed=len(failed_ids),
+        units={"part labels (all runs)": 0 if n_prompts is None else n_prompts.num_rows},
+        error_types=dict(types),
+        error_examples=[f"{f['asset_id']}: {f['message']}" for f in failures[:5]],
+        removed_uncommitted=removed)
+    return finish_stage(root, config, report, "labels")

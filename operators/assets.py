@@ -76,7 +76,13 @@ def mesh_from_open3d(tri: o3d.t.geometry.TriangleMesh | o3d.geometry.TriangleMes
     if "texture_uvs" in tri.triangle and tri.has_valid_material() and \
             "albedo" in tri.material.texture_maps:
         image = tri.material.texture_maps["albedo"].as_tensor().numpy()
+        if image.ndim == 2:
+            image = image[..., None]
         if image.ndim == 3 and image.shape[0] > 0:
+            if image.shape[2] < 3:  # greyscale (+ alpha) textures: grey in all three channels
+                image = np.repeat(image[..., :1], 3, axis=2)
+            if image.dtype != np.uint8:  # float textures in [0, 1]
+                image = np.clip(np.asarray(image, np.float32) * 255.0, 0, 255)
             texture = np.ascontiguousarray(image[..., :3]).astype(np.uint8)
             uvs = tri.triangle["texture_uvs"].numpy().astype(np.float32).reshape(-1, 3, 2)
     return Mesh(vertices, triangles, colors, uvs, texture)
@@ -187,7 +193,7 @@ def load_category_sidecar(fs: pafs.FileSystem, directory: str) -> dict[str, str]
 def category_for(relative_path: str, sidecar: Mapping[str, str]) -> str:
     """Sidecar entry if present, else the name of the file's folder, else 'unknown'."""
     if relative_path in sidecar:
-        return sidecar[relative_path]
+        return sidecar[relative_path].strip().lower()
     parent = os.path.dirname(relative_path)
     return os.path.basename(parent).lower() if parent else "unknown"
 

@@ -46,9 +46,13 @@ class StorageOptions:
     max_attempts: int = 3
 
 
-def _s3_filesystem(opts: StorageOptions) -> tuple[pafs.S3FileSystem, str | None]:
-    endpoint = opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+def _endpoint(opts: StorageOptions) -> str | None:
+    return opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
         "AWS_ENDPOINT_URL")
+
+
+def _s3_filesystem(opts: StorageOptions) -> tuple[pafs.S3FileSystem, str | None]:
+    endpoint = _endpoint(opts)
     region = opts.region or os.environ.get("AWS_REGION") or os.environ.get(
         "AWS_DEFAULT_REGION") or "us-east-1"
     kwargs: dict = dict(
@@ -57,9 +61,13 @@ def _s3_filesystem(opts: StorageOptions) -> tuple[pafs.S3FileSystem, str | None]
         request_timeout=opts.request_timeout_s,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=opts.max_attempts),
     )
-    key = opts.access_key_id or os.environ.get("AWS_ACCESS_KEY_ID")
-    secret = opts.secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY")
-    token = opts.session_token or os.environ.get("AWS_SESSION_TOKEN")
+    # Credentials come from one source: the config, else the environment (never a mix, so a
+    # configured key is not paired with another identity's session token).
+    if opts.access_key_id or opts.secret_access_key:
+        key, secret, token = opts.access_key_id, opts.secret_access_key, opts.session_token
+    else:
+        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+        token = os.environ.get("AWS_SESSION_TOKEN")
     if key and secret:
         kwargs.update(access_key=key, secret_key=secret)
         if token:
@@ -94,8 +102,7 @@ def resolve_filesystem(uri: str, opts: StorageOptions | None = None) -> tuple[pa
 def describe_endpoint(uri: str, opts: StorageOptions | None) -> str:
     """Human description of where a URI lives, without secrets."""
     if urlparse(uri).scheme.lower() in ("s3", "s3a"):
-        opts = opts or StorageOptions()
-        endpoint = opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or "AWS default endpoint"
+        endpoint = _endpoint(opts or StorageOptions()) or "AWS default endpoint"
         return f"{uri} (endpoint {endpoint})"
     return uri
 
@@ -158,9 +165,10 @@ class RunRoot:
     """A run root: tables of Parquet shards, JSON records and raw files under one URI."""
 
     def __init__(self, uri: str, options: StorageOptions | None = None) -> None:
-        self.uri = uri.rstrip("/") if "://" in uri else uri
         self.options = options or StorageOptions()
         self.fs, self.base = resolve_filesystem(uri, self.options)
+        # Local roots are kept absolute: URIs recorded in tables must work from any directory.
+        self.uri = self.base if isinstance(self.fs, pafs.LocalFileSystem) else uri.rstrip("/")
 
     def __repr__(self) -> str:
         return f"RunRoot({self.uri!r})"
@@ -185,7 +193,11 @@ class RunRoot:
                 raise StorageError(f"run root {where} is a file, not a directory")
             if create and info.type == pafs.FileType.NotFound:
                 self._ensure_dir(self.base)
-            if not isinstance(self.fs, pafs.LocalFileSystem):  # bucket exists and is listable
+            if isinstance(self.fs, pafs.S3FileSystem):
+                bucket = self.base.split("/", 1)[0]
+                if self.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                    raise StorageError(f"run root {where}: bucket '{bucket}' does not exist "
+                                       "(create it first, e.g. `aws s3 mb s3://{bucket}`)")
                 self.fs.get_file_info(pafs.FileSelector(self.base, allow_not_found=True))
         except StorageError:
             raise
@@ -236,6 +248,13 @@ class RunRoot:
         data = self.read_table(table, columns=[column])
         return set() if data is None else set(data.column(column).to_pylist())
 
+    def delete_shards(self, table: str, prefix: str) -> int:
+        """Delete the shards of `table` whose names start with `prefix`; returns how many."""
+        names = [s for s in self.list_shards(table) if s.startswith(prefix)]
+        for name in names:
+            self.delete_shard(table, name)
+        return len(names)
+
     def delete_shard(self, table: str, shard: str) -> None:
         self.fs.delete_file(self.path(table, shard + PARQUET_SUFFIX))
 
@@ -257,9 +276,16 @@ class RunRoot:
         self.write_shard(commit_table, shard, tables[commit_table])
 
     def remove_uncommitted(self, tables: Iterable[str], commit_table: str) -> list[str]:
+        """Delete shards without a commit counterpart and leftover temporary files of killed
+        local writes; returns what was removed (table/shard)."""
         committed = set(self.list_shards(commit_table))
         removed = []
         for table in tables:
+            if isinstance(self.fs, pafs.LocalFileSystem):
+                selector = pafs.FileSelector(self.path(table), allow_not_found=True)
+                for info in self.fs.get_file_info(selector):
+                    if info.base_name.startswith(".") and info.base_name.endswith(".tmp"):
+                        self.fs.delete_file(info.path)
             if table == commit_table:
                 continue
             for shard in self.list_shards(table):

@@ -21,8 +21,8 @@ from operators.procedural import PROCEDURAL_CATEGORIES, make_asset
 from operators.storage import RunRoot, StorageOptions, make_table, resolve_filesystem, shard_name
 from operators.taxonomy import load_taxonomy
 from rayjobs.config import ConfigError, PartliftConfig
-from rayjobs.runtime import (StageReport, ensure_ray, error_row, finish_stage, new_job_id,
-                             run_batches, summarise_rows, write_errors)
+from rayjobs.runtime import (ERRORS_TABLE, StageReport, ensure_ray, error_row, finish_stage,
+                             new_job_id, run_batches, summarise_rows, write_errors)
 
 ASSETS_TABLE = "assets"
 MESH_DIR = "meshes/procedural"
@@ -89,10 +89,11 @@ def list_mesh_files(input_uri: str, storage: StorageOptions) -> list[dict[str, s
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"assets scan: input {input_uri} does not exist")
+    local = isinstance(fs, pafs.LocalFileSystem)  # local inputs are recorded as absolute paths
     if info.type == pafs.FileType.File:
-        return [{"uri": input_uri, "category": category_for(info.base_name, {})}]
+        return [{"uri": base if local else input_uri, "category": category_for(info.base_name, {})}]
     sidecar = load_category_sidecar(fs, base)
-    display_base = input_uri.rstrip("/")
+    display_base = base if local else input_uri.rstrip("/")
     items = []
     for entry in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
         if entry.type != pafs.FileType.File or not entry.path.lower().endswith(MESH_EXTENSIONS):
@@ -137,13 +138,14 @@ def _run_manifest_stage(config: PartliftConfig, stage: str, items: list[dict], f
                         inputs: dict[str, str]) -> StageReport:
     root = RunRoot(config.root, config.storage.options())
     root.check_reachable()
+    ensure_ray(config.ray)  # before the clock: throughput excludes cluster start-up
     started = time.time()
     job_id = new_job_id(stage)
     if config.job.overwrite:
         root.delete_table(ASSETS_TABLE)
+        root.delete_shards(ERRORS_TABLE, f"{stage}-")
     known_ids, done_keys = _existing_manifest(root)
     pending = [item for item in items if item["source_key"] not in done_keys]
-    ensure_ray(config.ray)
     summaries = run_batches(pending, fn, fn_kwargs, config.assets.resources)
     records, duplicates = _write_manifest(root, stage, job_id, summaries, known_ids)
     ok, failed, types, examples = summarise_rows(summaries)

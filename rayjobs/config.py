@@ -70,7 +70,7 @@ class JobConfig(Section):
 
 class AssetsConfig(Section):
     n: int = Field(24, ge=1, description="procedural assets to make")
-    seed: int = Field(0, description="procedural generator seed")
+    seed: int = Field(0, ge=0, description="procedural generator seed")
     categories: list[str] | None = Field(None, description="procedural categories (default: all)")
     input: str | None = Field(None, description="directory/URI of mesh files to scan")
     resources: StageResources = StageResources(batch_size=8, num_cpus=1.0)
@@ -88,7 +88,7 @@ class RenderConfig(Section):
     background: tuple[int, int, int] = (255, 255, 255)
     ambient: float = Field(0.35, ge=0, le=1)
     n_points: int = Field(100_000, ge=1, description="surface samples per asset (DFC A.4: 100K)")
-    seed: int = Field(0, description="seed for lights and surface sampling (mixed with the asset id)")
+    seed: int = Field(0, ge=0, description="seed for lights and surface sampling (mixed with the asset id)")
     resources: StageResources = StageResources(batch_size=2, num_cpus=1.0)
 
     @field_validator("background")
@@ -133,7 +133,7 @@ class LabelConfig(Section):
     oracle_jitter: float = Field(0.1, ge=0, description="oracle: box corner noise, fraction of box size")
     oracle_miss_rate: float = Field(0.1, ge=0, le=1, description="oracle: chance a view's box is missed")
     oracle_false_positive_rate: float = Field(0.1, ge=0, le=1, description="oracle: chance of an extra wrong box")
-    seed: int = Field(0, description="seed for oracle noise (mixed with the asset id)")
+    seed: int = Field(0, ge=0, description="seed for oracle noise (mixed with the asset id)")
     device: str | None = Field(None, description="torch device for transformers backends (default: cuda if the actor has a GPU)")
     grounding: StageResources = StageResources(batch_size=1, num_cpus=1.0, concurrency=1)
     aggregate: StageResources = StageResources(batch_size=2, num_cpus=1.0)

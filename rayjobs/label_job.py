@@ -26,7 +26,7 @@ from operators.label import (GroundTruthParts, LabelSettings, PartPrompt, aggreg
 from operators.storage import RunRoot, StorageOptions, make_table, shard_name, table_columns
 from operators.taxonomy import load_taxonomy
 from rayjobs.assets_job import ASSETS_TABLE
-from rayjobs.config import LabelConfig, PartliftConfig
+from rayjobs.config import ConfigError, LabelConfig, PartliftConfig
 from rayjobs.render_job import POINTS_TABLE, VIEWS_TABLE
 from rayjobs.resources import map_batches_args
 from rayjobs.runtime import (ERRORS_TABLE, StageReport, ensure_ray, error_row, finish_stage,
@@ -232,18 +232,17 @@ def _job_errors(root: RunRoot, job_id: str) -> list[dict]:
 
 
 def run_label(config: PartliftConfig) -> StageReport:
-    root = RunRoot(config.root, config.storage.options())
-    root.check_reachable()
-    started = time.time()
-    job_id = new_job_id(STAGE)
     cfg = config.label
     if cfg.backend in ("hf-zero-shot", "hf-vlm") and not cfg.model_path:
-        from rayjobs.config import ConfigError
         raise ConfigError(f"label.backend={cfg.backend} needs label.model_path (a local model "
                           "directory); the offline default is label.backend=oracle")
     if cfg.backend == "openai" and not (cfg.base_url and cfg.model):
-        from rayjobs.config import ConfigError
         raise ConfigError("label.backend=openai needs label.base_url and label.model")
+    root = RunRoot(config.root, config.storage.options())
+    root.check_reachable()
+    ensure_ray(config.ray)  # before the clock: throughput excludes cluster start-up
+    started = time.time()
+    job_id = new_job_id(STAGE)
     manifest = root.read_table(ASSETS_TABLE, columns=["asset_id", "category", "part_names",
                                                       "face_part"])
     points_index = shard_index(root, POINTS_TABLE)
@@ -255,6 +254,7 @@ def run_label(config: PartliftConfig) -> StageReport:
     if config.job.overwrite:
         for table in LABEL_TABLES:
             root.delete_table(table)
+        root.delete_shards(ERRORS_TABLE, f"{STAGE}-")
         done: set[str] = set()
     else:
         removed = root.remove_uncommitted(LABEL_TABLES, LABEL_POINTS_TABLE)
@@ -267,7 +267,6 @@ def run_label(config: PartliftConfig) -> StageReport:
                    key=lambda r: (r["views_shard"], r["asset_id"]))
     summaries: list[dict] = []
     if items:
-        ensure_ray(config.ray)
         storage = config.storage.options()
         blocks = max(1, -(-len(items) // cfg.aggregate.batch_size))
         ds = ray.data.from_items(items, override_num_blocks=blocks)

@@ -17,8 +17,8 @@ from operators.render import RenderSettings, render_asset
 from operators.storage import RunRoot, StorageOptions, make_table, shard_name
 from rayjobs.assets_job import ASSETS_TABLE
 from rayjobs.config import PartliftConfig
-from rayjobs.runtime import (StageReport, ensure_ray, error_row, finish_stage, new_job_id,
-                             run_batches, seed_for, summarise_rows, write_errors)
+from rayjobs.runtime import (ERRORS_TABLE, StageReport, ensure_ray, error_row, finish_stage,
+                             new_job_id, run_batches, seed_for, summarise_rows, write_errors)
 
 VIEWS_TABLE = "views"
 POINTS_TABLE = "points"
@@ -87,6 +87,7 @@ def render_batch(batch: dict[str, np.ndarray], root_uri: str, storage: StorageOp
 def run_render(config: PartliftConfig) -> StageReport:
     root = RunRoot(config.root, config.storage.options())
     root.check_reachable()
+    ensure_ray(config.ray)  # before the clock: throughput excludes cluster start-up
     started = time.time()
     job_id = new_job_id(STAGE)
     manifest = root.read_table(ASSETS_TABLE, columns=["asset_id", "uri", "face_part"])
@@ -97,6 +98,7 @@ def run_render(config: PartliftConfig) -> StageReport:
     if config.job.overwrite:
         for table in (VIEWS_TABLE, POINTS_TABLE):
             root.delete_table(table)
+        root.delete_shards(ERRORS_TABLE, f"{STAGE}-")
         done: set[str] = set()
     else:
         removed = root.remove_uncommitted([VIEWS_TABLE, POINTS_TABLE], POINTS_TABLE)
@@ -104,7 +106,6 @@ def run_render(config: PartliftConfig) -> StageReport:
     items = [row for row in manifest.to_pylist() if row["asset_id"] not in done]
     items.sort(key=lambda row: row["asset_id"])
     settings = config.render.settings()
-    ensure_ray(config.ray)
     summaries = run_batches(items, render_batch,
                             {"root_uri": config.root, "storage": config.storage.options(),
                              "settings": settings, "seed": config.render.seed, "job_id": job_id},

@@ -132,3 +132,13 @@ def test_real_third_party_mesh_shipped_by_pybullet() -> None:
     assert mesh.n_faces == 48 + 2 * 408 and mesh.n_vertices == 446
     extent = mesh.bbox()[1] - mesh.bbox()[0]
     assert np.all(extent > 0.01) and np.all(extent < 1.0)  # a mug-sized object in metres
+
+
+def test_greyscale_texture_is_expanded_to_rgb(tmp_path: Path) -> None:
+    mesh = o3d.geometry.TriangleMesh.create_box(create_uv_map=True)
+    mesh.textures = [o3d.geometry.Image(np.full((8, 8), 200, dtype=np.uint8))]
+    mesh.triangle_material_ids = o3d.utility.IntVector([0] * len(mesh.triangles))
+    assert o3d.io.write_triangle_mesh(str(tmp_path / "grey.obj"), mesh)
+    loaded, _ = read_mesh_file(str(tmp_path / "grey.obj"))
+    assert loaded.texture is not None and loaded.texture.shape[2] == 3
+    assert int(loaded.texture[0, 0, 0]) == int(loaded.texture[0, 0, 2])

@@ -115,3 +115,24 @@ def test_unreachable_endpoint_fails_fast_without_leaking_credentials() -> None:
 def test_s3_uri_without_bucket_is_rejected() -> None:
     with pytest.raises(StorageError, match="needs a bucket"):
         RunRoot("s3:///prefix")
+
+
+@pytest.mark.s3
+def test_missing_bucket_is_named_before_any_work(s3_root) -> None:
+    _, options = s3_root
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist"):
+        RunRoot("s3://no-such-bucket/run", options).check_reachable()
+
+
+def test_local_roots_are_recorded_as_absolute_paths(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    root = RunRoot("./run")
+    assert root.uri == str(tmp_path / "run") and root.display("views") == str(tmp_path / "run/views")
+
+
+def test_leftover_temporary_files_of_killed_writes_are_removed(tmp_path) -> None:
+    root = RunRoot(str(tmp_path))
+    root.write_shard("views", "part-1", _views_table(["a"]))
+    (tmp_path / "views" / ".part-2.abc.tmp").write_bytes(b"half a shard")
+    root.remove_uncommitted(["views", "points"], "points")
+    assert sorted(p.name for p in (tmp_path / "views").iterdir()) == []  # part-1 uncommitted too

@@ -55,7 +55,7 @@ def test_demo_writes_tables_summary_and_a_contact_sheet(tmp_path: Path, ray_sess
     assert sheet.width >= 4 * 40 and sheet.height >= 3 * 4 * 40  # 3 assets x 4 views, 4 panels
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_killed_render_completes_on_rerun_with_exact_rows(tmp_path: Path) -> None:
     """Kill a real `partlift render` process mid-run; the re-run finishes with no duplicates."""
     import signal

@@ -61,3 +61,9 @@ def test_secrets_are_redacted_and_reach_storage_options() -> None:
     dumped = str(config.redacted())
     assert "hunter2" not in dumped and "AKID123" not in dumped and "***" in dumped
     assert "hunter2" not in repr(config)
+
+
+@pytest.mark.parametrize("key", ["render.seed", "assets.seed", "label.seed"])
+def test_negative_seeds_are_rejected_up_front(key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(overrides=[f"{key}=-1"])

@@ -1,0 +1,88 @@
+"""The label stage on a real local Ray: row counts implied by the input, resume, bad rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import open3d as o3d
+import pytest
+
+from operators.label import prompts_for
+from operators.storage import RunRoot, table_columns
+from operators.taxonomy import load_taxonomy
+from rayjobs.assets_job import run_assets_make, run_assets_scan
+from rayjobs.config import ConfigError, load_config
+from rayjobs.label_job import run_label
+from rayjobs.render_job import run_render
+from rayjobs.runtime import JobFailedError
+from tests.rayjobs.test_jobs import small_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
+TRIALS = 2
+
+
+def expected_counts(root: RunRoot, views: int) -> dict[str, int]:
+    """Rows each label table must hold: prompts x views x trials per asset, from the manifest."""
+    taxonomy = load_taxonomy()
+    prompts = sum(len(prompts_for(taxonomy, r["category"], r["part_names"]))
+                  for r in root.read_table("assets").to_pylist() if r["source"] == "procedural")
+    return {"labels/points": prompts, "labels/masks": prompts * views,
+            "labels/boxes": prompts * views * TRIALS}
+
+
+def label_counts(root: RunRoot) -> dict[str, int]:
+    return {t: root.read_table(t, columns=["asset_id"]).num_rows
+            for t in ("labels/points", "labels/masks", "labels/boxes")}
+
+
+def test_label_counts_resume_and_contents(tmp_path: Path) -> None:
+    uri = str(tmp_path / "run")
+    root = RunRoot(uri)
+    run_assets_make(small_config(uri, "assets.n=3"))
+    run_render(small_config(uri))
+    report = run_label(small_config(uri, f"label.trials={TRIALS}"))
+    assert (report.ok, report.failed) == (3, 0)
+    assert label_counts(root) == expected_counts(root, views=4)
+
+    again = run_label(small_config(uri, f"label.trials={TRIALS}"))
+    assert (again.ok, again.skipped_done) == (0, 3)
+    assert label_counts(root) == expected_counts(root, views=4)
+
+    points = table_columns(root.read_table("labels/points"))
+    assert points["score"].dtype == np.float16 and points["score"].shape[1] == 300
+    assert float(points["score"].max()) == 1.0 and float(points["score"].min()) >= 0.0
+    masks = table_columns(root.read_table("labels/masks"))
+    assert masks["mask"].dtype == np.bool_ and masks["mask"].shape[1:] == (24, 32)
+    boxes = root.read_table("labels/boxes").to_pylist()
+    assert {b["trial"] for b in boxes} == {0, 1}
+    assert all(len(b["boxes"]) == len(b["scores"]) for b in boxes)
+    assert all(0 <= x <= 32 for b in boxes for box in b["boxes"] for x in box[0::2])
+    record = root.read_json("labels/_job.json")
+    assert record["config"]["label"]["backend"] == "oracle"
+    assert record["counts"]["skipped_done"] == 3  # the last run (the no-op one) wrote it
+
+
+def test_unlabellable_asset_goes_to_errors_and_the_rest_lands(tmp_path: Path) -> None:
+    meshes = tmp_path / "meshes" / "spaceship"
+    meshes.mkdir(parents=True)
+    o3d.io.write_triangle_mesh(str(meshes / "s.ply"), o3d.geometry.TriangleMesh.create_box())
+    uri = str(tmp_path / "run")
+    run_assets_make(small_config(uri, "assets.n=2"))
+    run_assets_scan(small_config(uri, f"assets.input={tmp_path / 'meshes'}"))
+    run_render(small_config(uri))
+    with pytest.raises(JobFailedError, match="1 of 3 assets failed"):
+        run_label(small_config(uri, f"label.trials={TRIALS}"))
+    root = RunRoot(uri)
+    assert label_counts(root) == expected_counts(root, views=4)  # the two procedural assets
+    error = [e for e in root.read_table("errors").to_pylist() if e["stage"] == "label"][0]
+    assert "spaceship" in error["message"] and "kettle" in error["message"]  # lists known ones
+
+
+def test_label_before_render_and_missing_model_path_are_clear(tmp_path: Path) -> None:
+    uri = str(tmp_path / "run")
+    run_assets_make(small_config(uri, "assets.n=1"))
+    with pytest.raises(FileNotFoundError, match="partlift render"):
+        run_label(small_config(uri))
+    with pytest.raises(ConfigError, match="label.model_path"):
+        run_label(load_config((), ["label.backend=hf-zero-shot"], root=uri))

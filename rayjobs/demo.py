@@ -8,13 +8,18 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
+import pyarrow.compute as pc
+
+from operators.aggregate import project_points, visibility
 from operators.storage import RunRoot, table_columns
 from rayjobs.assets_job import ASSETS_TABLE, run_assets_make
 from rayjobs.config import PartliftConfig
-from rayjobs.render_job import VIEWS_TABLE, run_render
+from rayjobs.label_job import LABEL_POINTS_TABLE, MASKS_TABLE, run_label, shard_index
+from rayjobs.render_job import POINTS_TABLE, VIEWS_TABLE, run_render
 from rayjobs.runtime import StageReport
 
 CONTACT_SHEET = "demo/contact_sheet.png"
+LABEL_SHEET = "demo/label_sheet.png"
 SHEET_ASSETS = 4
 SHEET_VIEWS = 4
 # Distinct colours for part indices in the overlay column (index 0 = first part, usually body).
@@ -68,13 +73,78 @@ def contact_sheet(root: RunRoot, n_assets: int = SHEET_ASSETS, n_views: int = SH
             break
     if not tiles:
         raise FileNotFoundError(f"no views under {root.display(VIEWS_TABLE)}/ to draw")
-    h, w = tiles[0][1][0].shape[:2]
+    return _grid_png([(f"{label}   rgb | depth | mask | parts", images)
+                      for label, images in tiles])
+
+
+def _score_colors(scores: np.ndarray) -> np.ndarray:
+    """0 -> blue, 1 -> red, through white-ish purple: readable on a white background."""
+    s = np.clip(scores.astype(np.float32), 0, 1)[:, None]
+    return (np.array([40, 70, 230]) * (1 - s) + np.array([230, 30, 30]) * s).astype(np.uint8)
+
+
+def _points_picture(xyz: np.ndarray, scores: np.ndarray, K: np.ndarray, cam_to_world: np.ndarray,
+                    depth: np.ndarray) -> np.ndarray:
+    """The per-point scores seen from one view's camera: visible points coloured by score."""
+    h, w = depth.shape
+    uv, z = project_points(xyz, K[None], cam_to_world[None])
+    seen = visibility(xyz, K[None], cam_to_world[None], depth[None], projection=(uv, z))[0]
+    image = np.full((h, w, 3), 255, np.uint8)
+    order = np.argsort(scores[seen])  # high scores drawn last, on top
+    cols = uv[0, seen][order]
+    image[cols[:, 1].astype(int), cols[:, 0].astype(int)] = _score_colors(scores[seen][order])
+    return image
+
+
+def label_sheet(root: RunRoot, n_assets: int = 3, n_views: int = SHEET_VIEWS) -> bytes:
+    """PNG: per labelled (asset, function, part), n views with the pseudo-label mask in green over
+    the render, then the per-point scores (blue 0 -> red 1) seen from the first of those views."""
+    rows: list[tuple[str, list[np.ndarray]]] = []
+    views_index, points_index = shard_index(root, VIEWS_TABLE), shard_index(root, POINTS_TABLE)
+    for shard in root.list_shards(LABEL_POINTS_TABLE)[:n_assets]:
+        labels = root.read_shard(LABEL_POINTS_TABLE, shard)
+        masks = root.read_shard(MASKS_TABLE, shard)
+        # Of the first asset's parts, show the most selective label (fewest high-score points):
+        # rims and bodies cover most of an object, spouts and blades make clearer pictures.
+        cols = table_columns(labels, ["asset_id", "function", "part", "score"])
+        mine = np.flatnonzero(cols["asset_id"] == cols["asset_id"][0])
+        pick = mine[np.argmin([(cols["score"][i] >= 0.5).mean() for i in mine])]
+        asset_id, function, part = (str(cols[k][pick]) for k in ("asset_id", "function", "part"))
+        score = cols["score"][pick].astype(np.float32)
+        m = masks.filter(pc.and_(pc.equal(masks["asset_id"], asset_id),
+                                 pc.and_(pc.equal(masks["function"], function),
+                                         pc.equal(masks["part"], part))))
+        m = table_columns(m.sort_by("view_id"), ["view_id", "mask"])
+        vt = root.read_shard(VIEWS_TABLE, views_index[asset_id],
+                             ["asset_id", "view_id", "rgb", "depth", "K", "cam_to_world"])
+        v = table_columns(vt.filter(pc.equal(vt["asset_id"], asset_id)).sort_by("view_id"))
+        pt = root.read_shard(POINTS_TABLE, points_index[asset_id], ["asset_id", "xyz"])
+        xyz = table_columns(pt.filter(pc.equal(pt["asset_id"], asset_id)), ["xyz"])["xyz"][0]
+        # the views where the mask is largest show the part best
+        best = np.argsort(-m["mask"].reshape(len(m["mask"]), -1).sum(1))[:n_views]
+        panels = []
+        for i in best:
+            tinted = v["rgb"][i].copy()
+            tinted[m["mask"][i]] = (0.35 * tinted[m["mask"][i]] + [20, 165, 60]).astype(np.uint8)
+            panels.append(tinted)
+        panels.append(_points_picture(xyz, score, v["K"][best[0]], v["cam_to_world"][best[0]],
+                                      v["depth"][best[0]]))
+        rows.append((f"{asset_id[:8]} {function}: {part}   masks | point scores", panels))
+    if not rows:
+        raise FileNotFoundError(f"no labels under {root.display(LABEL_POINTS_TABLE)}/ to draw")
+    return _grid_png(rows)
+
+
+def _grid_png(rows: list[tuple[str, list[np.ndarray]]]) -> bytes:
+    h, w = rows[0][1][0].shape[:2]
+    cols = max(len(images) for _, images in rows)
     label_h, gap = 14, 4
-    sheet = Image.new("RGB", (4 * (w + gap) + gap, len(tiles) * (h + label_h + gap) + gap), "white")
+    sheet = Image.new("RGB", (cols * (w + gap) + gap, len(rows) * (h + label_h + gap) + gap),
+                      "white")
     draw = ImageDraw.Draw(sheet)
-    for i, (label, images) in enumerate(tiles):
+    for i, (label, images) in enumerate(rows):
         y = gap + i * (h + label_h + gap)
-        draw.text((gap, y), f"{label}   rgb | depth | mask | parts", fill=(0, 0, 0))
+        draw.text((gap, y), label, fill=(0, 0, 0))
         for j, image in enumerate(images):
             sheet.paste(Image.fromarray(image), (gap + j * (w + gap), y + label_h))
     buffer = io.BytesIO()
@@ -86,10 +156,13 @@ def run_demo(config: PartliftConfig) -> list[StageReport]:
     started = time.time()
     root = RunRoot(config.root, config.storage.options())
     print(f"partlift demo: {config.assets.n} procedural assets -> {root.display()} (local Ray)")
-    reports = [run_assets_make(config), run_render(config)]
+    reports = [run_assets_make(config), run_render(config), run_label(config)]
     root.write_bytes(CONTACT_SHEET, contact_sheet(root))
+    root.write_bytes(LABEL_SHEET, label_sheet(root))
     print(f"\ndemo finished in {time.time() - started:.1f} s")
     print(f"  contact sheet: {root.display(CONTACT_SHEET)}")
-    print(f"  tables:        {root.display()}/{{assets,views,points}}/  (see `partlift status "
-          f"--root {config.root}`)")
+    print(f"  label sheet:   {root.display(LABEL_SHEET)}  (oracle backend: procedural ground "
+          "truth with noise, not a model)")
+    print(f"  tables:        {root.display()}/{{assets,views,points,labels}}/  (see `partlift "
+          f"status --root {root.display()}`)")
     return reports

@@ -45,14 +45,17 @@ def test_status_of_an_empty_root(tmp_path: Path) -> None:
 @pytest.mark.ray
 def test_demo_writes_tables_summary_and_a_contact_sheet(tmp_path: Path, ray_session) -> None:
     from rayjobs.config import load_config
-    from rayjobs.demo import CONTACT_SHEET, run_demo
+    from rayjobs.demo import CONTACT_SHEET, LABEL_SHEET, run_demo
     config = load_config((), ["assets.n=3", "render.views=4", "render.width=40",
-                              "render.height=40", "render.n_points=200"], root=str(tmp_path))
+                              "render.height=40", "render.n_points=200", "label.trials=1"],
+                         root=str(tmp_path))
     reports = run_demo(config)
-    assert [r.stage for r in reports] == ["assets-make", "render"]
-    assert reports[1].ok == 3 and reports[1].units["views"] == 12
+    assert [r.stage for r in reports] == ["assets-make", "render", "label"]
+    assert reports[1].ok == 3 and reports[1].units["views"] == 12 and reports[2].ok == 3
     sheet = Image.open(tmp_path / CONTACT_SHEET)
     assert sheet.width >= 4 * 40 and sheet.height >= 3 * 4 * 40  # 3 assets x 4 views, 4 panels
+    labels = Image.open(tmp_path / LABEL_SHEET)
+    assert labels.width >= 5 * 40 and labels.height >= 3 * 40  # 4 masks + point scores per row
 
 
 @pytest.mark.ray

@@ -137,6 +137,24 @@ def label(backend: str | None, **common: Any) -> None:
     run_label(build_config(**common, label__backend=backend))
 
 
+@main.command("run")
+@click.argument("pipeline", required=False, type=click.Path(dir_okay=False))
+@common_options
+@report_user_errors
+def run_cmd(pipeline: str | None, **common: Any) -> None:
+    """Run chained stages in ONE streaming Ray Data pipeline: render (CPU tasks) -> label
+    (grounding actor pool -> aggregation tasks), without reading intermediates back.
+
+    PIPELINE is a YAML config (e.g. configs/pipeline.yaml) whose pipeline.stages lists the
+    stages [render, label]; other sections configure each stage as for the single commands.
+    Resumes per asset: labelled assets are skipped, rendered-but-unlabelled ones are read back.
+    """
+    from rayjobs.pipeline_job import run_pipeline
+    if pipeline:
+        common["configs"] = (pipeline, *common["configs"])
+    run_pipeline(build_config(**common))
+
+
 @main.command()
 @click.option("--n", "n", type=int, default=None, help="Procedural assets to make [default: 24].")
 @common_options

@@ -144,6 +144,19 @@ class LabelConfig(Section):
         return LabelSettings(**{k: v for k, v in self.model_dump().items() if k in fields})
 
 
+class PipelineConfig(Section):
+    stages: list[Literal["render", "label"]] = Field(
+        ["render", "label"], description="stages chained in one Ray Data stream, in order")
+
+    @field_validator("stages")
+    @classmethod
+    def _chain(cls, value: list[str]) -> list[str]:
+        order = ["render", "label"]
+        if not value or value != [s for s in order if s in value]:
+            raise ValueError(f"stages must be a non-empty sub-sequence of {order}, in that order")
+        return value
+
+
 class PartliftConfig(Section):
     root: str = Field(DEFAULT_ROOT, description="run root: local dir, file:// or s3://bucket/prefix")
     storage: StorageConfig = StorageConfig()
@@ -152,6 +165,7 @@ class PartliftConfig(Section):
     assets: AssetsConfig = AssetsConfig()
     render: RenderConfig = RenderConfig()
     label: LabelConfig = LabelConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
     def redacted(self) -> dict[str, Any]:
         """JSON-ready dict with secrets replaced (for _job.json and logs)."""

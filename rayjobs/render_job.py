@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -23,6 +25,8 @@ from rayjobs.runtime import (ERRORS_TABLE, StageReport, ensure_ray, error_row, f
 VIEWS_TABLE = "views"
 POINTS_TABLE = "points"
 STAGE = "render"
+# Per-view arrays a downstream stage needs (normals stay in the table only).
+VIEW_ARRAYS = ("rgb", "depth", "mask", "face_id", "K", "cam_to_world")
 
 
 def _part_labels(face_part: np.ndarray | list | None, face_id: np.ndarray, n_faces: int,
@@ -37,18 +41,26 @@ def _part_labels(face_part: np.ndarray | list | None, face_id: np.ndarray, n_fac
     return labels[face_id]
 
 
-def render_batch(batch: dict[str, np.ndarray], root_uri: str, storage: StorageOptions,
-                 settings: RenderSettings, seed: int, job_id: str) -> dict[str, list]:
-    """Ray Data task: render a batch of assets, write their views/points shard, return one
-    summary row per asset (ok or failed with the error)."""
-    root = RunRoot(root_uri, storage)
+@dataclass
+class RenderedBatch:
+    """What rendering a batch produced: per-asset summaries and, for the assets that worked,
+    their arrays (kept in memory for a downstream stage in a streaming pipeline)."""
+
+    summaries: list[dict]
+    assets: list[dict[str, Any]]  # asset_id, views arrays (V, ...), xyz
+
+
+def render_and_write(batch: dict[str, Any], root: RunRoot, storage: StorageOptions,
+                     settings: RenderSettings, seed: int, job_id: str) -> RenderedBatch:
+    """Render a batch of assets and write their views/points shard (points last = commit);
+    failures go to errors/."""
     views, points = defaultdict(list), defaultdict(list)
-    summaries, errors = [], []
-    ids = batch["asset_id"].tolist()
-    for asset_id, uri, face_part in zip(ids, batch["uri"].tolist(), batch["face_part"]):
+    summaries, errors, assets = [], [], []
+    ids = [str(a) for a in batch["asset_id"]]
+    for asset_id, uri, face_part in zip(ids, batch["uri"], batch["face_part"]):
         started = time.perf_counter()
         try:
-            mesh, _ = read_mesh_file(uri, storage)
+            mesh, _ = read_mesh_file(str(uri), storage)
             rendered, samples = render_asset(mesh, settings, seed_for(seed, asset_id), name=uri)
             part = _part_labels(face_part, samples.face_id, mesh.n_faces, asset_id)
         except Exception as err:  # row-level: recorded in errors/, the batch goes on
@@ -61,7 +73,7 @@ def render_batch(batch: dict[str, np.ndarray], root_uri: str, storage: StorageOp
         n_views = rendered.rgb.shape[0]
         views["asset_id"] += [asset_id] * n_views
         views["view_id"].append(np.arange(n_views, dtype=np.int32))
-        for name in ("rgb", "depth", "mask", "face_id", "K", "cam_to_world"):
+        for name in VIEW_ARRAYS:
             views[name].append(getattr(rendered, name))
         views["normal"].append(rendered.normal.astype(np.float16))
         points["asset_id"].append(asset_id)
@@ -71,6 +83,8 @@ def render_batch(batch: dict[str, np.ndarray], root_uri: str, storage: StorageOp
         points["part"].append(part[None])
         summaries.append({"asset_id": asset_id, "status": "ok", "error_type": "", "message": "",
                           "seconds": time.perf_counter() - started})
+        assets.append({"asset_id": asset_id, "xyz": samples.xyz,
+                       **{name: getattr(rendered, name) for name in VIEW_ARRAYS}})
     shard = shard_name(ids)
     if points:
         tables = {
@@ -81,7 +95,14 @@ def render_batch(batch: dict[str, np.ndarray], root_uri: str, storage: StorageOp
         }
         root.write_shard_set(shard, tables, commit_table=POINTS_TABLE)
     write_errors(root, STAGE, job_id, shard, errors)
-    return {k: [s[k] for s in summaries] for k in summaries[0]}
+    return RenderedBatch(summaries, assets)
+
+
+def render_batch(batch: dict[str, Any], root_uri: str, storage: StorageOptions,
+                 settings: RenderSettings, seed: int, job_id: str) -> dict[str, list]:
+    """Ray Data task of the render stage: one summary row per asset (ok or failed)."""
+    result = render_and_write(batch, RunRoot(root_uri, storage), storage, settings, seed, job_id)
+    return {k: [s[k] for s in result.summaries] for k in result.summaries[0]}
 
 
 def run_render(config: PartliftConfig) -> StageReport:

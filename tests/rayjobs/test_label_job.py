@@ -86,3 +86,26 @@ def test_label_before_render_and_missing_model_path_are_clear(tmp_path: Path) ->
         run_label(small_config(uri))
     with pytest.raises(ConfigError, match="label.model_path"):
         run_label(load_config((), ["label.backend=hf-zero-shot"], root=uri))
+
+
+def test_streaming_pipeline_renders_new_assets_and_reads_back_rendered_ones(tmp_path: Path) -> None:
+    from rayjobs.pipeline_job import run_pipeline
+    uri = str(tmp_path / "run")
+    root = RunRoot(uri)
+    run_assets_make(small_config(uri, "assets.n=2"))
+    run_render(small_config(uri))                     # two assets rendered, not labelled
+    run_assets_make(small_config(uri, "assets.n=4"))  # two more, not rendered
+    [report] = run_pipeline(small_config(uri, f"label.trials={TRIALS}"))
+    assert (report.ok, report.failed) == (4, 0)
+    assert report.units == {"rendered in this run": 2, "loaded from storage": 2}
+    assert root.read_table("views", columns=["asset_id"]).num_rows == 4 * 4  # no re-render
+    assert label_counts(root) == expected_counts(root, views=4)
+    [again] = run_pipeline(small_config(uri, f"label.trials={TRIALS}"))
+    assert (again.ok, again.skipped_done) == (0, 4)
+    assert label_counts(root) == expected_counts(root, views=4)
+    assert root.read_json("views/_job.json")["stage"] == "pipeline"
+
+
+def test_pipeline_stage_order_is_validated() -> None:
+    with pytest.raises(ConfigError, match="sub-sequence"):
+        load_config((), ["pipeline.stages=[label, render]"])

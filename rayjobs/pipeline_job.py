@@ -1,0 +1,94 @@
+"""`partlift run`: render -> label in ONE Ray Data stream (DESIGN 1).
+
+Rendered arrays flow straight from the render tasks to the grounding actors and the aggregation
+tasks; views/ and points/ are still written (they are outputs people keep), but nothing is read
+back. Assets rendered earlier but not labelled join the stream from storage, so a run resumes
+wherever the last one stopped; assets already labelled are skipped.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from operators.storage import RunRoot, StorageOptions
+from operators.render import RenderSettings
+from rayjobs.assets_job import ASSETS_TABLE
+from rayjobs.config import PartliftConfig
+from rayjobs.label_job import (LABEL_TABLES, add_label_stages, asset_row, check_label_config,
+                               items_dataset, load_views_batch, manifest_for_labels,
+                               prepare_label_tables, shard_index, stacked_columns, stream_report)
+from rayjobs.render_job import (POINTS_TABLE, VIEWS_TABLE, render_and_write, run_render)
+from rayjobs.label_job import run_label
+from rayjobs.resources import map_batches_args
+from rayjobs.runtime import (ERRORS_TABLE, StageReport, ensure_ray, finish_stage, new_job_id)
+
+STAGE = "pipeline"
+
+
+def render_emit_batch(batch: dict[str, Any], root_uri: str, storage: StorageOptions,
+                      settings: RenderSettings, seed: int, job_id: str) -> dict[str, Any]:
+    """Render task of the stream: writes views/points like `partlift render`, then passes the
+    arrays on instead of a summary."""
+    result = render_and_write(batch, RunRoot(root_uri, storage), storage, settings, seed, job_id)
+    position = {str(a): i for i, a in enumerate(batch["asset_id"])}
+    return stacked_columns([asset_row(batch, position[a["asset_id"]], a) for a in result.assets])
+
+
+def run_pipeline(config: PartliftConfig) -> list[StageReport]:
+    stages = config.pipeline.stages
+    if stages == ["render"]:
+        return [run_render(config)]
+    if stages == ["label"]:
+        return [run_label(config)]
+    check_label_config(config.label)
+    root = RunRoot(config.root, config.storage.options())
+    root.check_reachable()
+    ensure_ray(config.ray)
+    started = time.time()
+    job_id = new_job_id(STAGE)
+    manifest = manifest_for_labels(root)
+    if not manifest:
+        raise FileNotFoundError(f"run: no assets under {root.display(ASSETS_TABLE)}/; run "
+                                "`partlift assets make` or `partlift assets scan` first")
+    uris = {r["asset_id"]: r["uri"] for r in root.read_table(
+        ASSETS_TABLE, columns=["asset_id", "uri"]).to_pylist()}
+    if config.job.overwrite:
+        for table in (VIEWS_TABLE, POINTS_TABLE):
+            root.delete_table(table)
+        root.delete_shards(ERRORS_TABLE, "render-")
+    removed = root.remove_uncommitted([VIEWS_TABLE, POINTS_TABLE], POINTS_TABLE)
+    labelled, removed_labels = prepare_label_tables(root, config.job.overwrite)
+    points_index, views_index = shard_index(root, POINTS_TABLE), shard_index(root, VIEWS_TABLE)
+    todo = [r for r in manifest if r["asset_id"] not in labelled]
+    to_render = sorted(({**r, "uri": uris[r["asset_id"]]} for r in todo
+                        if r["asset_id"] not in points_index), key=lambda r: r["asset_id"])
+    to_load = sorted(({**r, "points_shard": points_index[r["asset_id"]],
+                       "views_shard": views_index[r["asset_id"]]} for r in todo
+                      if r["asset_id"] in points_index),
+                     key=lambda r: (r["views_shard"], r["asset_id"]))
+    storage = config.storage.options()
+    sources = []
+    if to_render:
+        sources.append(items_dataset(to_render, config.render.resources.batch_size).map_batches(
+            render_emit_batch, fn_kwargs={"root_uri": config.root, "storage": storage,
+                                          "settings": config.render.settings(),
+                                          "seed": config.render.seed, "job_id": job_id},
+            batch_format="numpy", **map_batches_args(config.render.resources, actors=False)))
+    if to_load:
+        sources.append(items_dataset(to_load, config.label.aggregate.batch_size).map_batches(
+            load_views_batch, fn_kwargs={"root_uri": config.root, "storage": storage,
+                                         "job_id": job_id},
+            batch_format="numpy", **map_batches_args(config.label.aggregate, actors=False)))
+    summaries: list[dict] = []
+    if sources:
+        stream = sources[0] if len(sources) == 1 else sources[0].union(sources[1])
+        summaries = add_label_stages(stream, config, job_id).take_all()
+    report = stream_report(
+        root, STAGE, job_id, started, summaries, len(manifest), len(manifest) - len(todo),
+        inputs={ASSETS_TABLE: root.display(ASSETS_TABLE) + "/", "stages": " -> ".join(stages)},
+        outputs={t: root.display(t) + "/" for t in (VIEWS_TABLE, POINTS_TABLE, *LABEL_TABLES)},
+        removed=removed + removed_labels,
+        units={"rendered in this run": len(to_render), "loaded from storage": len(to_load)})
+    root.write_json(f"{VIEWS_TABLE}/_job.json", report.to_json(config))
+    return [finish_stage(root, config, report, "labels")]

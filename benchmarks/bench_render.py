@@ -146,12 +146,13 @@ def main() -> None:
     write_section(table)
 
 
-def write_section(table: str) -> None:
-    """Replace this benchmark's section of RESULTS.md, keeping the others."""
+def write_section(table: str, section: str = SECTION) -> None:
+    """Replace one benchmark's section of RESULTS.md (from its `section` heading line to the
+    next `## ` heading), keeping the others; append it when absent. Other benchmarks import this."""
     text = RESULTS.read_text() if RESULTS.exists() else "# partlift benchmark results\n\n"
-    if SECTION in text:
-        start = text.index(SECTION)
-        end = text.find("\n## ", start + len(SECTION))
+    if section in text:
+        start = text.index(section)
+        end = text.find("\n## ", start + len(section))
         text = text[:start] + table + (text[end + 1:] if end != -1 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + table

@@ -32,9 +32,13 @@ def print_status(config: PartliftConfig) -> None:
         print("  (empty: run `partlift assets make` or `partlift demo`)")
     for table, (shards, rows) in counts.items():
         print(f"  {table:<16} {rows:>9} rows in {shards} shards")
-    for table in ("assets", "views"):
+    shown = set()
+    for table in ("assets", "views", "labels"):
         if root.exists(f"{table}/_job.json"):
             job = root.read_json(f"{table}/_job.json")
+            if job["job_id"] in shown:
+                continue
+            shown.add(job["job_id"])
             c = job["counts"]
             print(f"  last {job['stage']}: {job['ended']}  ok {c['ok']}, failed {c['failed']}, "
                   f"skipped {c['skipped_done']}  ({job['job_id']})")

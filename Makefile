@@ -42,7 +42,8 @@ test-all: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install
-	$(PY) benchmarks/bench_render.py $(BENCH_ARGS)
+	$(PY) benchmarks/bench_render.py
+	$(PY) benchmarks/bench_label.py
 
 clean-data:
 	rm -rf partlift-data

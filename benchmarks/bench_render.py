@@ -27,24 +27,25 @@ from rayjobs.assets_job import ASSETS_TABLE, run_assets_make  # noqa: E402
 from rayjobs.config import load_config  # noqa: E402
 from rayjobs.render_job import POINTS_TABLE, VIEWS_TABLE, render_batch, run_render  # noqa: E402
 from rayjobs.runtime import ensure_ray  # noqa: E402
+from results import write_section  # noqa: E402
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "## Render stage"
 
 
 class PeakTreeMemory:
-    """Peak resident memory of this process and all its descendants (Ray's raylet and workers
-    are descendants of a driver that starts a local Ray), sampled every 50 ms."""
+    """Peak resident memory of this process and, with `children`, all its descendants (Ray's
+    raylet and workers are descendants of a driver that starts a local Ray), sampled every 50 ms."""
 
-    def __init__(self) -> None:
+    def __init__(self, children: bool = True) -> None:
         self.peak = 0
+        self.children = children
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> int:
         me = psutil.Process()
         total = 0
-        for proc in [me, *me.children(recursive=True)]:
+        for proc in [me, *(me.children(recursive=True) if self.children else [])]:
             try:
                 total += proc.memory_info().rss
             except psutil.Error:
@@ -101,7 +102,7 @@ def main() -> None:
     out = str(work / "plain")
     shutil.copytree(work / "source", work / "plain")
     config = load_config((), common, root=out)
-    with PeakTreeMemory() as memory:
+    with PeakTreeMemory(children=False) as memory:  # the idle local Ray is not the loop's
         t = time.perf_counter()
         plain_loop(config, manifest)
         seconds = time.perf_counter() - t
@@ -131,7 +132,9 @@ def main() -> None:
              f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.machine()}; "
              f"measured {time.strftime('%Y-%m-%d')} by `make bench`. Local Ray start-up "
              f"({ray_start:.1f} s) is not included; peak memory is the resident set of the "
-             "driver and all its child processes (Ray's raylet, object store and workers).", "",
+             "driver and all its child processes (Ray's raylet, object store and workers) for the Ray "
+             "runs, and of the one process for the plain loop. Ray runs reuse one local Ray "
+             "(`render.resources.concurrency` = 1 or 2 tasks at a time).", "",
              "| run | wall s | views/s | assets/s | speed-up vs plain | peak memory MiB |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, seconds, peak in results:
@@ -143,20 +146,7 @@ def main() -> None:
               "isolation; per-node speed comes from open3d."]
     table = "\n".join(lines) + "\n"
     print(table)
-    write_section(table)
-
-
-def write_section(table: str, section: str = SECTION) -> None:
-    """Replace one benchmark's section of RESULTS.md (from its `section` heading line to the
-    next `## ` heading), keeping the others; append it when absent. Other benchmarks import this."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# partlift benchmark results\n\n"
-    if section in text:
-        start = text.index(section)
-        end = text.find("\n## ", start + len(section))
-        text = text[:start] + table + (text[end + 1:] if end != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + table
-    RESULTS.write_text(text)
+    write_section(table, SECTION)
 
 
 if __name__ == "__main__":

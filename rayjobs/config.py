@@ -110,7 +110,7 @@ class LabelConfig(Section):
         "oracle", description="grounding backend; oracle = procedural ground truth + noise (offline)")
     model_path: str | None = Field(None, description="local model directory (hf-zero-shot, hf-vlm)")
     functions: list[str] | None = Field(None, description="functions to label (default: all of the category's)")
-    template: str = Field("cogvlm", description="prompt template (cogvlm | qwen | zero-shot)")
+    template: str | None = Field(None, description="prompt template (cogvlm | qwen | zero-shot); default: the backend's own (zero-shot for detectors, cogvlm/qwen for VLMs)")
     trials: int = Field(4, ge=1, description="queries per view and part (DFC A.4: 4)")
     consensus: bool = Field(False, description="keep the largest cluster of a view's trial boxes")
     zoom: bool = Field(False, description="second zoomed query for small boxes")
@@ -141,7 +141,8 @@ class LabelConfig(Section):
     def settings(self) -> "LabelSettings":
         from operators.label import LabelSettings
         fields = LabelSettings.__dataclass_fields__
-        return LabelSettings(**{k: v for k, v in self.model_dump().items() if k in fields})
+        return LabelSettings(**{k: v for k, v in self.model_dump().items()
+                                if k in fields and v is not None})
 
 
 class PipelineConfig(Section):

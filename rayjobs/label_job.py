@@ -10,6 +10,7 @@ leaves the stream; the driver counts those rows (same job id), so ok + failed = 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import defaultdict
@@ -133,10 +134,12 @@ class GroundingActor:
         import torch
         self.cfg, self.job_id = cfg, job_id
         self.root = RunRoot(root_uri, storage)
-        self.settings = cfg.settings()
         self.taxonomy = load_taxonomy()
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.backend = build_backend(cfg, device)
+        # A detector wants a noun phrase, a VLM a question: each backend names its template.
+        template = cfg.template or getattr(self.backend, "template", None) or "cogvlm"
+        self.settings = dataclasses.replace(cfg.settings(), template=template)
 
     def _backend_for(self, asset_id: str) -> GroundingBackend:
         if self.backend is not None:

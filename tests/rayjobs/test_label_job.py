@@ -109,3 +109,25 @@ def test_streaming_pipeline_renders_new_assets_and_reads_back_rendered_ones(tmp_
 def test_pipeline_stage_order_is_validated() -> None:
     with pytest.raises(ConfigError, match="sub-sequence"):
         load_config((), ["pipeline.stages=[label, render]"])
+
+
+def test_transformers_detector_backend_on_the_actor_pool(tmp_path: Path) -> None:
+    """hf-zero-shot with a tiny random OWLv2 saved to disk: model loaded in the actor, every
+    prompt/view/trial grounded, boxes in view pixels, tables complete. (Not pretrained: the
+    boxes are random; this checks the wiring, not quality.)"""
+    from tests.tiny_models import build_owlv2
+    model = tmp_path / "owlv2"
+    build_owlv2(model)
+    uri = str(tmp_path / "run")
+    run_assets_make(small_config(uri, "assets.n=2", "assets.categories=[mug, knife]"))
+    run_render(small_config(uri))
+    report = run_label(small_config(uri, "label.backend=hf-zero-shot", f"label.model_path={model}",
+                                    "label.box_threshold=0.0", f"label.trials={TRIALS}"))
+    root = RunRoot(uri)
+    assert (report.ok, report.failed) == (2, 0)
+    assert label_counts(root) == expected_counts(root, views=4)
+    boxes = root.read_table("labels/boxes").to_pylist()
+    assert sum(len(b["boxes"]) for b in boxes) > 0
+    assert all(0 <= x <= 32 and 0 <= y <= 24 for b in boxes for x0, y0, x1, y1 in b["boxes"]
+               for x, y in ((x0, y0), (x1, y1)))
+    assert root.read_json("labels/_job.json")["inputs"]["backend"] == "hf-zero-shot"

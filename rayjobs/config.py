@@ -145,6 +145,24 @@ class LabelConfig(Section):
                                 if k in fields and v is not None})
 
 
+class LiftConfig(Section):
+    """2D -> 3D feature lifting (CMAT 3.1) and the cached per-view features (DFC 4.2)."""
+
+    backbone: str = Field("dinov2-random-tiny", description="registry name (dinov2-small|base|large|giant, dinov3-*, *-random-tiny = NOT pretrained)")
+    model_path: str | None = Field(None, description="local checkpoint directory (e.g. from `partlift weights import-onnx`)")
+    stride: int | None = Field(None, ge=1, description="patch stride: the patch size (14) or half (7, DFC C.2)")
+    n_last_blocks: int = Field(1, ge=1, description="concatenate the last n blocks' tokens")
+    n_points: int = Field(2048, ge=1, description="points per asset to store features for (subsampled from points/)")
+    cache_view_features: bool = Field(True, description="also write the per-view patch grids to features/views/")
+    seed: int = Field(0, ge=0, description="seed of the point subsample (mixed with the asset id)")
+    device: str | None = Field(None, description="torch device (default: cuda when the actor has a GPU)")
+    dtype: Literal["float32", "bfloat16", "auto"] = Field("auto", description="auto = bf16 on GPU, float32 on CPU")
+    visibility_rel_tol: float = Field(0.01, ge=0, description="depth-test tolerance, fraction of depth")
+    visibility_abs_tol: float = Field(0.002, ge=0, description="depth-test tolerance, metres")
+    backbone_resources: StageResources = StageResources(batch_size=1, num_cpus=1.0, concurrency=1)
+    project: StageResources = StageResources(batch_size=2, num_cpus=1.0)
+
+
 class PipelineConfig(Section):
     stages: list[Literal["render", "label"]] = Field(
         ["render", "label"], description="stages chained in one Ray Data stream, in order")
@@ -166,6 +184,7 @@ class PartliftConfig(Section):
     assets: AssetsConfig = AssetsConfig()
     render: RenderConfig = RenderConfig()
     label: LabelConfig = LabelConfig()
+    lift: LiftConfig = LiftConfig()
     pipeline: PipelineConfig = PipelineConfig()
 
     def redacted(self) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def _group_by(values: Iterable[Hashable]) -> dict[Hashable, list[int]]:
 
 
 def load_views_batch(batch: dict[str, np.ndarray], root_uri: str, storage: StorageOptions,
-                     job_id: str) -> dict[str, Any]:
+                     job_id: str, stage: str = STAGE) -> dict[str, Any]:
     """CPU task: one row per asset with its views stacked (V, ...) and its surface points; each
     views/points shard is read once per batch."""
     root = RunRoot(root_uri, storage)
@@ -75,7 +75,7 @@ def load_views_batch(batch: dict[str, np.ndarray], root_uri: str, storage: Stora
             views = root.read_shard(VIEWS_TABLE, views_shard, ["asset_id", "view_id", *VIEW_ARRAYS])
             points = root.read_shard(POINTS_TABLE, points_shard, ["asset_id", "xyz"])
         except Exception as err:  # the shard is unreadable: every asset in it fails
-            errors += [error_row(STAGE, job_id, batch["asset_id"][i],
+            errors += [error_row(stage, job_id, batch["asset_id"][i],
                                  f"shard {views_shard}/{points_shard}: {err}") for i in members]
             continue
         for i in members:
@@ -83,7 +83,7 @@ def load_views_batch(batch: dict[str, np.ndarray], root_uri: str, storage: Stora
             cols = table_columns(_rows_of(views, asset_id).sort_by("view_id"))
             xyz = table_columns(_rows_of(points, asset_id), ["xyz"])["xyz"][0]
             rows.append(asset_row(batch, i, {**{n: cols[n] for n in VIEW_ARRAYS}, "xyz": xyz}))
-    write_errors(root, STAGE, job_id, shard_name(e["asset_id"] for e in errors) if errors else "",
+    write_errors(root, stage, job_id, shard_name(e["asset_id"] for e in errors) if errors else "",
                  errors)
     return stacked_columns(rows)
 

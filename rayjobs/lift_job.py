@@ -1,0 +1,184 @@
+"""`partlift lift`: views + points -> features/points (+ features/views) as one Ray Data stream.
+
+    load views and points (CPU tasks) -> backbone patch grids (actor pool: the model is loaded
+    once per actor; GPUs and bf16 from lift.*) -> project, depth-test, sample, average (CPU tasks)
+
+CMAT 3.1: per-view foundation-model features are projected back onto the surface points. The
+per-view grids are also kept (`features/views/`): the frozen-backbone cache that correspondence
+training reads instead of running the backbone every epoch (DFC 4.2). `features/points/` is the
+commit table of each shard; failed assets go to `errors/` and leave the stream.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from operators.lift import lift_features, subsample_points
+from operators.storage import RunRoot, StorageOptions, make_table, shard_name
+from rayjobs.config import LiftConfig, PartliftConfig
+from rayjobs.label_job import (items_dataset, load_views_batch, manifest_for_labels, shard_index,
+                               stream_report)
+from rayjobs.render_job import POINTS_TABLE, VIEWS_TABLE
+from rayjobs.resources import map_batches_args
+from rayjobs.runtime import (ERRORS_TABLE, StageReport, ensure_ray, error_row, finish_stage,
+                             new_job_id, seed_for, write_errors)
+
+STAGE = "lift"
+FEATURE_POINTS_TABLE = "features/points"
+FEATURE_VIEWS_TABLE = "features/views"
+LIFT_TABLES = (FEATURE_VIEWS_TABLE, FEATURE_POINTS_TABLE)
+
+
+def _rows(batch: dict[str, Any], keep: list[int]) -> dict[str, Any]:
+    return {k: ([v[i] for i in keep] if isinstance(v, list) else v[keep]) for k, v in batch.items()}
+
+
+class BackboneActor:
+    """Actor: loads the frozen backbone once, then adds each asset's per-view patch grids."""
+
+    def __init__(self, cfg: LiftConfig, root_uri: str, storage: StorageOptions, job_id: str):
+        import torch
+
+        from operators.backbones import load_backbone
+        self.root, self.job_id = RunRoot(root_uri, storage), job_id
+        device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda")
+                                                      else None)
+        self.backbone = load_backbone(cfg.backbone, cfg.model_path, device=device, dtype=dtype,
+                                      stride=cfg.stride, n_last_blocks=cfg.n_last_blocks)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        keep, grids, errors = [], [], []
+        for i, asset_id in enumerate(batch["asset_id"]):
+            try:
+                grids.append(self.backbone.features(batch["rgb"][i]).astype(np.float16))
+                keep.append(i)
+            except Exception as err:  # row-level: recorded, the asset leaves the stream
+                errors.append(error_row(STAGE, self.job_id, str(asset_id), err))
+        write_errors(self.root, STAGE, self.job_id,
+                     shard_name(e["asset_id"] for e in errors) if errors else "", errors)
+        if not keep:
+            return {}
+        out = _rows({k: batch[k] for k in ("asset_id", "xyz", "depth", "K", "cam_to_world",
+                                           "rgb")}, keep)
+        out["view_features"] = np.stack(grids)
+        return out
+
+
+def lift_write_batch(batch: dict[str, Any], root_uri: str, storage: StorageOptions,
+                     cfg: LiftConfig, job_id: str) -> dict[str, list]:
+    """CPU task: lift each asset's grids onto a subsample of its points; write one shard of
+    features/views (if cached) and features/points (commit)."""
+    root = RunRoot(root_uri, storage)
+    points, views = defaultdict(list), defaultdict(list)
+    summaries, errors = [], []
+    ids = [str(a) for a in batch["asset_id"]]
+    for i, asset_id in enumerate(ids):
+        started = time.perf_counter()
+        try:
+            xyz_all, grids = batch["xyz"][i], batch["view_features"][i]
+            index = subsample_points(xyz_all.shape[0], min(cfg.n_points, xyz_all.shape[0]),
+                                     seed_for(cfg.seed, asset_id))
+            features, seen = lift_features(xyz_all[index], grids, batch["K"][i],
+                                           batch["cam_to_world"][i], batch["depth"][i],
+                                           batch["rgb"][i].shape[1:3],
+                                           rel_tol=cfg.visibility_rel_tol,
+                                           abs_tol=cfg.visibility_abs_tol)
+        except Exception as err:  # row-level: recorded, the batch goes on
+            errors.append(error_row(STAGE, job_id, asset_id, err))
+            summaries.append({"asset_id": asset_id, "status": "failed",
+                              "error_type": type(err).__name__, "message": str(err)[:2000]})
+            continue
+        points["asset_id"].append(asset_id)
+        points["point_index"].append(index.astype(np.int32)[None])
+        points["xyz"].append(xyz_all[index].astype(np.float32)[None])
+        points["features"].append(features.astype(np.float16)[None])
+        points["n_views_seen"].append(seen[None])
+        if cfg.cache_view_features:
+            views["asset_id"] += [asset_id] * grids.shape[0]
+            views["view_id"].append(np.arange(grids.shape[0], dtype=np.int32))
+            views["features"].append(np.asarray(grids, np.float16))
+        summaries.append({"asset_id": asset_id, "status": "ok", "error_type": "",
+                          "message": f"{time.perf_counter() - started:.2f} s"})
+    if points:
+        stack = lambda rows: {k: (np.concatenate(v) if isinstance(v[0], np.ndarray) else v)  # noqa: E731
+                              for k, v in rows.items()}
+        tables = {FEATURE_POINTS_TABLE: make_table(stack(points))}
+        if views:
+            tables[FEATURE_VIEWS_TABLE] = make_table(stack(views))
+        root.write_shard_set(shard_name(ids), tables, commit_table=FEATURE_POINTS_TABLE)
+    write_errors(root, STAGE, job_id, shard_name(ids), errors)
+    return {k: [s[k] for s in summaries] for k in summaries[0]} if summaries else {}
+
+
+def add_lift_stages(ds, config: PartliftConfig, job_id: str):
+    cfg, storage = config.lift, config.storage.options()
+    ds = ds.map_batches(BackboneActor, fn_constructor_kwargs={
+                            "cfg": cfg, "root_uri": config.root, "storage": storage,
+                            "job_id": job_id},
+                        batch_format="numpy",
+                        **map_batches_args(cfg.backbone_resources, actors=True))
+    return ds.map_batches(lift_write_batch, fn_kwargs={
+                              "root_uri": config.root, "storage": storage, "cfg": cfg,
+                              "job_id": job_id},
+                          batch_format="numpy", **map_batches_args(cfg.project, actors=False))
+
+
+def check_lift_config(cfg: LiftConfig) -> None:
+    """Fail before any work when the backbone cannot be found (a fast, local check)."""
+    from operators.backbones import get_spec, load_backbone
+    spec = get_spec(cfg.backbone)  # unknown names list the registry
+    if spec.pretrained:
+        load_backbone(cfg.backbone, cfg.model_path, stride=cfg.stride,
+                      n_last_blocks=cfg.n_last_blocks)
+
+
+def run_lift(config: PartliftConfig) -> StageReport:
+    check_lift_config(config.lift)
+    root = RunRoot(config.root, config.storage.options())
+    root.check_reachable()
+    ensure_ray(config.ray)  # before the clock: throughput excludes cluster start-up
+    started = time.time()
+    job_id = new_job_id(STAGE)
+    points_index = shard_index(root, POINTS_TABLE)
+    manifest = manifest_for_labels(root)
+    if not manifest or not points_index:
+        raise FileNotFoundError(f"lift: no rendered assets under {root.display(POINTS_TABLE)}/;"
+                                " run `partlift render` first")
+    views_index = shard_index(root, VIEWS_TABLE)
+    if config.job.overwrite:
+        for table in LIFT_TABLES:
+            root.delete_table(table)
+        root.delete_shards(ERRORS_TABLE, f"{STAGE}-")
+        done: set[str] = set()
+        removed: list[str] = []
+    else:
+        removed = root.remove_uncommitted(LIFT_TABLES, FEATURE_POINTS_TABLE)
+        done = root.ids_in(FEATURE_POINTS_TABLE)
+    rendered = [r for r in manifest if r["asset_id"] in points_index and r["asset_id"] in views_index]
+    items = sorted(({**r, "points_shard": points_index[r["asset_id"]],
+                     "views_shard": views_index[r["asset_id"]]}
+                    for r in rendered if r["asset_id"] not in done),
+                   key=lambda r: (r["views_shard"], r["asset_id"]))
+    summaries: list[dict] = []
+    if items:
+        ds = items_dataset(items, config.lift.project.batch_size).map_batches(
+            load_views_batch, fn_kwargs={"root_uri": config.root,
+                                         "storage": config.storage.options(), "job_id": job_id,
+                                         "stage": STAGE},
+            batch_format="numpy", **map_batches_args(config.lift.project, actors=False))
+        summaries = add_lift_stages(ds, config, job_id).take_all()
+    report = stream_report(
+        root, STAGE, job_id, started, summaries, len(rendered), len(rendered) - len(items),
+        inputs={VIEWS_TABLE: root.display(VIEWS_TABLE) + "/",
+                POINTS_TABLE: root.display(POINTS_TABLE) + "/",
+                "backbone": config.lift.backbone + (f" ({config.lift.model_path})"
+                                                    if config.lift.model_path else "")},
+        outputs={t: root.display(t) + "/" for t in LIFT_TABLES}, removed=removed,
+        units={"points with features": len([s for s in summaries if s["status"] == "ok"])
+               * config.lift.n_points})
+    return finish_stage(root, config, report, "features")

@@ -164,13 +164,14 @@ class LiftConfig(Section):
 
 
 class PipelineConfig(Section):
-    stages: list[Literal["render", "label"]] = Field(
-        ["render", "label"], description="stages chained in one Ray Data stream, in order")
+    stages: list[Literal["render", "label", "lift"]] = Field(
+        ["render", "label"], description="stages in order; render -> label and render -> lift "
+        "stream in one Ray Data pipeline, a third stage runs after them from storage")
 
     @field_validator("stages")
     @classmethod
     def _chain(cls, value: list[str]) -> list[str]:
-        order = ["render", "label"]
+        order = ["render", "label", "lift"]
         if not value or value != [s for s in order if s in value]:
             raise ValueError(f"stages must be a non-empty sub-sequence of {order}, in that order")
         return value

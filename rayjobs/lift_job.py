@@ -137,6 +137,17 @@ def check_lift_config(cfg: LiftConfig) -> None:
                       n_last_blocks=cfg.n_last_blocks)
 
 
+def prepare_lift_tables(root: RunRoot, overwrite: bool) -> tuple[set[str], list[str]]:
+    """Asset ids already lifted, and the uncommitted shards removed (or wipe on overwrite)."""
+    if overwrite:
+        for table in LIFT_TABLES:
+            root.delete_table(table)
+        root.delete_shards(ERRORS_TABLE, f"{STAGE}-")
+        return set(), []
+    removed = root.remove_uncommitted(LIFT_TABLES, FEATURE_POINTS_TABLE)
+    return root.ids_in(FEATURE_POINTS_TABLE), removed
+
+
 def run_lift(config: PartliftConfig) -> StageReport:
     check_lift_config(config.lift)
     root = RunRoot(config.root, config.storage.options())
@@ -150,15 +161,7 @@ def run_lift(config: PartliftConfig) -> StageReport:
         raise FileNotFoundError(f"lift: no rendered assets under {root.display(POINTS_TABLE)}/;"
                                 " run `partlift render` first")
     views_index = shard_index(root, VIEWS_TABLE)
-    if config.job.overwrite:
-        for table in LIFT_TABLES:
-            root.delete_table(table)
-        root.delete_shards(ERRORS_TABLE, f"{STAGE}-")
-        done: set[str] = set()
-        removed: list[str] = []
-    else:
-        removed = root.remove_uncommitted(LIFT_TABLES, FEATURE_POINTS_TABLE)
-        done = root.ids_in(FEATURE_POINTS_TABLE)
+    done, removed = prepare_lift_tables(root, config.job.overwrite)
     rendered = [r for r in manifest if r["asset_id"] in points_index and r["asset_id"] in views_index]
     items = sorted(({**r, "points_shard": points_index[r["asset_id"]],
                      "views_shard": views_index[r["asset_id"]]}

@@ -1,27 +1,33 @@
-"""`partlift run`: render -> label in ONE Ray Data stream (DESIGN 1).
+"""`partlift run`: render -> label and/or lift in ONE Ray Data stream (DESIGN 1).
 
-Rendered arrays flow straight from the render tasks to the grounding actors and the aggregation
-tasks; views/ and points/ are still written (they are outputs people keep), but nothing is read
-back. Assets rendered earlier but not labelled join the stream from storage, so a run resumes
-wherever the last one stopped; assets already labelled are skipped.
+Rendered arrays flow straight from the render tasks to the model actors (grounding or backbone)
+and on to the CPU tasks that aggregate and write; views/ and points/ are still written (they are
+outputs people keep) but not read back. Assets rendered earlier but not yet processed by the
+downstream stage join the stream from storage, so a run resumes wherever the last one stopped.
+With stages [render, label, lift], render -> label streams and lift follows from storage.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
-from operators.storage import RunRoot, StorageOptions
+import ray.data
+
 from operators.render import RenderSettings
+from operators.storage import RunRoot, StorageOptions
 from rayjobs.assets_job import ASSETS_TABLE
 from rayjobs.config import PartliftConfig
-from rayjobs.label_job import (LABEL_TABLES, add_label_stages, asset_row, check_label_config,
-                               items_dataset, load_views_batch, manifest_for_labels,
-                               prepare_label_tables, shard_index, stacked_columns, stream_report)
-from rayjobs.render_job import (POINTS_TABLE, VIEWS_TABLE, render_and_write, run_render)
-from rayjobs.label_job import run_label
+from rayjobs.label_job import (LABEL_POINTS_TABLE, LABEL_TABLES, add_label_stages, asset_row,
+                               check_label_config, items_dataset, load_views_batch,
+                               manifest_for_labels, prepare_label_tables, run_label, shard_index,
+                               stacked_columns, stream_report)
+from rayjobs.lift_job import (FEATURE_POINTS_TABLE, LIFT_TABLES, add_lift_stages,
+                              check_lift_config, prepare_lift_tables, run_lift)
+from rayjobs.render_job import POINTS_TABLE, VIEWS_TABLE, render_and_write, run_render
 from rayjobs.resources import map_batches_args
-from rayjobs.runtime import (ERRORS_TABLE, StageReport, ensure_ray, finish_stage, new_job_id)
+from rayjobs.runtime import ERRORS_TABLE, StageReport, ensure_ray, finish_stage, new_job_id
 
 STAGE = "pipeline"
 
@@ -37,11 +43,27 @@ def render_emit_batch(batch: dict[str, Any], root_uri: str, storage: StorageOpti
 
 def run_pipeline(config: PartliftConfig) -> list[StageReport]:
     stages = config.pipeline.stages
-    if stages == ["render"]:
-        return [run_render(config)]
-    if stages == ["label"]:
-        return [run_label(config)]
-    check_label_config(config.label)
+    single = {"render": run_render, "label": run_label, "lift": run_lift}
+    if stages[0] != "render" or len(stages) == 1:  # nothing to stream: run the stages in turn
+        return [single[stage](config) for stage in stages]
+    downstream = stages[1]
+    reports = [stream_after_render(config, downstream)]
+    reports += [single[stage](config) for stage in stages[2:]]
+    return reports
+
+
+def stream_after_render(config: PartliftConfig, downstream: str) -> StageReport:
+    """render -> `downstream` (label or lift) as one Ray Data stream."""
+    if downstream == "label":
+        check_label_config(config.label)
+        done_table, tables = LABEL_POINTS_TABLE, LABEL_TABLES
+        add_stages: Callable = add_label_stages
+        batch_size = config.label.aggregate.batch_size
+    else:
+        check_lift_config(config.lift)
+        done_table, tables = FEATURE_POINTS_TABLE, LIFT_TABLES
+        add_stages = add_lift_stages
+        batch_size = config.lift.project.batch_size
     root = RunRoot(config.root, config.storage.options())
     root.check_reachable()
     ensure_ray(config.ray)
@@ -58,9 +80,10 @@ def run_pipeline(config: PartliftConfig) -> list[StageReport]:
             root.delete_table(table)
         root.delete_shards(ERRORS_TABLE, "render-")
     removed = root.remove_uncommitted([VIEWS_TABLE, POINTS_TABLE], POINTS_TABLE)
-    labelled, removed_labels = prepare_label_tables(root, config.job.overwrite)
+    prepare = prepare_label_tables if downstream == "label" else prepare_lift_tables
+    done, removed_downstream = prepare(root, config.job.overwrite)
     points_index, views_index = shard_index(root, POINTS_TABLE), shard_index(root, VIEWS_TABLE)
-    todo = [r for r in manifest if r["asset_id"] not in labelled]
+    todo = [r for r in manifest if r["asset_id"] not in done]
     to_render = sorted(({**r, "uri": uris[r["asset_id"]]} for r in todo
                         if r["asset_id"] not in points_index), key=lambda r: r["asset_id"])
     to_load = sorted(({**r, "points_shard": points_index[r["asset_id"]],
@@ -68,7 +91,7 @@ def run_pipeline(config: PartliftConfig) -> list[StageReport]:
                       if r["asset_id"] in points_index),
                      key=lambda r: (r["views_shard"], r["asset_id"]))
     storage = config.storage.options()
-    sources = []
+    sources: list[ray.data.Dataset] = []
     if to_render:
         sources.append(items_dataset(to_render, config.render.resources.batch_size).map_batches(
             render_emit_batch, fn_kwargs={"root_uri": config.root, "storage": storage,
@@ -76,19 +99,20 @@ def run_pipeline(config: PartliftConfig) -> list[StageReport]:
                                           "seed": config.render.seed, "job_id": job_id},
             batch_format="numpy", **map_batches_args(config.render.resources, actors=False)))
     if to_load:
-        sources.append(items_dataset(to_load, config.label.aggregate.batch_size).map_batches(
+        sources.append(items_dataset(to_load, batch_size).map_batches(
             load_views_batch, fn_kwargs={"root_uri": config.root, "storage": storage,
-                                         "job_id": job_id},
-            batch_format="numpy", **map_batches_args(config.label.aggregate, actors=False)))
+                                         "job_id": job_id, "stage": downstream},
+            batch_format="numpy", **map_batches_args(config.render.resources, actors=False)))
     summaries: list[dict] = []
     if sources:
         stream = sources[0] if len(sources) == 1 else sources[0].union(sources[1])
-        summaries = add_label_stages(stream, config, job_id).take_all()
+        summaries = add_stages(stream, config, job_id).take_all()
     report = stream_report(
-        root, STAGE, job_id, started, summaries, len(manifest), len(manifest) - len(todo),
-        inputs={ASSETS_TABLE: root.display(ASSETS_TABLE) + "/", "stages": " -> ".join(stages)},
-        outputs={t: root.display(t) + "/" for t in (VIEWS_TABLE, POINTS_TABLE, *LABEL_TABLES)},
-        removed=removed + removed_labels,
+        root, f"{STAGE} render->{downstream}", job_id, started, summaries, len(manifest),
+        len(manifest) - len(todo),
+        inputs={ASSETS_TABLE: root.display(ASSETS_TABLE) + "/"},
+        outputs={t: root.display(t) + "/" for t in (VIEWS_TABLE, POINTS_TABLE, *tables)},
+        removed=removed + removed_downstream,
         units={"rendered in this run": len(to_render), "loaded from storage": len(to_load)})
     root.write_json(f"{VIEWS_TABLE}/_job.json", report.to_json(config))
-    return [finish_stage(root, config, report, "labels")]
+    return finish_stage(root, config, report, done_table.split("/")[0])

@@ -103,7 +103,7 @@ def test_streaming_pipeline_renders_new_assets_and_reads_back_rendered_ones(tmp_
     [again] = run_pipeline(small_config(uri, f"label.trials={TRIALS}"))
     assert (again.ok, again.skipped_done) == (0, 4)
     assert label_counts(root) == expected_counts(root, views=4)
-    assert root.read_json("views/_job.json")["stage"] == "pipeline"
+    assert root.read_json("views/_job.json")["stage"] == "pipeline render->label"
 
 
 def test_pipeline_stage_order_is_validated() -> None:

@@ -50,3 +50,23 @@ def test_unknown_backbone_is_a_one_line_cli_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["lift", "--root", str(tmp_path), "--backbone", "dino9"])
     assert result.exit_code == 1 and "dinov2-small" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_session")
+def test_render_lift_stream_then_label_from_storage(tmp_path: Path) -> None:
+    from rayjobs.pipeline_job import run_pipeline
+    uri = str(tmp_path / "run")
+    root = RunRoot(uri)
+    run_assets_make(small_config(uri, "assets.n=2"))
+    reports = run_pipeline(small_config(uri, "pipeline.stages=[render, label, lift]",
+                                        "lift.n_points=64", "label.trials=1"))
+    assert [r.stage for r in reports] == ["pipeline render->label", "lift"]
+    assert [r.ok for r in reports] == [2, 2]
+    assert root.read_table("views", columns=["asset_id"]).num_rows == 8  # rendered once
+    assert root.read_table("features/points", columns=["asset_id"]).num_rows == 2
+    run_assets_make(small_config(uri, "assets.n=3"))  # one new asset: render -> lift streams it
+    [stream] = run_pipeline(small_config(uri, "pipeline.stages=[render, lift]", "lift.n_points=64"))
+    assert (stream.ok, stream.skipped_done) == (1, 2)
+    assert stream.units == {"rendered in this run": 1, "loaded from storage": 0}
+    assert root.read_table("features/points", columns=["asset_id"]).num_rows == 3

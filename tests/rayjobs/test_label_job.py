@@ -131,3 +131,33 @@ def test_transformers_detector_backend_on_the_actor_pool(tmp_path: Path) -> None
     assert all(0 <= x <= 32 and 0 <= y <= 24 for b in boxes for x0, y0, x1, y1 in b["boxes"]
                for x, y in ((x0, y0), (x1, y1)))
     assert root.read_json("labels/_job.json")["inputs"]["backend"] == "hf-zero-shot"
+
+
+def test_openai_endpoint_backend_and_malformed_answers(tmp_path: Path) -> None:
+    """The openai backend through the actor pool against a real local chat-completions server:
+    answers with Qwen JSON boxes land as labels; an asset whose answers carry no parseable
+    boxes becomes an error row (label.strict_output) and the other asset still lands."""
+    from tests.chat_server import ChatServer
+
+    def script(index: int, body: dict) -> tuple[int, dict, float]:
+        prompt = [c for c in body["messages"][-1]["content"] if c["type"] == "text"][0]["text"]
+        answer = ("I think so, maybe." if "knife" in prompt.lower() or "blade" in prompt.lower()
+                  else '```json\n[{"bbox_2d": [4, 3, 20, 18], "label": "part"}]\n```')
+        return 200, {"choices": [{"message": {"role": "assistant", "content": answer}}]}, 0.0
+
+    server = ChatServer(script)
+    try:
+        uri = str(tmp_path / "run")
+        run_assets_make(small_config(uri, "assets.n=2", "assets.categories=[mug, knife]"))
+        run_render(small_config(uri))
+        settings = ["label.backend=openai", f"label.base_url={server.url}", "label.model=tiny",
+                    "label.vlm_style=qwen", "label.trials=1", "job.max_error_fraction=0.5"]
+        report = run_label(small_config(uri, *settings))
+    finally:
+        server.close()
+    root = RunRoot(uri)
+    assert (report.ok, report.failed) == (1, 1) and len(server.requests) > 0
+    error = [e for e in root.read_table("errors").to_pylist() if e["stage"] == "label"][0]
+    assert error["error_type"] == "GroundingOutputError" and "I think so" in error["message"]
+    labelled = root.read_table("labels/boxes").to_pylist()
+    assert labelled and all(b["boxes"] == [[4.0, 3.0, 20.0, 18.0]] for b in labelled)

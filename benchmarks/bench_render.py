@@ -12,7 +12,6 @@ import os
 import platform
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -27,43 +26,9 @@ from rayjobs.assets_job import ASSETS_TABLE, run_assets_make  # noqa: E402
 from rayjobs.config import load_config  # noqa: E402
 from rayjobs.render_job import POINTS_TABLE, VIEWS_TABLE, render_batch, run_render  # noqa: E402
 from rayjobs.runtime import ensure_ray  # noqa: E402
-from results import write_section  # noqa: E402
+from results import PeakTreeMemory, write_section  # noqa: E402
 
 SECTION = "## Render stage"
-
-
-class PeakTreeMemory:
-    """Peak resident memory of this process and, with `children`, all its descendants (Ray's
-    raylet and workers are descendants of a driver that starts a local Ray), sampled every 50 ms."""
-
-    def __init__(self, children: bool = True) -> None:
-        self.peak = 0
-        self.children = children
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> int:
-        me = psutil.Process()
-        total = 0
-        for proc in [me, *(me.children(recursive=True) if self.children else [])]:
-            try:
-                total += proc.memory_info().rss
-            except psutil.Error:
-                continue
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
-            time.sleep(0.05)
-
-    def __enter__(self) -> "PeakTreeMemory":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def plain_loop(config, manifest_rows: list[dict]) -> None:

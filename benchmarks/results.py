@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
+
+import psutil
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -18,3 +22,39 @@ def write_section(table: str, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + table
     RESULTS.write_text(text)
+
+
+class PeakTreeMemory:
+    """Peak resident memory of this process and, with `children`, all its descendants (Ray's
+    raylet and workers are descendants of a driver that starts a local Ray), sampled every 50 ms."""
+
+    def __init__(self, children: bool = True, poll_s: float = 0.05) -> None:
+        self.children, self.poll_s = children, poll_s
+        self.before = self._sample()  # resident set when the measured step starts
+        self.peak = self.before
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        me = psutil.Process()
+        total = 0
+        for proc in [me, *(me.children(recursive=True) if self.children else [])]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                continue
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(self.poll_s)
+
+    def __enter__(self) -> "PeakTreeMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._sample())

@@ -219,14 +219,17 @@ def parse_vlm_boxes(
     *,
     strict: bool = False,
     model_image_size: tuple[int, int] | None = None,
+    cogvlm_frame: Literal["stretched", "padded"] = "stretched",
 ) -> list[Box]:
     """Read the boxes out of a grounding VLM's text answer, in pixels of an (H, W) view.
 
     Styles:
     - "cogvlm": `[[x0,y0,x1,y1]]`, several as `[[..],[..]]`, `[[..];[..]]`, `[[..;..]]` or
-      `[[..]] and [[..]]`, in a 0-1000 frame of the image padded to a square. Choice: the padding
-      goes to the right/bottom (the image keeps its top-left corner), so with S = max(H, W)
-      pixel = value * S / 1000; boxes reaching into the padding are clipped to the image.
+      `[[..]] and [[..]]`, in a 0-1000 frame. `cogvlm_frame="stretched"` (default): CogVLM
+      resizes every image to a 490x490 square without padding, so the frame spans the image on
+      each axis: x = value * W / 1000, y = value * H / 1000. `"padded"`: for a model fed the
+      image padded to a square at the right/bottom, pixel = value * max(H, W) / 1000, and boxes
+      reaching into the padding are clipped to the image.
     - "qwen": Qwen2.5-VL JSON `[{"bbox_2d": [x0,y0,x1,y1], "label": ..}]` (also keys "bbox",
       "box"; ```json fences and truncated JSON are fine) in absolute pixels of the image the model
       saw (`model_image_size`, default `image_size`; rescaled per axis to `image_size`), or
@@ -259,9 +262,14 @@ def parse_vlm_boxes(
     candidates: list[tuple[float, float, float, float]] = []
     bad: list[str] = []
     if style == "cogvlm":
-        side = float(max(height, width))
+        if cogvlm_frame not in ("stretched", "padded"):
+            raise ValueError(f"parse_vlm_boxes: cogvlm_frame must be 'stretched' or 'padded', "
+                             f"got {cogvlm_frame!r}")
         quads, bad = _cogvlm_quads(text)
-        candidates = [tuple(v * side / NORMALIZED_FRAME for v in q) for q in quads]  # type: ignore[misc]
+        side_x, side_y = ((width, height) if cogvlm_frame == "stretched"
+                          else (max(height, width),) * 2)
+        sx, sy = side_x / NORMALIZED_FRAME, side_y / NORMALIZED_FRAME
+        candidates = [(q[0] * sx, q[1] * sy, q[2] * sx, q[3] * sy) for q in quads]
     else:
         for match in _QWEN_BOX_TOKENS.finditer(text):
             try:

@@ -55,14 +55,25 @@ def test_cogvlm_several_boxes(text: str) -> None:
     assert parse_vlm_boxes(text, SQUARE, "cogvlm") == [Box(100, 200, 300, 400), Box(500, 600, 700, 800)]
 
 
+def test_cogvlm_stretched_mapping_for_a_non_square_image() -> None:
+    # CogVLM stretches the image to a square: x scales by W=400, y by H=200.
+    # x: 250*0.4 = 100, 750*0.4 = 300; y: 100*0.2 = 20, 400*0.2 = 80.
+    assert parse_vlm_boxes("[[250,100,750,400]]", (200, 400), "cogvlm") == [Box(100, 20, 300, 80)]
+    assert parse_vlm_boxes("[[0,0,1000,1000]]", (200, 400), "cogvlm") == [Box(0, 0, 400, 200)]
+
+
 def test_cogvlm_padded_square_mapping_for_a_non_square_image() -> None:
     # H=200, W=400: the padded square has side 400, padding at the bottom.
     # x: 250*400/1000 = 100, 750*400/1000 = 300; y: 100*400/1000 = 40, 400*400/1000 = 160.
-    assert parse_vlm_boxes("[[250,100,750,400]]", (200, 400), "cogvlm") == [Box(100, 40, 300, 160)]
+    padded = {"cogvlm_frame": "padded"}
+    assert parse_vlm_boxes("[[250,100,750,400]]", (200, 400), "cogvlm", **padded) == [
+        Box(100, 40, 300, 160)]
     # A box reaching into the padding is clipped to the image (y1 = 1000*0.4 = 400 -> 200).
-    assert parse_vlm_boxes("[[0,0,1000,1000]]", (200, 400), "cogvlm") == [Box(0, 0, 400, 200)]
+    assert parse_vlm_boxes("[[0,0,1000,1000]]", (200, 400), "cogvlm", **padded) == [
+        Box(0, 0, 400, 200)]
     # Tall image H=400, W=200: padding at the right, x beyond 200 is clipped.
-    assert parse_vlm_boxes("[[250,250,750,500]]", (400, 200), "cogvlm") == [Box(100, 100, 200, 200)]
+    assert parse_vlm_boxes("[[250,250,750,500]]", (400, 200), "cogvlm", **padded) == [
+        Box(100, 100, 200, 200)]
 
 
 def test_cogvlm_inverted_corners_are_swapped() -> None:

@@ -230,14 +230,15 @@ class _ScriptedVLM(HFVLMBackend):
 def test_vlm_backend_parses_answers_into_view_pixels(vlm_path: Path) -> None:
     backend = _ScriptedVLM(str(vlm_path), style="cogvlm", batch_size=2)
     backend.answers = [
-        "[[100,200,500,750]]",                 # 0-1000 of the 64x64 padded square
-        "Two: [[0,0,1000,1000]] and [[900,800,1000,900]]",  # 2nd lies wholly in the padding
+        "[[100,200,500,750]]",                 # 0-1000 of the view stretched to a square
+        "Two: [[0,0,1000,1000]] and [[900,800,1000,900]]",
         "I cannot see any handle here.",
     ]
     boxes = backend.ground(_views(3), ["a", "b", "c"], trial=5)
     assert [c[0] for c in backend.calls] == [2, 1] and {c[2] for c in backend.calls} == {5}
-    assert boxes[0] == [Box(6.4, 12.8, 32.0, 48.0)]
-    assert boxes[1] == [Box(0.0, 0.0, 64.0, 48.0)]
+    # W=64, H=48: x * 0.064, y * 0.048
+    assert boxes[0] == [Box(6.4, 9.6, 32.0, 36.0)]
+    assert boxes[1] == [Box(0.0, 0.0, 64.0, 48.0), Box(57.6, 38.4, 64.0, 43.2)]
     assert boxes[2] == [] and backend.last_raw_outputs[2] == "I cannot see any handle here."
 
     qwen = _ScriptedVLM(str(vlm_path), style="qwen", template="qwen", json_frame="view")

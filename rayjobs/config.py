@@ -57,7 +57,7 @@ class StageResources(Section):
     """How one Ray Data stage is scheduled (routed through rayjobs.resources)."""
 
     num_cpus: float = Field(1.0, gt=0, description="CPUs per task/actor")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs per actor (unset: 1 for model actors when the cluster has GPUs, else 0)")
     concurrency: int | None = Field(None, ge=1, description="max parallel tasks / actor-pool size")
     batch_size: int = Field(2, ge=1, description="assets per task call (= per output shard)")
 
@@ -110,7 +110,7 @@ class LabelConfig(Section):
         "oracle", description="grounding backend; oracle = procedural ground truth + noise (offline)")
     model_path: str | None = Field(None, description="local model directory (hf-zero-shot, hf-vlm)")
     functions: list[str] | None = Field(None, description="functions to label (default: all of the category's)")
-    template: str | None = Field(None, description="prompt template (cogvlm | qwen | zero-shot); default: the backend's own (zero-shot for detectors, cogvlm/qwen for VLMs)")
+    template: Literal["cogvlm", "qwen", "zero-shot"] | None = Field(None, description="prompt template (cogvlm | qwen | zero-shot); default: the backend's own (zero-shot for detectors, cogvlm/qwen for VLMs)")
     trials: int = Field(4, ge=1, description="queries per view and part (DFC A.4: 4)")
     consensus: bool = Field(False, description="keep the largest cluster of a view's trial boxes")
     zoom: bool = Field(False, description="second zoomed query for small boxes")

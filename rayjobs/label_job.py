@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from pathlib import Path
 from collections import defaultdict
 from collections.abc import Hashable, Iterable
 from typing import Any
@@ -243,9 +244,15 @@ def _job_errors(root: RunRoot, job_id: str) -> list[dict]:
 
 
 def check_label_config(cfg: LabelConfig) -> None:
-    if cfg.backend in ("hf-zero-shot", "hf-vlm") and not cfg.model_path:
-        raise ConfigError(f"label.backend={cfg.backend} needs label.model_path (a local model "
-                          "directory); the offline default is label.backend=oracle")
+    if cfg.backend in ("hf-zero-shot", "hf-vlm"):
+        if not cfg.model_path:
+            raise ConfigError(f"label.backend={cfg.backend} needs label.model_path (a local model "
+                              "directory); the offline default is label.backend=oracle")
+        if not (Path(cfg.model_path).expanduser() / "config.json").is_file():
+            raise ConfigError(
+                f"label.model_path={cfg.model_path}: no model there (expected a directory with "
+                "config.json). Download one on a machine with network access, e.g. `hf download "
+                "google/owlv2-base-patch16-ensemble --local-dir DIR`, then --set label.model_path=DIR")
     if cfg.backend == "openai" and not (cfg.base_url and cfg.model):
         raise ConfigError("label.backend=openai needs label.base_url and label.model")
 

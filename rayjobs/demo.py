@@ -18,7 +18,8 @@ from operators.lift import pca_colors
 from operators.storage import RunRoot, table_columns
 from rayjobs.assets_job import ASSETS_TABLE, run_assets_make
 from rayjobs.config import LiftConfig, PartliftConfig
-from rayjobs.label_job import LABEL_POINTS_TABLE, MASKS_TABLE, run_label, shard_index
+from rayjobs.label_job import LABEL_POINTS_TABLE, MASKS_TABLE, run_label
+from rayjobs.streams import shard_index
 from rayjobs.lift_job import FEATURE_POINTS_TABLE, run_lift
 from rayjobs.render_job import POINTS_TABLE, VIEWS_TABLE, run_render
 from rayjobs.runtime import StageReport

@@ -20,17 +20,15 @@ import numpy as np
 from operators.lift import lift_features, subsample_points
 from operators.storage import RunRoot, StorageOptions, make_table, shard_name
 from rayjobs.config import LiftConfig, PartliftConfig
-from rayjobs.label_job import (items_dataset, load_views_batch, manifest_for_labels, shard_index,
-                               stream_report)
-from rayjobs.render_job import POINTS_TABLE, VIEWS_TABLE
 from rayjobs.resources import map_batches_args
-from rayjobs.runtime import (ERRORS_TABLE, StageReport, ensure_ray, error_row, finish_stage,
-                             new_job_id, seed_for, write_errors)
+from rayjobs.runtime import StageReport, StageTables, error_row, seed_for, write_errors
+from rayjobs.streams import run_rendered_stage
 
 STAGE = "lift"
 FEATURE_POINTS_TABLE = "features/points"
 FEATURE_VIEWS_TABLE = "features/views"
 LIFT_TABLES = (FEATURE_VIEWS_TABLE, FEATURE_POINTS_TABLE)
+LIFT_OUTPUT = StageTables(STAGE, LIFT_TABLES, commit=FEATURE_POINTS_TABLE)
 
 
 def _rows(batch: dict[str, Any], keep: list[int]) -> dict[str, Any]:
@@ -136,51 +134,14 @@ def check_lift_config(cfg: LiftConfig) -> None:
     check_available(cfg.backbone, cfg.model_path)  # unknown names list the registry
 
 
-def prepare_lift_tables(root: RunRoot, overwrite: bool) -> tuple[set[str], list[str]]:
-    """Asset ids already lifted, and the uncommitted shards removed (or wipe on overwrite)."""
-    if overwrite:
-        for table in LIFT_TABLES:
-            root.delete_table(table)
-        root.delete_shards(ERRORS_TABLE, f"{STAGE}-")
-        return set(), []
-    removed = root.remove_uncommitted(LIFT_TABLES, FEATURE_POINTS_TABLE)
-    return root.ids_in(FEATURE_POINTS_TABLE), removed
-
-
 def run_lift(config: PartliftConfig) -> StageReport:
     check_lift_config(config.lift)
-    root = RunRoot(config.root, config.storage.options())
-    root.check_reachable()
-    ensure_ray(config.ray)  # before the clock: throughput excludes cluster start-up
-    started = time.time()
-    job_id = new_job_id(STAGE)
-    points_index = shard_index(root, POINTS_TABLE)
-    manifest = manifest_for_labels(root)
-    if not manifest or not points_index:
-        raise FileNotFoundError(f"lift: no rendered assets under {root.display(POINTS_TABLE)}/;"
-                                " run `partlift render` first")
-    views_index = shard_index(root, VIEWS_TABLE)
-    done, removed = prepare_lift_tables(root, config.job.overwrite)
-    rendered = [r for r in manifest if r["asset_id"] in points_index and r["asset_id"] in views_index]
-    items = sorted(({**r, "points_shard": points_index[r["asset_id"]],
-                     "views_shard": views_index[r["asset_id"]]}
-                    for r in rendered if r["asset_id"] not in done),
-                   key=lambda r: (r["views_shard"], r["asset_id"]))
-    summaries: list[dict] = []
-    if items:
-        ds = items_dataset(items, config.lift.project.batch_size).map_batches(
-            load_views_batch, fn_kwargs={"root_uri": config.root,
-                                         "storage": config.storage.options(), "job_id": job_id,
-                                         "stage": STAGE},
-            batch_format="numpy", **map_batches_args(config.lift.project, actors=False))
-        summaries = add_lift_stages(ds, config, job_id).take_all()
-    report = stream_report(
-        root, STAGE, job_id, started, summaries, len(rendered), len(rendered) - len(items),
-        inputs={VIEWS_TABLE: root.display(VIEWS_TABLE) + "/",
-                POINTS_TABLE: root.display(POINTS_TABLE) + "/",
-                "backbone": config.lift.backbone + (f" ({config.lift.model_path})"
-                                                    if config.lift.model_path else "")},
-        outputs={t: root.display(t) + "/" for t in LIFT_TABLES}, removed=removed,
-        units={"points with features": len([s for s in summaries if s["status"] == "ok"])
-               * config.lift.n_points})
-    return finish_stage(root, config, report, "features")
+    cfg = config.lift
+
+    def units(root: RunRoot, summaries: list[dict]) -> dict[str, int]:
+        return {"points with features": sum(s["status"] == "ok" for s in summaries) * cfg.n_points}
+
+    return run_rendered_stage(
+        config, LIFT_OUTPUT, add_lift_stages, cfg.project, record_dir="features",
+        inputs={"backbone": cfg.backbone + (f" ({cfg.model_path})" if cfg.model_path else "")},
+        units=units)

@@ -10,7 +10,6 @@ With stages [render, label, lift], render -> label streams and lift follows from
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import ray.data
@@ -19,15 +18,14 @@ from operators.render import RenderSettings
 from operators.storage import RunRoot, StorageOptions
 from rayjobs.assets_job import ASSETS_TABLE
 from rayjobs.config import PartliftConfig
-from rayjobs.label_job import (LABEL_POINTS_TABLE, LABEL_TABLES, add_label_stages, asset_row,
-                               check_label_config, items_dataset, load_views_batch,
-                               manifest_for_labels, prepare_label_tables, run_label, shard_index,
-                               stacked_columns, stream_report)
-from rayjobs.lift_job import (FEATURE_POINTS_TABLE, LIFT_TABLES, add_lift_stages,
-                              check_lift_config, prepare_lift_tables, run_lift)
-from rayjobs.render_job import POINTS_TABLE, VIEWS_TABLE, render_and_write, run_render
+from rayjobs.label_job import LABEL_OUTPUT, add_label_stages, check_label_config, run_label
+from rayjobs.lift_job import LIFT_OUTPUT, add_lift_stages, check_lift_config, run_lift
+from rayjobs.render_job import (POINTS_TABLE, RENDER_OUTPUT, VIEWS_TABLE, render_and_write,
+                                run_render)
 from rayjobs.resources import map_batches_args
-from rayjobs.runtime import ERRORS_TABLE, StageReport, ensure_ray, finish_stage, new_job_id
+from rayjobs.runtime import StageReport, ensure_ray, finish_stage, new_job_id
+from rayjobs.streams import (asset_row, items_dataset, load_views_batch, manifest_rows,
+                             shard_index, stacked_columns, stream_report)
 
 STAGE = "pipeline"
 
@@ -56,32 +54,25 @@ def stream_after_render(config: PartliftConfig, downstream: str) -> StageReport:
     """render -> `downstream` (label or lift) as one Ray Data stream."""
     if downstream == "label":
         check_label_config(config.label)
-        done_table, tables = LABEL_POINTS_TABLE, LABEL_TABLES
-        add_stages: Callable = add_label_stages
+        output, add_stages, record_dir = LABEL_OUTPUT, add_label_stages, "labels"
         batch_size = config.label.aggregate.batch_size
     else:
         check_lift_config(config.lift)
-        done_table, tables = FEATURE_POINTS_TABLE, LIFT_TABLES
-        add_stages = add_lift_stages
+        output, add_stages, record_dir = LIFT_OUTPUT, add_lift_stages, "features"
         batch_size = config.lift.project.batch_size
     root = RunRoot(config.root, config.storage.options())
     root.check_reachable()
     ensure_ray(config.ray)
     started = time.time()
     job_id = new_job_id(STAGE)
-    manifest = manifest_for_labels(root)
+    manifest = manifest_rows(root)
     if not manifest:
         raise FileNotFoundError(f"run: no assets under {root.display(ASSETS_TABLE)}/; run "
                                 "`partlift assets make` or `partlift assets scan` first")
     uris = {r["asset_id"]: r["uri"] for r in root.read_table(
         ASSETS_TABLE, columns=["asset_id", "uri"]).to_pylist()}
-    if config.job.overwrite:
-        for table in (VIEWS_TABLE, POINTS_TABLE):
-            root.delete_table(table)
-        root.delete_shards(ERRORS_TABLE, "render-")
-    removed = root.remove_uncommitted([VIEWS_TABLE, POINTS_TABLE], POINTS_TABLE)
-    prepare = prepare_label_tables if downstream == "label" else prepare_lift_tables
-    done, removed_downstream = prepare(root, config.job.overwrite)
+    _, removed = RENDER_OUTPUT.prepare(root, config.job.overwrite)
+    done, removed_downstream = output.prepare(root, config.job.overwrite)
     points_index, views_index = shard_index(root, POINTS_TABLE), shard_index(root, VIEWS_TABLE)
     todo = [r for r in manifest if r["asset_id"] not in done]
     to_render = sorted(({**r, "uri": uris[r["asset_id"]]} for r in todo
@@ -111,8 +102,8 @@ def stream_after_render(config: PartliftConfig, downstream: str) -> StageReport:
         root, f"{STAGE} render->{downstream}", job_id, started, summaries, len(manifest),
         len(manifest) - len(todo),
         inputs={ASSETS_TABLE: root.display(ASSETS_TABLE) + "/"},
-        outputs={t: root.display(t) + "/" for t in (VIEWS_TABLE, POINTS_TABLE, *tables)},
+        outputs={t: root.display(t) + "/" for t in (*RENDER_OUTPUT.tables, *output.tables)},
         removed=removed + removed_downstream,
         units={"rendered in this run": len(to_render), "loaded from storage": len(to_load)})
     root.write_json(f"{VIEWS_TABLE}/_job.json", report.to_json(config))
-    return finish_stage(root, config, report, done_table.split("/")[0])
+    return finish_stage(root, config, report, record_dir)

@@ -19,12 +19,13 @@ from operators.render import RenderSettings, render_asset
 from operators.storage import RunRoot, StorageOptions, make_table, shard_name
 from rayjobs.assets_job import ASSETS_TABLE
 from rayjobs.config import PartliftConfig
-from rayjobs.runtime import (ERRORS_TABLE, StageReport, ensure_ray, error_row, finish_stage,
+from rayjobs.runtime import (StageReport, StageTables, ensure_ray, error_row, finish_stage,
                              new_job_id, run_batches, seed_for, summarise_rows, write_errors)
 
 VIEWS_TABLE = "views"
 POINTS_TABLE = "points"
 STAGE = "render"
+RENDER_OUTPUT = StageTables(STAGE, (VIEWS_TABLE, POINTS_TABLE), commit=POINTS_TABLE)
 # Per-view arrays a downstream stage needs (normals stay in the table only).
 VIEW_ARRAYS = ("rgb", "depth", "mask", "face_id", "K", "cam_to_world")
 
@@ -115,15 +116,7 @@ def run_render(config: PartliftConfig) -> StageReport:
     if manifest is None or manifest.num_rows == 0:
         raise FileNotFoundError(f"render: no assets under {root.display(ASSETS_TABLE)}/; "
                                 "run `partlift assets make` or `partlift assets scan` first")
-    removed: list[str] = []
-    if config.job.overwrite:
-        for table in (VIEWS_TABLE, POINTS_TABLE):
-            root.delete_table(table)
-        root.delete_shards(ERRORS_TABLE, f"{STAGE}-")
-        done: set[str] = set()
-    else:
-        removed = root.remove_uncommitted([VIEWS_TABLE, POINTS_TABLE], POINTS_TABLE)
-        done = root.ids_in(POINTS_TABLE)
+    done, removed = RENDER_OUTPUT.prepare(root, config.job.overwrite)
     items = [row for row in manifest.to_pylist() if row["asset_id"] not in done]
     items.sort(key=lambda row: row["asset_id"])
     settings = config.render.settings()

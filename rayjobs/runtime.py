@@ -7,7 +7,6 @@ import hashlib
 import datetime as dt
 import os
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +63,26 @@ def write_errors(root: RunRoot, stage: str, job_id: str, shard: str, rows: Seque
     if rows:
         columns = {k: [r[k] for r in rows] for k in rows[0]}
         root.write_shard(ERRORS_TABLE, f"{stage}-{shard}-{job_id[-6:]}", make_table(columns))
+
+
+@dataclass(frozen=True)
+class StageTables:
+    """The tables a stage writes, in order; `commit` (written last) marks a shard as done."""
+
+    stage: str
+    tables: tuple[str, ...]
+    commit: str
+
+    def prepare(self, root: RunRoot, overwrite: bool) -> tuple[set[str], list[str]]:
+        """Asset ids already done and the uncommitted shards removed; with `overwrite`, delete
+        the tables and this stage's errors/ rows and start from nothing."""
+        if overwrite:
+            for table in self.tables:
+                root.delete_table(table)
+            root.delete_shards(ERRORS_TABLE, f"{self.stage}-")
+            return set(), []
+        removed = root.remove_uncommitted(self.tables, self.commit)
+        return root.ids_in(self.commit), removed
 
 
 def run_batches(items: Sequence[dict], fn: Callable[..., dict], fn_kwargs: Mapping[str, Any],

@@ -10,9 +10,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
-import json
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,7 +65,6 @@ def _as_rows(boxes: list[Box]) -> np.ndarray:
     return _canonical(np.array([[b.x0, b.y0, b.x1, b.y1, b.score] for b in boxes]).reshape(-1, 5))
 
 
-from tests.tiny_models import WORDS  # noqa: E402
 from tests.tiny_models import build_grounding_dino as _build_grounding_dino  # noqa: E402
 from tests.tiny_models import build_llava as _build_llava  # noqa: E402
 from tests.tiny_models import build_owlv2 as _build_owlv2  # noqa: E402

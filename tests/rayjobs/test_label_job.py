@@ -164,3 +164,29 @@ def test_openai_endpoint_backend_and_malformed_answers(tmp_path: Path) -> None:
     assert error["error_type"] == "GroundingOutputError" and "I think so" in error["message"]
     labelled = root.read_table("labels/boxes").to_pylist()
     assert labelled and all(b["boxes"] == [[4.0, 3.0, 20.0, 18.0]] for b in labelled)
+
+
+def test_generative_vlm_backend_on_the_actor_pool(tmp_path: Path) -> None:
+    """hf-vlm with a tiny random LLaVA saved to disk: generation runs in the actor for every
+    prompt, view and trial. Its random text has no boxes: with strict_output=false the labels
+    land empty (all-zero scores); with the default strict_output every asset is an error row
+    that quotes the model's answer."""
+    from tests.tiny_models import build_llava
+    model = tmp_path / "llava"
+    build_llava(model)
+    uri = str(tmp_path / "run")
+    run_assets_make(small_config(uri, "assets.n=1", "assets.categories=[knife]"))
+    run_render(small_config(uri))
+    vlm = ["label.backend=hf-vlm", f"label.model_path={model}", "label.max_new_tokens=8",
+           "label.trials=1"]
+    with pytest.raises(JobFailedError, match="1 of 1 assets failed"):
+        run_label(small_config(uri, *vlm))
+    root = RunRoot(uri)
+    [error] = [e for e in root.read_table("errors").to_pylist() if e["stage"] == "label"]
+    assert error["error_type"] == "GroundingOutputError"
+    report = run_label(small_config(uri, *vlm, "label.strict_output=false"))
+    assert (report.ok, report.failed) == (1, 0)
+    assert label_counts(root) == expected_counts(root, views=4) | {
+        "labels/boxes": expected_counts(root, views=4)["labels/boxes"] // TRIALS}
+    scores = table_columns(root.read_table("labels/points"))["score"]
+    assert float(np.abs(scores.astype(np.float32)).max()) == 0.0

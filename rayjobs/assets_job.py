@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -22,11 +22,13 @@ from operators.storage import RunRoot, StorageOptions, make_table, resolve_files
 from operators.taxonomy import load_taxonomy
 from rayjobs.config import ConfigError, PartliftConfig
 from rayjobs.runtime import (ERRORS_TABLE, StageReport, ensure_ray, error_row, finish_stage,
-                             new_job_id, run_batches, summarise_rows, write_errors)
+                             iter_results, new_job_id, summarise_rows, write_errors)
 
 ASSETS_TABLE = "assets"
 MESH_DIR = "meshes/procedural"
-MANIFEST_ROWS_PER_SHARD = 5000
+# The driver writes a manifest shard every this many new records: an interrupted scan keeps
+# what it has written, and a resumed one skips those files.
+MANIFEST_ROWS_PER_SHARD = 1000
 
 
 def procedural_seed(seed: int, index: int) -> int:
@@ -110,12 +112,23 @@ def _existing_manifest(root: RunRoot) -> tuple[set[str], set[str]]:
     return set(table["asset_id"].to_pylist()), set(table["source_key"].to_pylist())
 
 
-def _write_manifest(root: RunRoot, stage: str, job_id: str, summaries: Sequence[dict],
-                    known_ids: set[str]) -> tuple[list[dict], int]:
-    """Write new records; of files with identical bytes (one asset_id) the first URI in sorted
-    order is kept. Returns the new records and how many duplicate files were skipped."""
-    records, errors, duplicates = [], [], 0
-    for row in sorted(summaries, key=lambda r: r["source_key"]):
+def _write_manifest(root: RunRoot, stage: str, job_id: str, summaries: Iterable[dict],
+                    known_ids: set[str]) -> tuple[list[dict], int, list[dict]]:
+    """Write new records as they arrive, a shard every MANIFEST_ROWS_PER_SHARD; of files with
+    identical bytes (one asset_id) the first in input order (sorted URIs) is kept. Returns all
+    summaries, how many duplicate files were skipped, and the new records."""
+    seen, pending, written, errors, duplicates = [], [], [], [], 0
+
+    def flush() -> None:
+        if pending:
+            columns = {k: [r[k] for r in pending] for k in pending[0]}
+            root.write_shard(ASSETS_TABLE, shard_name(r["asset_id"] for r in pending),
+                             make_table(columns))
+            written.extend(pending)
+            pending.clear()
+
+    for row in summaries:
+        seen.append(row)
         if row["status"] != "ok":
             errors.append(error_row(stage, job_id, row["asset_id"] or row["source_key"],
                                     row["message"], error_type=row["error_type"]))
@@ -125,13 +138,13 @@ def _write_manifest(root: RunRoot, stage: str, job_id: str, summaries: Sequence[
             duplicates += 1  # same bytes already in the manifest (a copy of a file): one row
             continue
         known_ids.add(record["asset_id"])
-        records.append(record)
-    for start in range(0, len(records), MANIFEST_ROWS_PER_SHARD):
-        chunk = records[start:start + MANIFEST_ROWS_PER_SHARD]
-        columns = {k: [r[k] for r in chunk] for k in chunk[0]}
-        root.write_shard(ASSETS_TABLE, shard_name(r["asset_id"] for r in chunk), make_table(columns))
-    write_errors(root, stage, job_id, shard_name(e["asset_id"] for e in errors) if errors else "", errors)
-    return records, duplicates
+        pending.append(record)
+        if len(pending) >= MANIFEST_ROWS_PER_SHARD:
+            flush()
+    flush()
+    write_errors(root, stage, job_id, shard_name(e["asset_id"] for e in errors) if errors else "",
+                 errors)
+    return seen, duplicates, written
 
 
 def _run_manifest_stage(config: PartliftConfig, stage: str, items: list[dict], fn, fn_kwargs: dict,
@@ -146,8 +159,8 @@ def _run_manifest_stage(config: PartliftConfig, stage: str, items: list[dict], f
         root.delete_shards(ERRORS_TABLE, f"{stage}-")
     known_ids, done_keys = _existing_manifest(root)
     pending = [item for item in items if item["source_key"] not in done_keys]
-    summaries = run_batches(pending, fn, fn_kwargs, config.assets.resources)
-    records, duplicates = _write_manifest(root, stage, job_id, summaries, known_ids)
+    results = iter_results(pending, fn, fn_kwargs, config.assets.resources, preserve_order=True)
+    summaries, duplicates, records = _write_manifest(root, stage, job_id, results, known_ids)
     ok, failed, types, examples = summarise_rows(summaries)
     report = StageReport(stage=stage, job_id=job_id, root=config.root, inputs=inputs,
                          outputs={"assets": root.display(ASSETS_TABLE) + "/"},

@@ -8,7 +8,7 @@ import datetime as dt
 import os
 import subprocess
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -85,16 +85,24 @@ class StageTables:
         return root.ids_in(self.commit), removed
 
 
-def run_batches(items: Sequence[dict], fn: Callable[..., dict], fn_kwargs: Mapping[str, Any],
-                resources: StageResources) -> list[dict]:
-    """Run `fn` over `items` in Ray Data task batches; return the per-item summary rows."""
+def iter_results(items: Sequence[dict], fn: Callable[..., dict], fn_kwargs: Mapping[str, Any],
+                 resources: StageResources, preserve_order: bool = False) -> Iterator[dict]:
+    """Run `fn` over `items` in Ray Data task batches; yield the per-item summary rows as they
+    arrive (in input order with `preserve_order`)."""
     if not items:
-        return []
+        return
     blocks = max(1, -(-len(items) // resources.batch_size))
     ds = ray.data.from_items(list(items), override_num_blocks=blocks)
     ds = ds.map_batches(fn, fn_kwargs=dict(fn_kwargs), batch_format="numpy",
                         **map_batches_args(resources, actors=False))
-    return ds.take_all()
+    ds.context.execution_options.preserve_order = preserve_order
+    yield from ds.iter_rows()
+
+
+def run_batches(items: Sequence[dict], fn: Callable[..., dict], fn_kwargs: Mapping[str, Any],
+                resources: StageResources) -> list[dict]:
+    """All per-item summary rows of `iter_results`."""
+    return list(iter_results(items, fn, fn_kwargs, resources))
 
 
 def git_commit() -> str:

@@ -169,3 +169,15 @@ def test_unreachable_storage_fails_before_any_work() -> None:
                          root="s3://bucket/run")
     with pytest.raises(StorageError, match=r"cannot reach run root s3://bucket/run"):
         run_render(config)
+
+
+def test_manifest_is_written_in_shards_as_results_arrive(tmp_path: Path, monkeypatch) -> None:
+    """An interrupted `assets make/scan` keeps the shards it wrote: the driver flushes every
+    MANIFEST_ROWS_PER_SHARD records instead of once at the end."""
+    import rayjobs.assets_job as assets_job
+    monkeypatch.setattr(assets_job, "MANIFEST_ROWS_PER_SHARD", 2)
+    uri = str(tmp_path / "run")
+    run_assets_make(small_config(uri, "assets.n=5"))
+    root = RunRoot(uri)
+    assert len(root.list_shards("assets")) == 3 and counts(root)["assets"] == 5
+    assert run_assets_make(small_config(uri, "assets.n=5")).skipped_done == 5

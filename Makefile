@@ -50,6 +50,7 @@ test-all: install
 bench: install
 	$(PY) benchmarks/bench_render.py
 	$(PY) benchmarks/bench_label.py
+	$(PY) benchmarks/bench_lift.py
 
 clean-data:
 	rm -rf partlift-data

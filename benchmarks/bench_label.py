@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import psutil
 
+from reference import reference_cameras, visible_pixel
 from results import write_section
 from operators.aggregate import boxes_to_mask, mask_iou, project_points, visibility, vote_counts
 from operators.grounding import OracleBackend, OracleNoise
@@ -193,33 +194,25 @@ def reference_vote_counts(xyz: np.ndarray, K: np.ndarray, cam_to_world: np.ndarr
     rendered depth, and count the prompt's boxes (over trials) that contain its projection.
     Same rules as `operators.aggregate.visibility` / `vote_counts`."""
     n_views, height, width = depth.shape
-    cameras = []
+    cameras = reference_cameras(K, cam_to_world)
+    # Views with too few boxes for a prompt do not vote for it (min_boxes_per_view).
+    view_boxes = []
     for v in range(n_views):
-        world_to_cam = np.linalg.inv(cam_to_world[v].astype(np.float64))
-        rotation, translation = world_to_cam[:3, :3].tolist(), world_to_cam[:3, 3].tolist()
-        # Views with too few boxes for a prompt do not vote for it (min_boxes_per_view).
         per_prompt = []
         for prompt_boxes in boxes:
             flat = [(b.x0, b.y0, b.x1, b.y1) for trial in prompt_boxes[v] for b in trial]
             per_prompt.append(flat if flat and len(flat) >= settings.min_boxes_per_view else [])
-        cameras.append((rotation, translation, float(K[v, 0, 0]), float(K[v, 1, 1]),
-                        float(K[v, 0, 2]), float(K[v, 1, 2]), per_prompt))
+        view_boxes.append(per_prompt)
     depth_lists = depth.tolist()
     rel_tol, abs_tol = settings.visibility_rel_tol, settings.visibility_abs_tol
     counts = [[0] * xyz.shape[0] for _ in boxes]
     for i, (x, y, z) in enumerate(xyz.astype(np.float64).tolist()):
-        for v, (r, t, fx, fy, cx, cy, per_prompt) in enumerate(cameras):
-            zc = r[2][0] * x + r[2][1] * y + r[2][2] * z + t[2]
-            if zc <= 1e-6:
+        for v, camera in enumerate(cameras):
+            pixel = visible_pixel(x, y, z, camera, depth_lists[v], width, height, rel_tol, abs_tol)
+            if pixel is None:
                 continue
-            u = fx * (r[0][0] * x + r[0][1] * y + r[0][2] * z + t[0]) / zc + cx
-            w = fy * (r[1][0] * x + r[1][1] * y + r[1][2] * z + t[1]) / zc + cy
-            if not (0.0 <= u < width and 0.0 <= w < height):
-                continue
-            d = depth_lists[v][int(w)][int(u)]
-            if d <= 0.0 or abs(zc - d) > abs_tol + rel_tol * d:
-                continue
-            for p, prompt_boxes in enumerate(per_prompt):
+            u, w = pixel
+            for p, prompt_boxes in enumerate(view_boxes[v]):
                 for x0, y0, x1, y1 in prompt_boxes:
                     if x0 <= u < x1 and y0 <= w < y1:
                         counts[p][i] += 1

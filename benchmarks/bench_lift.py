@@ -47,6 +47,7 @@ import psutil
 import torch
 
 from bench_label import ASSET_SEED_STRIDE, Asset, build_assets, median_seconds
+from reference import reference_cameras, visible_pixel
 from results import PeakTreeMemory, write_section
 from operators.aggregate import project_points, visibility
 from operators.backbones import ImageBackbone, load_backbone
@@ -385,28 +386,18 @@ def reference_lift_seen(xyz: np.ndarray, grids: np.ndarray, K: np.ndarray, cam_t
     n_views, height, width = depth.shape
     grid_h, grid_w, channels = grids.shape[1:]
     grids = grids.astype(np.float32)
-    cameras = []
-    for v in range(n_views):
-        world_to_cam = np.linalg.inv(cam_to_world[v].astype(np.float64))
-        cameras.append((world_to_cam[:3, :3].tolist(), world_to_cam[:3, 3].tolist(), float(K[v, 0, 0]),
-                        float(K[v, 1, 1]), float(K[v, 0, 2]), float(K[v, 1, 2])))
+    cameras = reference_cameras(K, cam_to_world)
     depth_lists = depth.tolist()
     features = np.full((xyz.shape[0], channels), np.nan, np.float32)
     counts = np.zeros(xyz.shape[0], np.int16)
     for i, (x, y, z) in enumerate(xyz.astype(np.float64).tolist()):
         total = np.zeros(channels, np.float32)
         seen = 0
-        for v, (r, t, fx, fy, cx, cy) in enumerate(cameras):
-            zc = r[2][0] * x + r[2][1] * y + r[2][2] * z + t[2]
-            if zc <= 1e-6:
+        for v, camera in enumerate(cameras):
+            pixel = visible_pixel(x, y, z, camera, depth_lists[v], width, height, rel_tol, abs_tol)
+            if pixel is None:
                 continue
-            u = fx * (r[0][0] * x + r[0][1] * y + r[0][2] * z + t[0]) / zc + cx
-            w = fy * (r[1][0] * x + r[1][1] * y + r[1][2] * z + t[1]) / zc + cy
-            if not (0.0 <= u < width and 0.0 <= w < height):
-                continue
-            d = depth_lists[v][int(w)][int(u)]
-            if d <= 0.0 or abs(zc - d) > abs_tol + rel_tol * d:
-                continue
+            u, w = pixel
             gx = min(max(u * grid_w / width - 0.5, 0.0), grid_w - 1.0)
             gy = min(max(w * grid_h / height - 0.5, 0.0), grid_h - 1.0)
             x0, y0 = int(gx), int(gy)

@@ -185,19 +185,22 @@ class RunRoot:
         return "/".join([self.uri.rstrip("/"), *[p.strip("/") for p in parts if p]])
 
     def check_reachable(self, create: bool = True) -> None:
-        """Fail fast with a clear message when storage is unreachable or the bucket is missing."""
+        """Fail fast with a clear message when storage is unreachable or the bucket is missing;
+        a local root that does not exist is created, or (create=False) an error."""
         where = describe_endpoint(self.uri, self.options)
         try:
             info = self.fs.get_file_info(self.base)
             if info.type == pafs.FileType.File:
                 raise StorageError(f"run root {where} is a file, not a directory")
-            if create and info.type == pafs.FileType.NotFound:
+            if info.type == pafs.FileType.NotFound and isinstance(self.fs, pafs.LocalFileSystem):
+                if not create:
+                    raise StorageError(f"run root {where} does not exist")
                 self._ensure_dir(self.base)
             if isinstance(self.fs, pafs.S3FileSystem):
                 bucket = self.base.split("/", 1)[0]
                 if self.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
                     raise StorageError(f"run root {where}: bucket '{bucket}' does not exist "
-                                       "(create it first, e.g. `aws s3 mb s3://{bucket}`)")
+                                       f"(create it first, e.g. `aws s3 mb s3://{bucket}`)")
                 self.fs.get_file_info(pafs.FileSelector(self.base, allow_not_found=True))
         except StorageError:
             raise

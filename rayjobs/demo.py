@@ -217,7 +217,8 @@ def with_pretrained_backbone(config: PartliftConfig) -> PartliftConfig:
 def run_demo(config: PartliftConfig) -> list[StageReport]:
     started = time.time()
     root = RunRoot(config.root, config.storage.options())
-    print(f"partlift demo: {config.assets.n} procedural assets -> {root.display()} (local Ray)")
+    where = f"Ray at {config.ray.address}" if config.ray.address else "a local Ray"
+    print(f"partlift demo: {config.assets.n} procedural assets -> {root.display()} ({where})")
     config = with_pretrained_backbone(config)
     reports = [run_assets_make(config), run_render(config), run_label(config), run_lift(config)]
     root.write_bytes(CONTACT_SHEET, contact_sheet(root))

@@ -177,12 +177,16 @@ def check_label_config(cfg: LabelConfig) -> None:
             raise ConfigError(f"label.backend={cfg.backend} needs label.model_path (a local model "
                               "directory); the offline default is label.backend=oracle")
         if not (Path(cfg.model_path).expanduser() / "config.json").is_file():
+            example = ("google/owlv2-base-patch16-ensemble" if cfg.backend == "hf-zero-shot"
+                       else "Qwen/Qwen2.5-VL-7B-Instruct")
             raise ConfigError(
                 f"label.model_path={cfg.model_path}: no model there (expected a directory with "
                 "config.json). Download one on a machine with network access, e.g. `hf download "
-                "google/owlv2-base-patch16-ensemble --local-dir DIR`, then --set label.model_path=DIR")
-    if cfg.backend == "openai" and not (cfg.base_url and cfg.model):
-        raise ConfigError("label.backend=openai needs label.base_url and label.model")
+                f"{example} --local-dir DIR`, then --set label.model_path=DIR")
+    if cfg.backend == "openai":
+        missing = [k for k in ("base_url", "model") if not getattr(cfg, k)]
+        if missing:
+            raise ConfigError(f"label.backend=openai needs {' and '.join('label.' + k for k in missing)}")
 
 
 def add_label_stages(ds: ray.data.Dataset, config: PartliftConfig,

@@ -19,7 +19,7 @@ import numpy as np
 
 from operators.lift import lift_features, subsample_points
 from operators.storage import RunRoot, StorageOptions, make_table, shard_name
-from rayjobs.config import LiftConfig, PartliftConfig
+from rayjobs.config import ConfigError, LiftConfig, PartliftConfig
 from rayjobs.resources import map_batches_args
 from rayjobs.runtime import StageReport, StageTables, error_row, seed_for, write_errors
 from rayjobs.streams import run_rendered_stage
@@ -129,9 +129,25 @@ def add_lift_stages(ds, config: PartliftConfig, job_id: str):
 
 
 def check_lift_config(cfg: LiftConfig) -> None:
-    """Fail before any work when the backbone cannot be found (no weights are loaded here)."""
-    from operators.backbones import check_available
-    check_available(cfg.backbone, cfg.model_path)  # unknown names list the registry
+    """Fail before any work (and before Ray) when the backbone settings cannot work: unknown
+    name (the message lists the registry), a text encoder, a stride the backbone cannot take,
+    missing pretrained weights (checked without loading them), bad tiny-model settings."""
+    from operators.backbones import check_available, get_spec, load_backbone
+    spec = get_spec(cfg.backbone)
+    if spec.is_text:
+        raise ConfigError(f"lift.backbone={cfg.backbone} is a text encoder; lifting needs an image "
+                          "backbone (dinov2-*, dinov3-*)")
+    if cfg.stride is not None and cfg.stride not in (spec.patch_size, spec.patch_size // 2):
+        raise ConfigError(f"lift.stride={cfg.stride}: {cfg.backbone} takes its patch size "
+                          f"{spec.patch_size} or half of it {spec.patch_size // 2}")
+    if spec.pretrained:
+        check_available(cfg.backbone, cfg.model_path)
+        return
+    try:  # random-tiny models are built in memory in a moment: build one to check the rest
+        load_backbone(cfg.backbone, cfg.model_path, stride=cfg.stride,
+                      n_last_blocks=cfg.n_last_blocks)
+    except ValueError as err:
+        raise ConfigError(f"lift: {err}") from None
 
 
 def run_lift(config: PartliftConfig) -> StageReport:

@@ -45,6 +45,10 @@ def run_pipeline(config: PartliftConfig) -> list[StageReport]:
     if stages[0] != "render" or len(stages) == 1:  # nothing to stream: run the stages in turn
         return [single[stage](config) for stage in stages]
     downstream = stages[1]
+    if "label" in stages:  # check every stage before the first one starts
+        check_label_config(config.label)
+    if "lift" in stages:
+        check_lift_config(config.lift)
     reports = [stream_after_render(config, downstream)]
     reports += [single[stage](config) for stage in stages[2:]]
     return reports
@@ -61,14 +65,14 @@ def stream_after_render(config: PartliftConfig, downstream: str) -> StageReport:
         output, add_stages, record_dir = LIFT_OUTPUT, add_lift_stages, "features"
         batch_size = config.lift.project.batch_size
     root = RunRoot(config.root, config.storage.options())
-    root.check_reachable()
-    ensure_ray(config.ray)
-    started = time.time()
-    job_id = new_job_id(STAGE)
+    root.check_reachable(create=False)
     manifest = manifest_rows(root)
     if not manifest:
         raise FileNotFoundError(f"run: no assets under {root.display(ASSETS_TABLE)}/; run "
                                 "`partlift assets make` or `partlift assets scan` first")
+    ensure_ray(config.ray)
+    started = time.time()
+    job_id = new_job_id(STAGE)
     uris = {r["asset_id"]: r["uri"] for r in root.read_table(
         ASSETS_TABLE, columns=["asset_id", "uri"]).to_pylist()}
     _, removed = RENDER_OUTPUT.prepare(root, config.job.overwrite)

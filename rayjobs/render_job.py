@@ -108,18 +108,18 @@ def render_batch(batch: dict[str, Any], root_uri: str, storage: StorageOptions,
 
 def run_render(config: PartliftConfig) -> StageReport:
     root = RunRoot(config.root, config.storage.options())
-    root.check_reachable()
-    ensure_ray(config.ray)  # before the clock: throughput excludes cluster start-up
-    started = time.time()
-    job_id = new_job_id(STAGE)
+    root.check_reachable(create=False)
+    settings = config.render.settings()
     manifest = root.read_table(ASSETS_TABLE, columns=["asset_id", "uri", "face_part"])
     if manifest is None or manifest.num_rows == 0:
         raise FileNotFoundError(f"render: no assets under {root.display(ASSETS_TABLE)}/; "
                                 "run `partlift assets make` or `partlift assets scan` first")
+    ensure_ray(config.ray)  # before the clock: throughput excludes cluster start-up
+    started = time.time()
+    job_id = new_job_id(STAGE)
     done, removed = RENDER_OUTPUT.prepare(root, config.job.overwrite)
     items = [row for row in manifest.to_pylist() if row["asset_id"] not in done]
     items.sort(key=lambda row: row["asset_id"])
-    settings = config.render.settings()
     summaries = run_batches(items, render_batch,
                             {"root_uri": config.root, "storage": config.storage.options(),
                              "settings": settings, "seed": config.render.seed, "job_id": job_id},

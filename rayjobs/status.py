@@ -25,7 +25,7 @@ def table_counts(root: RunRoot) -> dict[str, tuple[int, int]]:
 
 def print_status(config: PartliftConfig) -> None:
     root = RunRoot(config.root, config.storage.options())
-    root.check_reachable(create=False)
+    root.check_reachable(create=False)  # a mistyped local root is an error, not "empty"
     counts = table_counts(root)
     print(f"run root {root.display()}")
     if not counts:

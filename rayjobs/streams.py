@@ -134,15 +134,15 @@ def run_rendered_stage(config: PartliftConfig, output: StageTables, add_stages: 
     points (CPU tasks), then the stage's own Ray Data steps, then `_job.json` and the summary."""
     stage = output.stage
     root = RunRoot(config.root, config.storage.options())
-    root.check_reachable()
-    ensure_ray(config.ray)  # before the clock: throughput excludes cluster start-up
-    started = time.time()
-    job_id = new_job_id(stage)
+    root.check_reachable(create=False)
     points_index = shard_index(root, POINTS_TABLE)
     manifest = manifest_rows(root)
     if not manifest or not points_index:
         raise FileNotFoundError(f"{stage}: no rendered assets under {root.display(POINTS_TABLE)}/;"
                                 " run `partlift render` first")
+    ensure_ray(config.ray)  # before the clock: throughput excludes cluster start-up
+    started = time.time()
+    job_id = new_job_id(stage)
     views_index = shard_index(root, VIEWS_TABLE)
     done, removed = output.prepare(root, config.job.overwrite)
     rendered = [r for r in manifest if r["asset_id"] in points_index and r["asset_id"] in views_index]

@@ -97,3 +97,23 @@ def test_killed_render_completes_on_rerun_with_exact_rows(tmp_path: Path) -> Non
     views = root.read_table("views", columns=["asset_id", "view_id"]).to_pylist()
     assert len(views) == 12 * 6 and len({(v["asset_id"], v["view_id"]) for v in views}) == 72
     assert root.read_table("points", columns=["asset_id"]).num_rows == 12
+
+
+@pytest.mark.parametrize("args, message", [
+    (["lift", "--backbone", "minilm-text"], "is a text encoder"),
+    (["lift", "--set", "lift.stride=5"], "takes its patch size 14 or half of it 7"),
+    (["lift", "--backbone", "dino9"], "dinov2-small"),
+    (["label", "--backend", "openai", "--set", "label.model=m"], "needs label.base_url"),
+])
+def test_stage_settings_are_checked_before_ray_starts(tmp_path: Path, args, message) -> None:
+    result = CliRunner().invoke(main, [*args, "--root", str(tmp_path)])
+    assert result.exit_code == 2 and message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_mistyped_root_is_an_error_and_is_not_created(tmp_path: Path) -> None:
+    missing = tmp_path / "typo"
+    for command in (["render"], ["label"], ["lift"], ["status"]):
+        result = CliRunner().invoke(main, [*command, "--root", str(missing)])
+        assert result.exit_code == 1 and f"run root {missing} does not exist" in result.output
+    assert not missing.exists()

@@ -67,3 +67,30 @@ def test_secrets_are_redacted_and_reach_storage_options() -> None:
 def test_negative_seeds_are_rejected_up_front(key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(overrides=[f"{key}=-1"])
+
+
+def test_secrets_are_redacted_in_config_error_messages() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["storage.secret_access_key=SuperSecret1", "render.views=0"])
+    assert "SuperSecret1" not in str(info.value) and "secret_access_key=***" in str(info.value)
+
+
+def test_numeric_strings_from_set_stay_strings() -> None:
+    config = load_config(overrides=["storage.secret_access_key=12345678", "job.name=2024"])
+    assert config.storage.options().secret_access_key == "12345678" and config.job.name == "2024"
+
+
+def test_malformed_yaml_and_cross_field_errors_are_config_errors(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("render: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config([bad])
+    with pytest.raises(ConfigError, match="elevation_min_deg .* must not exceed"):
+        load_config(overrides=["render.elevation_min_deg=80", "render.elevation_max_deg=-60"])
+    with pytest.raises(ConfigError, match=r"unknown functions \['fly'\]; known: .*pour-with"):
+        load_config(overrides=["label.functions=[fly]"])
+
+
+def test_explicit_cli_values_are_named_in_errors() -> None:
+    with pytest.raises(ConfigError, match="command-line option for assets.seed=-1"):
+        load_config(assets__seed=-1)

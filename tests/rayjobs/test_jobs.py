@@ -144,6 +144,7 @@ def test_render_records_a_missing_mesh_and_lands_the_rest(tmp_path: Path) -> Non
 
 
 def test_render_without_assets_says_what_to_run(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="partlift assets make"):
         run_render(small_config(str(tmp_path / "empty")))
 

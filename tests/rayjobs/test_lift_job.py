@@ -48,7 +48,7 @@ def test_missing_pretrained_backbone_fails_fast_naming_where_it_looked(tmp_path:
 
 def test_unknown_backbone_is_a_one_line_cli_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["lift", "--root", str(tmp_path), "--backbone", "dino9"])
-    assert result.exit_code == 1 and "dinov2-small" in result.output
+    assert result.exit_code == 2 and "dinov2-small" in result.output
     assert "Traceback" not in result.output
 
 

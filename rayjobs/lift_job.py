@@ -47,7 +47,8 @@ class BackboneActor:
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda")
                                                       else None)
         self.backbone = load_backbone(cfg.backbone, cfg.model_path, device=device, dtype=dtype,
-                                      stride=cfg.stride, n_last_blocks=cfg.n_last_blocks)
+                                      stride=cfg.stride, n_last_blocks=cfg.n_last_blocks,
+                                      allow_download=cfg.allow_download)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         keep, grids, errors = [], [], []
@@ -141,7 +142,8 @@ def check_lift_config(cfg: LiftConfig) -> None:
         raise ConfigError(f"lift.stride={cfg.stride}: {cfg.backbone} takes its patch size "
                           f"{spec.patch_size} or half of it {spec.patch_size // 2}")
     if spec.pretrained:
-        check_available(cfg.backbone, cfg.model_path)
+        if not cfg.allow_download:
+            check_available(cfg.backbone, cfg.model_path)
         return
     try:  # random-tiny models are built in memory in a moment: build one to check the rest
         load_backbone(cfg.backbone, cfg.model_path, stride=cfg.stride,

@@ -39,7 +39,8 @@ def plain_loop(config, manifest_rows: list[dict]) -> None:
         rows = manifest_rows[start:start + batch_size]
         batch = {"asset_id": np.array([r["asset_id"] for r in rows]),
                  "uri": np.array([r["uri"] for r in rows]),
-                 "face_part": [r["face_part"] for r in rows]}
+                 "face_part": [r["face_part"] for r in rows],
+                 "up_axis": [r["up_axis"] for r in rows]}
         render_batch(batch, config.root, config.storage.options(), settings,
                      config.render.seed, "bench")
 

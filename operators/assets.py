@@ -21,7 +21,7 @@ import open3d as o3d
 import pyarrow.fs as pafs
 
 from operators.ids import content_asset_id
-from operators.mesh import Mesh, MeshError, validate_mesh
+from operators.mesh import Mesh, MeshError, to_y_up, validate_mesh
 from operators.storage import StorageOptions, read_uri_bytes, resolve_filesystem
 
 MESH_EXTENSIONS = (".obj", ".ply", ".stl", ".off", ".glb", ".gltf")
@@ -43,6 +43,7 @@ class AssetRecord:
     n_faces: int
     source: str  # "scan" | "procedural"
     source_key: str  # what resume compares: the file URI, or "procedural:<category>:<seed>:<index>"
+    up_axis: str = "y"  # the file's up axis; stages turn the mesh to +y up (bbox is already +y up)
     part_names: tuple[str, ...] = ()
     part_functions: tuple[tuple[str, ...], ...] = ()
     part_frames: np.ndarray | None = None  # (P, 4, 3): origin row, then x/y/z axis rows
@@ -54,7 +55,7 @@ class AssetRecord:
             "asset_id": self.asset_id, "uri": self.uri, "category": self.category,
             "functions": list(self.functions),
             "bbox": self.bbox.astype(np.float32).reshape(-1).tolist(),
-            "n_vertices": self.n_vertices, "n_faces": self.n_faces, "source": self.source, "source_key": self.source_key,
+            "n_vertices": self.n_vertices, "n_faces": self.n_faces, "source": self.source, "source_key": self.source_key, "up_axis": self.up_axis,
             "part_names": list(self.part_names),
             "part_functions": [list(f) for f in self.part_functions],
             "part_frames": frames.astype(np.float32).reshape(-1).tolist(),
@@ -199,9 +200,10 @@ def category_for(relative_path: str, sidecar: Mapping[str, str]) -> str:
 
 
 def inspect_mesh_file(uri: str, category: str, functions: tuple[str, ...],
-                      options: StorageOptions | None = None) -> AssetRecord:
-    """Manifest row of a scanned mesh file (raises like `read_mesh_file`)."""
+                      options: StorageOptions | None = None, up_axis: str = "y") -> AssetRecord:
+    """Manifest row of a scanned mesh file (raises like `read_mesh_file`); bbox in +y up."""
     mesh, data = read_mesh_file(uri, options)
+    mesh = to_y_up(mesh, up_axis)
     return AssetRecord(asset_id=content_asset_id(data), uri=uri, category=category,
                        functions=functions, bbox=mesh.bbox(), n_vertices=mesh.n_vertices,
-                       n_faces=mesh.n_faces, source="scan", source_key=uri)
+                       n_faces=mesh.n_faces, source="scan", source_key=uri, up_axis=up_axis)

@@ -6,7 +6,7 @@ see this record.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -50,6 +50,20 @@ class Mesh:
     def triangle_areas(self) -> np.ndarray:
         v = self.vertices[self.triangles]
         return 0.5 * np.linalg.norm(np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0]), axis=1)
+
+
+# Files from robotics packages (URDF/MJCF, pybullet, metaworld) are often z-up; the project's
+# frame is +y up. Turning -90 degrees about x maps (x, y, z) -> (x, z, -y): z becomes up.
+Z_UP_TO_Y_UP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])
+
+
+def to_y_up(mesh: Mesh, up_axis: str) -> Mesh:
+    """The mesh in the +y-up frame, given the axis that points up in its file ("y" or "z")."""
+    if up_axis == "y":
+        return mesh
+    if up_axis != "z":
+        raise MeshError(f"up axis must be 'y' or 'z', got {up_axis!r}")
+    return replace(mesh, vertices=mesh.vertices @ Z_UP_TO_Y_UP.T)
 
 
 def validate_mesh(mesh: Mesh, name: str = "mesh") -> None:

@@ -71,7 +71,8 @@ def make_procedural_batch(batch: dict[str, np.ndarray], root_uri: str, storage: 
     return {k: [r[k] for r in rows] for k in rows[0]}
 
 
-def scan_batch(batch: dict[str, np.ndarray], storage: StorageOptions) -> dict[str, list]:
+def scan_batch(batch: dict[str, np.ndarray], storage: StorageOptions,
+               up_axis: str = "y") -> dict[str, list]:
     """Ray Data task: read + validate mesh files and return manifest records."""
     taxonomy = load_taxonomy()
     rows = []
@@ -79,7 +80,8 @@ def scan_batch(batch: dict[str, np.ndarray], storage: StorageOptions) -> dict[st
         try:
             functions = (taxonomy.functions_of(category)
                          if category in taxonomy.categories else ())
-            rows.append(_summary(uri, inspect_mesh_file(uri, category, tuple(functions), storage)))
+            rows.append(_summary(uri, inspect_mesh_file(uri, category, tuple(functions), storage,
+                                                        up_axis)))
         except Exception as err:  # row-level: recorded in errors/, the batch goes on
             rows.append(_summary(uri, err=err))
     return {k: [r[k] for r in rows] for k in rows[0]}
@@ -198,5 +200,6 @@ def run_assets_scan(config: PartliftConfig) -> StageReport:
                                 f"under {config.assets.input}")
     items = [{**f, "source_key": f["uri"]} for f in files]
     return _run_manifest_stage(config, "assets-scan", items, scan_batch,
-                               {"storage": config.storage.options()},
+                               {"storage": config.storage.options(),
+                                "up_axis": config.assets.up_axis},
                                inputs={"meshes": config.assets.input})

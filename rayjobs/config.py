@@ -76,6 +76,7 @@ class AssetsConfig(Section):
     seed: int = Field(0, ge=0, description="procedural generator seed")
     categories: list[str] | None = Field(None, description="procedural categories (default: all)")
     input: str | None = Field(None, description="directory/URI of mesh files to scan")
+    up_axis: Literal["y", "z"] = Field("y", description="axis pointing up in the scanned files; z-up meshes (URDF/MJCF, pybullet) are turned to +y up")
     resources: StageResources = StageResources(batch_size=8, num_cpus=1.0)
 
 

@@ -73,13 +73,13 @@ def stream_after_render(config: PartliftConfig, downstream: str) -> StageReport:
     ensure_ray(config.ray)
     started = time.time()
     job_id = new_job_id(STAGE)
-    uris = {r["asset_id"]: r["uri"] for r in root.read_table(
-        ASSETS_TABLE, columns=["asset_id", "uri"]).to_pylist()}
+    files = {r["asset_id"]: r for r in root.read_table(
+        ASSETS_TABLE, columns=["asset_id", "uri", "up_axis"]).to_pylist()}
     _, removed = RENDER_OUTPUT.prepare(root, config.job.overwrite)
     done, removed_downstream = output.prepare(root, config.job.overwrite)
     points_index, views_index = shard_index(root, POINTS_TABLE), shard_index(root, VIEWS_TABLE)
     todo = [r for r in manifest if r["asset_id"] not in done]
-    to_render = sorted(({**r, "uri": uris[r["asset_id"]]} for r in todo
+    to_render = sorted(({**r, **files[r["asset_id"]]} for r in todo
                         if r["asset_id"] not in points_index), key=lambda r: r["asset_id"])
     to_load = sorted(({**r, "points_shard": points_index[r["asset_id"]],
                        "views_shard": views_index[r["asset_id"]]} for r in todo

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from operators.assets import read_mesh_file
+from operators.mesh import to_y_up
 from operators.render import RenderSettings, render_asset
 from operators.storage import RunRoot, StorageOptions, make_table, shard_name
 from rayjobs.assets_job import ASSETS_TABLE
@@ -58,10 +59,11 @@ def render_and_write(batch: dict[str, Any], root: RunRoot, storage: StorageOptio
     views, points = defaultdict(list), defaultdict(list)
     summaries, errors, assets = [], [], []
     ids = [str(a) for a in batch["asset_id"]]
-    for asset_id, uri, face_part in zip(ids, batch["uri"], batch["face_part"]):
+    for asset_id, uri, face_part, up_axis in zip(ids, batch["uri"], batch["face_part"],
+                                                 batch["up_axis"]):
         started = time.perf_counter()
         try:
-            mesh, _ = read_mesh_file(str(uri), storage)
+            mesh = to_y_up(read_mesh_file(str(uri), storage)[0], str(up_axis))
             rendered, samples = render_asset(mesh, settings, seed_for(seed, asset_id), name=uri)
             part = _part_labels(face_part, samples.face_id, mesh.n_faces, asset_id)
         except Exception as err:  # row-level: recorded in errors/, the batch goes on
@@ -110,7 +112,7 @@ def run_render(config: PartliftConfig) -> StageReport:
     root = RunRoot(config.root, config.storage.options())
     root.check_reachable(create=False)
     settings = config.render.settings()
-    manifest = root.read_table(ASSETS_TABLE, columns=["asset_id", "uri", "face_part"])
+    manifest = root.read_table(ASSETS_TABLE, columns=["asset_id", "uri", "face_part", "up_axis"])
     if manifest is None or manifest.num_rows == 0:
         raise FileNotFoundError(f"render: no assets under {root.display(ASSETS_TABLE)}/; "
                                 "run `partlift assets make` or `partlift assets scan` first")

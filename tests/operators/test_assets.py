@@ -142,3 +142,14 @@ def test_greyscale_texture_is_expanded_to_rgb(tmp_path: Path) -> None:
     loaded, _ = read_mesh_file(str(tmp_path / "grey.obj"))
     assert loaded.texture is not None and loaded.texture.shape[2] == 3
     assert int(loaded.texture[0, 0, 0]) == int(loaded.texture[0, 0, 2])
+
+
+def test_z_up_meshes_are_turned_to_y_up(tmp_path: Path) -> None:
+    """pybullet's mug is z-up: scanned with up_axis="z", its height (file z) becomes y."""
+    pybullet_data = pytest.importorskip("pybullet_data", reason="optional extra: realmeshes")
+    path = str(Path(pybullet_data.getDataPath()) / "objects" / "mug.obj")
+    raw = read_mesh_file(path)[0].bbox()
+    record = inspect_mesh_file(path, "mug", (), up_axis="z")
+    np.testing.assert_allclose(record.bbox[:, 1], raw[:, 2], atol=1e-6)  # up: file z -> y
+    np.testing.assert_allclose(record.bbox[:, 0], raw[:, 0], atol=1e-6)
+    assert record.up_axis == "z" and record.to_row()["up_axis"] == "z"

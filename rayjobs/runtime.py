@@ -18,7 +18,7 @@ import numpy as np
 import ray
 import ray.data
 
-from operators.storage import RunRoot, make_table
+from operators.store.storage import RunRoot, make_table
 from rayjobs.config import PartliftConfig, RayConfig, StageResources
 from rayjobs.resources import map_batches_args
 

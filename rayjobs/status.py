@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 
-from operators.storage import PARQUET_SUFFIX, RunRoot
+from operators.store.storage import PARQUET_SUFFIX, RunRoot
 from rayjobs.config import PartliftConfig
 
 KNOWN_TABLES = ("assets", "views", "points", "labels/boxes", "labels/points", "labels/masks",

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.compute as pc
 import ray.data
 
-from operators.storage import RunRoot, StorageOptions, shard_name, table_columns
+from operators.store.storage import RunRoot, StorageOptions, shard_name, table_columns
 from rayjobs.assets_job import ASSETS_TABLE
 from rayjobs.config import PartliftConfig, StageResources
 from rayjobs.render_job import POINTS_TABLE, VIEW_ARRAYS, VIEWS_TABLE

@@ -50,7 +50,7 @@ def s3_endpoint() -> Iterator[str]:
 @pytest.fixture
 def s3_root(s3_endpoint: str) -> tuple[str, "object"]:
     """A fresh bucket on the test server: (s3 URI of a prefix in it, StorageOptions)."""
-    from operators.storage import StorageOptions
+    from operators.store.storage import StorageOptions
     options = StorageOptions(endpoint_url=s3_endpoint, access_key_id=S3_KEY,
                              secret_access_key=S3_SECRET, region="us-east-1")
     import boto3

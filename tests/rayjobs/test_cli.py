@@ -73,7 +73,7 @@ def test_killed_render_completes_on_rerun_with_exact_rows(tmp_path: Path) -> Non
     import signal
     import time
 
-    from operators.storage import RunRoot
+    from operators.store.storage import RunRoot
     root_dir = tmp_path / "run"
     cli = [sys.executable, "-m", "rayjobs.cli"]
     small = ["--set", "render.views=6", "--set", "render.n_points=2000",

@@ -9,7 +9,7 @@ import numpy as np
 import open3d as o3d
 import pytest
 
-from operators.storage import RunRoot, StorageError, table_columns
+from operators.store.storage import RunRoot, StorageError, table_columns
 from rayjobs.assets_job import run_assets_make, run_assets_scan
 from rayjobs.config import PartliftConfig, load_config
 from rayjobs.render_job import run_render
@@ -188,7 +188,7 @@ def test_z_up_scan_renders_upright(tmp_path: Path) -> None:
     """A real z-up mesh (pybullet's mug) scanned with assets.up_axis=z: its surface points'
     height (y) spans what the file calls z."""
     pybullet_data = pytest.importorskip("pybullet_data", reason="optional extra: realmeshes")
-    from operators.assets import read_mesh_file
+    from operators.data.assets import read_mesh_file
     source = Path(pybullet_data.getDataPath()) / "objects" / "mug.obj"
     (tmp_path / "meshes" / "mug").mkdir(parents=True)
     (tmp_path / "meshes" / "mug" / "mug.obj").write_bytes(source.read_bytes())

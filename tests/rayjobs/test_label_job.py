@@ -8,9 +8,9 @@ import numpy as np
 import open3d as o3d
 import pytest
 
-from operators.label import prompts_for
-from operators.storage import RunRoot, table_columns
-from operators.taxonomy import load_taxonomy
+from operators.models.labeling import prompts_for
+from operators.store.storage import RunRoot, table_columns
+from operators.data.taxonomy import load_taxonomy
 from rayjobs.assets_job import run_assets_make, run_assets_scan
 from rayjobs.config import ConfigError, load_config
 from rayjobs.label_job import run_label

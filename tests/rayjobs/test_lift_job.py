@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from operators.backbones import BackboneNotFoundError
-from operators.storage import RunRoot, table_columns
+from operators.models.registry import BackboneNotFoundError
+from operators.store.storage import RunRoot, table_columns
 from rayjobs.assets_job import run_assets_make
 from rayjobs.cli import main
 from rayjobs.lift_job import run_lift

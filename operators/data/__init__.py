@@ -1,0 +1,1 @@
+"""Data: mesh files and the asset manifest, the procedural generator, the function taxonomy."""

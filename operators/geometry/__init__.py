@@ -1,0 +1,1 @@
+"""Geometry: meshes, cameras, projection and visibility, rendering, label aggregation, feature lifting."""

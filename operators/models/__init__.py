@@ -1,0 +1,1 @@
+"""Models: image/text backbones, grounding backends, weight import, the pseudo-labelling operator."""

@@ -1,0 +1,1 @@
+"""Storage and the data contract: run roots, Parquet tables, ids, job records, readers."""

@@ -1,0 +1,332 @@
+"""Run roots on any filesystem: URI resolution, Parquet shards with tensor columns, resume, job records.
+
+A run root is a URI (local directory, `file://`, `s3://bucket/prefix`, or anything fsspec
+resolves). Every table is a directory of Parquet shards `<root>/<table>/<shard>.parquet`, one
+object per shard, written so a half-written shard is never visible (S3: a single object appears
+only when its upload completes; local: write to a temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from operators.store.ids import validate_id
+
+PARQUET_SUFFIX = ".parquet"
+
+
+class StorageError(OSError):
+    """The run root cannot be reached or read; the message names the URI (never credentials)."""
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """Where and how to reach object storage. Unset fields fall back to the standard AWS
+    environment (AWS_ENDPOINT_URL, AWS_REGION/AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN). Secrets are excluded from repr."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float = 30.0
+    max_attempts: int = 3
+
+
+def _endpoint(opts: StorageOptions) -> str | None:
+    return opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+        "AWS_ENDPOINT_URL")
+
+
+def _s3_filesystem(opts: StorageOptions) -> tuple[pafs.S3FileSystem, str | None]:
+    endpoint = _endpoint(opts)
+    region = opts.region or os.environ.get("AWS_REGION") or os.environ.get(
+        "AWS_DEFAULT_REGION") or "us-east-1"
+    kwargs: dict = dict(
+        region=region,
+        connect_timeout=opts.connect_timeout_s,
+        request_timeout=opts.request_timeout_s,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=opts.max_attempts),
+    )
+    # Credentials come from one source: the config, else the environment (never a mix, so a
+    # configured key is not paired with another identity's session token).
+    if opts.access_key_id or opts.secret_access_key:
+        key, secret, token = opts.access_key_id, opts.secret_access_key, opts.session_token
+    else:
+        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+        token = os.environ.get("AWS_SESSION_TOKEN")
+    if key and secret:
+        kwargs.update(access_key=key, secret_key=secret)
+        if token:
+            kwargs["session_token"] = token
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme or "https")
+    return pafs.S3FileSystem(**kwargs), endpoint
+
+
+def resolve_filesystem(uri: str, opts: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
+    """Map a URI to (pyarrow filesystem, path inside it). Local paths become absolute."""
+    opts = opts or StorageOptions()
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower()
+    if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
+        path = parsed.path if scheme == "file" else uri
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    if scheme in ("s3", "s3a"):
+        if not parsed.netloc:
+            raise StorageError(f"{uri}: an S3 URI needs a bucket, e.g. s3://bucket/prefix")
+        fs, _ = _s3_filesystem(opts)
+        return fs, f"{parsed.netloc}{parsed.path}".rstrip("/")
+    try:  # anything else fsspec knows (gcs, abfs, memory, ...)
+        import fsspec
+        fsspec_fs, path = fsspec.core.url_to_fs(uri)
+    except (ImportError, ValueError) as err:
+        raise StorageError(f"{uri}: no filesystem for scheme '{scheme}': {err}") from err
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec_fs)), path
+
+
+def describe_endpoint(uri: str, opts: StorageOptions | None) -> str:
+    """Human description of where a URI lives, without secrets."""
+    if urlparse(uri).scheme.lower() in ("s3", "s3a"):
+        endpoint = _endpoint(opts or StorageOptions()) or "AWS default endpoint"
+        return f"{uri} (endpoint {endpoint})"
+    return uri
+
+
+def shard_name(ids: Iterable[str]) -> str:
+    """Deterministic shard name from the set of ids it holds: the same work gets the same name,
+    different work never collides."""
+    digest = hashlib.sha1("\n".join(sorted(set(ids))).encode()).hexdigest()[:20]
+    return f"part-{digest}"
+
+
+_BOOL_TENSOR = b"partlift.bool_tensor"
+
+
+def tensor_column(values: np.ndarray) -> pa.FixedShapeTensorArray:
+    """A fixed-shape tensor column (Arrow canonical extension type) from a stacked array (n, ...).
+    Arrow tensors have no bool type: bool arrays are stored as uint8 0/1 (see `make_table`)."""
+    values = np.ascontiguousarray(values)
+    if values.dtype == np.bool_:
+        values = values.view(np.uint8)
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(values)
+
+
+def make_table(columns: Mapping[str, np.ndarray | Sequence]) -> pa.Table:
+    """Build a table: arrays with ndim >= 2 become tensor columns (one tensor per row), 1-D arrays
+    and lists plain columns. Bool tensors are tagged so `table_columns` restores them."""
+    arrays, fields = [], []
+    for name, values in columns.items():
+        if isinstance(values, np.ndarray) and values.ndim >= 2:
+            array = tensor_column(values)
+            meta = {_BOOL_TENSOR: b"1"} if values.dtype == np.bool_ else None
+            fields.append(pa.field(name, array.type, metadata=meta))
+        else:
+            array = pa.array(values)
+            fields.append(pa.field(name, array.type))
+        arrays.append(array)
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def column_to_numpy(column: pa.ChunkedArray | pa.Array, field: pa.Field | None = None) -> np.ndarray:
+    """Stack a column back to numpy: tensor columns -> (n, ...) arrays (bool restored when the
+    field is tagged), other columns -> 1-D arrays (object arrays for lists)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    if isinstance(column.type, pa.FixedShapeTensorType):
+        values = column.to_numpy_ndarray()
+        if field is not None and field.metadata and field.metadata.get(_BOOL_TENSOR):
+            values = values.astype(np.bool_)
+        return values
+    return column.to_numpy(zero_copy_only=False)
+
+
+def table_columns(table: pa.Table, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """The named (default: all) columns of a table as numpy arrays."""
+    names = list(names) if names is not None else table.column_names
+    return {n: column_to_numpy(table.column(n), table.schema.field(n)) for n in names}
+
+
+class RunRoot:
+    """A run root: tables of Parquet shards, JSON records and raw files under one URI."""
+
+    def __init__(self, uri: str, options: StorageOptions | None = None) -> None:
+        self.options = options or StorageOptions()
+        self.fs, self.base = resolve_filesystem(uri, self.options)
+        # Local roots are kept absolute: URIs recorded in tables must work from any directory.
+        self.uri = self.base if isinstance(self.fs, pafs.LocalFileSystem) else uri.rstrip("/")
+
+    def __repr__(self) -> str:
+        return f"RunRoot({self.uri!r})"
+
+    def __reduce__(self):  # rebuild on Ray workers from the URI; filesystems re-resolve there
+        return (RunRoot, (self.uri, self.options))
+
+    # -- paths -----------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return "/".join([self.base, *[p.strip("/") for p in parts if p]])
+
+    def display(self, *parts: str) -> str:
+        """Where a user finds something: the URI form, not the filesystem-internal path."""
+        return "/".join([self.uri.rstrip("/"), *[p.strip("/") for p in parts if p]])
+
+    def check_reachable(self, create: bool = True) -> None:
+        """Fail fast with a clear message when storage is unreachable or the bucket is missing;
+        a local root that does not exist is created, or (create=False) an error."""
+        where = describe_endpoint(self.uri, self.options)
+        try:
+            info = self.fs.get_file_info(self.base)
+            if info.type == pafs.FileType.File:
+                raise StorageError(f"run root {where} is a file, not a directory")
+            if info.type == pafs.FileType.NotFound and isinstance(self.fs, pafs.LocalFileSystem):
+                if not create:
+                    raise StorageError(f"run root {where} does not exist")
+                self._ensure_dir(self.base)
+            if isinstance(self.fs, pafs.S3FileSystem):
+                bucket = self.base.split("/", 1)[0]
+                if self.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                    raise StorageError(f"run root {where}: bucket '{bucket}' does not exist "
+                                       f"(create it first, e.g. `aws s3 mb s3://{bucket}`)")
+                self.fs.get_file_info(pafs.FileSelector(self.base, allow_not_found=True))
+        except StorageError:
+            raise
+        except OSError as err:
+            raise StorageError(f"cannot reach run root {where}: {_first_line(err)}") from err
+
+    def _ensure_dir(self, path: str) -> None:
+        # Object stores have no directories; creating one there leaves a stray marker object.
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            self.fs.create_dir(path, recursive=True)
+
+    # -- tables ----------------------------------------------------------------------------
+    def list_shards(self, table: str) -> list[str]:
+        """Names (without suffix) of the committed shards of a table, sorted."""
+        selector = pafs.FileSelector(self.path(table), allow_not_found=True, recursive=False)
+        try:
+            infos = self.fs.get_file_info(selector)
+        except OSError as err:
+            raise StorageError(f"cannot list {self.display(table)}: {_first_line(err)}") from err
+        return sorted(i.base_name[: -len(PARQUET_SUFFIX)] for i in infos
+                      if i.type == pafs.FileType.File and i.base_name.endswith(PARQUET_SUFFIX))
+
+    def write_shard(self, table: str, shard: str, data: pa.Table) -> str:
+        validate_id(shard, what="shard name")
+        final = self.path(table, shard + PARQUET_SUFFIX)
+        self._ensure_dir(self.path(table))
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            tmp = self.path(table, f".{shard}.{uuid.uuid4().hex}.tmp")
+            pq.write_table(data, tmp, filesystem=self.fs, compression="zstd")
+            self.fs.move(tmp, final)  # atomic rename on one filesystem
+        else:  # object stores: the object becomes visible only when the upload completes
+            pq.write_table(data, final, filesystem=self.fs, compression="zstd")
+        return self.display(table, shard + PARQUET_SUFFIX)
+
+    def read_shard(self, table: str, shard: str, columns: Sequence[str] | None = None) -> pa.Table:
+        return pq.read_table(self.path(table, shard + PARQUET_SUFFIX), columns=columns,
+                             filesystem=self.fs)
+
+    def read_table(self, table: str, columns: Sequence[str] | None = None) -> pa.Table | None:
+        """All shards of a table concatenated, or None when the table has no shards."""
+        shards = self.list_shards(table)
+        if not shards:
+            return None
+        parts = [self.read_shard(table, s, columns) for s in shards]
+        return pa.concat_tables(parts, promote_options="default")
+
+    def ids_in(self, table: str, column: str = "asset_id") -> set[str]:
+        data = self.read_table(table, columns=[column])
+        return set() if data is None else set(data.column(column).to_pylist())
+
+    def delete_shards(self, table: str, prefix: str) -> int:
+        """Delete the shards of `table` whose names start with `prefix`; returns how many."""
+        names = [s for s in self.list_shards(table) if s.startswith(prefix)]
+        for name in names:
+            self.delete_shard(table, name)
+        return len(names)
+
+    def delete_shard(self, table: str, shard: str) -> None:
+        self.fs.delete_file(self.path(table, shard + PARQUET_SUFFIX))
+
+    def delete_table(self, table: str) -> None:
+        path = self.path(table)
+        if self.fs.get_file_info(path).type == pafs.FileType.Directory:
+            self.fs.delete_dir(path)
+
+    # -- multi-table shards: the commit protocol ---------------------------------------------
+    def write_shard_set(self, shard: str, tables: Mapping[str, pa.Table], commit_table: str) -> None:
+        """Write one shard into several tables; `commit_table` goes last and marks the shard done.
+
+        A crash between the writes leaves shards without a commit counterpart;
+        `remove_uncommitted` deletes them before the next run, so nothing is duplicated.
+        """
+        for table, data in tables.items():
+            if table != commit_table:
+                self.write_shard(table, shard, data)
+        self.write_shard(commit_table, shard, tables[commit_table])
+
+    def remove_uncommitted(self, tables: Iterable[str], commit_table: str) -> list[str]:
+        """Delete shards without a commit counterpart and leftover temporary files of killed
+        local writes; returns what was removed (table/shard)."""
+        committed = set(self.list_shards(commit_table))
+        removed = []
+        for table in tables:
+            if isinstance(self.fs, pafs.LocalFileSystem):
+                selector = pafs.FileSelector(self.path(table), allow_not_found=True)
+                for info in self.fs.get_file_info(selector):
+                    if info.base_name.startswith(".") and info.base_name.endswith(".tmp"):
+                        self.fs.delete_file(info.path)
+            if table == commit_table:
+                continue
+            for shard in self.list_shards(table):
+                if shard not in committed:
+                    self.delete_shard(table, shard)
+                    removed.append(f"{table}/{shard}")
+        return removed
+
+    # -- JSON records and raw files ------------------------------------------------------------
+    def write_json(self, relpath: str, record: Mapping) -> str:
+        data = json.dumps(record, indent=2, sort_keys=True, default=str).encode()
+        self.write_bytes(relpath, data)
+        return self.display(relpath)
+
+    def read_json(self, relpath: str) -> dict:
+        return json.loads(self.read_bytes(relpath))
+
+    def write_bytes(self, relpath: str, data: bytes) -> None:
+        path = self.path(relpath)
+        self._ensure_dir(path.rsplit("/", 1)[0])
+        with self.fs.open_output_stream(path) as out:
+            out.write(data)
+
+    def read_bytes(self, relpath: str) -> bytes:
+        return read_uri_bytes(self.fs, self.path(relpath), self.display(relpath))
+
+    def exists(self, relpath: str) -> bool:
+        return self.fs.get_file_info(self.path(relpath)).type != pafs.FileType.NotFound
+
+
+def read_uri_bytes(fs: pafs.FileSystem, path: str, display: str | None = None) -> bytes:
+    try:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{display or path}: no such file") from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -21,11 +21,13 @@ import psutil
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from operators.store.readers import read_manifest  # noqa: E402
 from operators.store.storage import RunRoot  # noqa: E402
-from rayjobs.assets_job import ASSETS_TABLE, run_assets_make  # noqa: E402
+from operators.store.tables import POINTS, VIEWS  # noqa: E402
+from rayjobs.assets_job import run_assets_make  # noqa: E402
 from rayjobs.config import load_config  # noqa: E402
-from rayjobs.render_job import POINTS_TABLE, VIEWS_TABLE, render_batch, run_render  # noqa: E402
-from rayjobs.runtime import ensure_ray  # noqa: E402
+from rayjobs.driver import TaskContext, ensure_ray  # noqa: E402
+from rayjobs.render_job import render_batch, run_render  # noqa: E402
 from results import PeakTreeMemory, write_section  # noqa: E402
 
 SECTION = "## Render stage"
@@ -34,15 +36,15 @@ SECTION = "## Render stage"
 def plain_loop(config, manifest_rows: list[dict]) -> None:
     """The single-process reference: the same per-batch function, called in a Python loop."""
     settings = config.render.settings()
-    batch_size = config.render.resources.batch_size
+    batch_size = config.render.resources.render.batch_size
+    task = TaskContext(config.root, config.storage.options(), "bench")
     for start in range(0, len(manifest_rows), batch_size):
         rows = manifest_rows[start:start + batch_size]
         batch = {"asset_id": np.array([r["asset_id"] for r in rows]),
                  "uri": np.array([r["uri"] for r in rows]),
                  "face_part": [r["face_part"] for r in rows],
                  "up_axis": [r["up_axis"] for r in rows]}
-        render_batch(batch, config.root, config.storage.options(), settings,
-                     config.render.seed, "bench")
+        render_batch(batch, task, settings, config.render.seed)
 
 
 def main() -> None:
@@ -61,7 +63,7 @@ def main() -> None:
     ensure_ray(load_config((), common).ray)
     ray_start = time.perf_counter() - t0
     run_assets_make(load_config((), common, root=source))
-    manifest = RunRoot(source).read_table(ASSETS_TABLE).to_pylist()
+    manifest = read_manifest(RunRoot(source))
 
     results = []
     # Plain loop: same assets (meshes are read from the source root), fresh output root.
@@ -76,15 +78,15 @@ def main() -> None:
     for workers in (1, 2):
         out = str(work / f"ray{workers}")
         shutil.copytree(work / "source", out)
-        config = load_config((), [*common, f"render.resources.concurrency={workers}"], root=out)
+        config = load_config((), [*common, f"render.resources.render.concurrency={workers}"], root=out)
         with PeakTreeMemory() as memory:
             t = time.perf_counter()
             report = run_render(config)
             seconds = time.perf_counter() - t
         assert report.ok == args.n, report
-        rows = RunRoot(out).read_table(VIEWS_TABLE, columns=["asset_id"]).num_rows
+        rows = RunRoot(out).read_table(VIEWS.name, columns=["asset_id"]).num_rows
         assert rows == args.n * args.views and \
-            RunRoot(out).read_table(POINTS_TABLE, columns=["asset_id"]).num_rows == args.n
+            RunRoot(out).read_table(POINTS.name, columns=["asset_id"]).num_rows == args.n
         results.append((f"Ray Data, {workers} CPU worker{'s' if workers > 1 else ''}", seconds,
                         memory.peak))
     shutil.rmtree(work, ignore_errors=True)
@@ -100,7 +102,7 @@ def main() -> None:
              f"({ray_start:.1f} s) is not included; peak memory is the resident set of the "
              "driver and all its child processes (Ray's raylet, object store and workers) for the Ray "
              "runs, and of the one process for the plain loop. Ray runs reuse one local Ray "
-             "(`render.resources.concurrency` = 1 or 2 tasks at a time).", "",
+             "(`render.resources.render.concurrency` = 1 or 2 tasks at a time).", "",
              "| run | wall s | views/s | assets/s | speed-up vs plain | peak memory MiB |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, seconds, peak in results:

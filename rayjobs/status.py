@@ -1,20 +1,18 @@
-"""`partlift status`: what a run root holds."""
+"""`partlift status`: what a run root holds (tables from the data contract, last job per stage)."""
 
 from __future__ import annotations
 
 import pyarrow.parquet as pq
 
 from operators.store.storage import PARQUET_SUFFIX, RunRoot
-from rayjobs.config import PartliftConfig
-
-KNOWN_TABLES = ("assets", "views", "points", "labels/boxes", "labels/points", "labels/masks",
-                "features/views", "features/points", "errors")
+from operators.store.tables import STAGE_OUTPUTS, TABLES
+from rayjobs.config import StatusJob
 
 
 def table_counts(root: RunRoot) -> dict[str, tuple[int, int]]:
     """table -> (shards, rows), from Parquet footers only (no data is read)."""
     counts = {}
-    for table in KNOWN_TABLES:
+    for table in TABLES:
         shards = root.list_shards(table)
         if shards:
             rows = sum(pq.ParquetFile(root.path(table, s + PARQUET_SUFFIX),
@@ -23,7 +21,7 @@ def table_counts(root: RunRoot) -> dict[str, tuple[int, int]]:
     return counts
 
 
-def print_status(config: PartliftConfig) -> None:
+def print_status(config: StatusJob) -> None:
     root = RunRoot(config.root, config.storage.options())
     root.check_reachable(create=False)  # a mistyped local root is an error, not "empty"
     counts = table_counts(root)
@@ -33,9 +31,9 @@ def print_status(config: PartliftConfig) -> None:
     for table, (shards, rows) in counts.items():
         print(f"  {table:<16} {rows:>9} rows in {shards} shards")
     shown = set()
-    for table in ("assets", "views", "labels", "features"):
-        if root.exists(f"{table}/_job.json"):
-            job = root.read_json(f"{table}/_job.json")
+    for output in STAGE_OUTPUTS.values():
+        if root.exists(output.record):
+            job = root.read_json(output.record)
             if job["job_id"] in shown:
                 continue
             shown.add(job["job_id"])

@@ -2,82 +2,51 @@
 
 A row of such a stream is one asset: its manifest fields (category, part_names, face_part), its
 views stacked (V, ...) and its surface points `xyz`, either rendered in the same stream or read
-back from storage by `load_views_batch`. Rows that fail leave the stream; the stage that failed
-writes their `errors/` rows, and `stream_report` counts them by job id.
+back from storage by `load_views_batch`. Rows that fail leave the stream; the step that failed
+writes their `errors/` rows (see `rayjobs.driver`).
 """
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 import ray.data
 
-from operators.store.storage import RunRoot, StorageOptions, shard_name, table_columns
-from rayjobs.assets_job import ASSETS_TABLE
-from rayjobs.config import PartliftConfig, StageResources
-from rayjobs.render_job import POINTS_TABLE, VIEW_ARRAYS, VIEWS_TABLE
-from rayjobs.resources import map_batches_args
-from rayjobs.runtime import (ERRORS_TABLE, StageReport, StageTables, ensure_ray, error_row,
-                             finish_stage, new_job_id, write_errors)
+from operators.store.readers import TableReader, read_manifest, shard_index
+from operators.store.storage import RunRoot
+from operators.store.tables import POINTS, VIEW_ARRAYS, VIEWS
+from rayjobs.config import StepResources
+from rayjobs.driver import (AssetErrors, JobContext, Plan, Stage, TaskContext, items_dataset,
+                            map_tasks)
 
-# What flows from loading/rendering to the model and CPU stages, one row per asset.
+# What flows from loading/rendering to the model and CPU steps, one row per asset.
 STACKED_COLUMNS = (*VIEW_ARRAYS, "xyz")
-AddStages = Callable[[ray.data.Dataset, PartliftConfig, str], ray.data.Dataset]
+STREAM_FIELDS = ("category", "part_names", "face_part")  # manifest fields a stream row carries
 
 
-def shard_index(root: RunRoot, table: str) -> dict[str, str]:
-    """asset_id -> the shard of `table` that holds it (reads only the asset_id column)."""
-    index = {}
-    for shard in root.list_shards(table):
-        for asset_id in set(root.read_shard(table, shard, ["asset_id"])["asset_id"].to_pylist()):
-            index[asset_id] = shard
-    return index
-
-
-def _rows_of(table, asset_id: str):
-    return table.filter(pc.equal(table["asset_id"], asset_id))
-
-
-def _group_by(values: Iterable[Hashable]) -> dict[Hashable, list[int]]:
-    groups: dict[Hashable, list[int]] = defaultdict(list)
-    for i, value in enumerate(values):
-        groups[value].append(i)
-    return groups
-
-
-def load_views_batch(batch: dict[str, np.ndarray], root_uri: str, storage: StorageOptions,
-                     job_id: str, stage: str) -> dict[str, Any]:
+def load_views_batch(batch: dict[str, np.ndarray], task: TaskContext, stage: str) -> dict[str, Any]:
     """CPU task: one row per asset with its views stacked (V, ...) and its surface points; each
-    views/points shard is read once per batch."""
-    root = RunRoot(root_uri, storage)
-    rows: list[dict[str, Any]] = []
-    errors = []
-    for (views_shard, points_shard), members in _group_by(
-            zip(batch["views_shard"].tolist(), batch["points_shard"].tolist())).items():
-        try:
-            views = root.read_shard(VIEWS_TABLE, views_shard, ["asset_id", "view_id", *VIEW_ARRAYS])
-            points = root.read_shard(POINTS_TABLE, points_shard, ["asset_id", "xyz"])
-        except Exception as err:  # the shard is unreadable: every asset in it fails
-            errors += [error_row(stage, job_id, batch["asset_id"][i],
-                                 f"shard {views_shard}/{points_shard}: {err}") for i in members]
-            continue
-        for i in members:
-            asset_id = batch["asset_id"][i]
-            cols = table_columns(_rows_of(views, asset_id).sort_by("view_id"))
-            xyz = table_columns(_rows_of(points, asset_id), ["xyz"])["xyz"][0]
-            rows.append(asset_row(batch, i, {**{n: cols[n] for n in VIEW_ARRAYS}, "xyz": xyz}))
-    write_errors(root, stage, job_id, shard_name(e["asset_id"] for e in errors) if errors else "",
-                 errors)
+    views/points shard is read once per batch (the items come sorted by shard)."""
+    root = task.root()
+    ids = [str(a) for a in batch["asset_id"]]
+    views = TableReader(root, VIEWS, dict(zip(ids, batch["views_shard"].tolist())))
+    points = TableReader(root, POINTS, dict(zip(ids, batch["points_shard"].tolist())))
+    errors = AssetErrors(stage, task)
+
+    def load(i: int) -> dict[str, Any]:
+        arrays = views.arrays(ids[i], VIEW_ARRAYS)
+        return asset_row(batch, i, {**arrays, "xyz": points.arrays(ids[i], ["xyz"])["xyz"][0]})
+
+    rows = [row for _, row in errors.attempt(range(len(ids)), load, asset_of=ids.__getitem__)]
+    errors.write(root=root)
     return stacked_columns(rows)
 
 
 def asset_row(batch: dict[str, Any], i: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The label stream's row for asset i of a manifest batch."""
+    """The stream row of asset i of a manifest batch."""
     return {"asset_id": str(batch["asset_id"][i]), "category": str(batch["category"][i]),
             "part_names": [str(p) for p in batch["part_names"][i]],
             "face_part": np.asarray(batch["face_part"][i], dtype=np.int16), **arrays}
@@ -90,79 +59,73 @@ def stacked_columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
             for k in rows[0]}
 
 
-def items_dataset(items: list[dict], batch_size: int) -> ray.data.Dataset:
-    return ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // batch_size)))
+def keep_rows(batch: dict[str, Any], keep: list[int], names: Iterable[str]) -> dict[str, Any]:
+    """Columns `names` of the rows `keep` of a batch (lists or arrays)."""
+    return {k: ([batch[k][i] for i in keep] if isinstance(batch[k], list) else batch[k][keep])
+            for k in names}
 
 
-def _job_errors(root: RunRoot, job_id: str) -> list[dict]:
-    table = root.read_table(ERRORS_TABLE, columns=["job_id", "asset_id", "error_type", "message"])
-    if table is None:
-        return []
-    return table.filter(pc.equal(table["job_id"], job_id)).to_pylist()
+@dataclass(frozen=True)
+class RenderedAssets:
+    """The rendered assets of a root: manifest rows (stream fields) and where their views and
+    points shards are."""
+
+    manifest: list[dict[str, Any]]
+    views_index: dict[str, str]
+    points_index: dict[str, str]
+
+    def with_shards(self, rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Load items for `rows`, sorted by views shard so each shard is read once per task."""
+        return sorted(({**r, "points_shard": self.points_index[r["asset_id"]],
+                        "views_shard": self.views_index[r["asset_id"]]} for r in rows),
+                      key=lambda r: (r["views_shard"], r["asset_id"]))
+
+    def rendered(self) -> list[dict[str, Any]]:
+        return [r for r in self.manifest
+                if r["asset_id"] in self.points_index and r["asset_id"] in self.views_index]
 
 
-def stream_report(root: RunRoot, stage: str, job_id: str, started: float, summaries: list[dict],
-                  input_count: int, skipped: int, inputs: dict[str, str],
-                  outputs: dict[str, str], removed: list[str],
-                  units: dict[str, int] | None = None) -> StageReport:
-    """Report of a stream whose failed rows leave it: ok from the summaries, failures from the
-    errors/ rows of this job (every stage of the stream writes its own)."""
-    failures = _job_errors(root, job_id)
-    types: dict[str, int] = defaultdict(int)
-    for f in failures:
-        types[f["error_type"]] += 1
-    return StageReport(
-        stage=stage, job_id=job_id, root=root.display(), inputs=inputs, outputs=outputs,
-        started=started, ended=time.time(), input_count=input_count, skipped_done=skipped,
-        ok=sum(1 for s in summaries if s["status"] == "ok"),
-        failed=len({f["asset_id"] for f in failures}), units=units or {},
-        error_types=dict(types),
-        error_examples=[f"{f['asset_id']}: {f['message']}" for f in failures[:5]],
-        removed_uncommitted=removed)
+def read_rendered(root: RunRoot, extra: tuple[str, ...] = ()) -> RenderedAssets:
+    """Manifest rows (stream fields + `extra`) and the views/points shard indexes."""
+    manifest = read_manifest(root, [*STREAM_FIELDS, *extra])
+    return RenderedAssets(manifest, shard_index(root, VIEWS), shard_index(root, POINTS))
 
 
-def manifest_rows(root: RunRoot, extra: Sequence[str] = ()) -> list[dict]:
-    """The manifest fields a stream row carries (plus `extra` columns), one dict per asset."""
-    manifest = root.read_table(ASSETS_TABLE, columns=["asset_id", "category", "part_names",
-                                                      "face_part", *extra])
-    return [] if manifest is None else manifest.to_pylist()
+def load_stream(items: list[dict[str, Any]], task: TaskContext, stage: str,
+                resources: StepResources) -> ray.data.Dataset:
+    """Stream rows read back from storage for load items (`RenderedAssets.with_shards`)."""
+    return map_tasks(items_dataset(items, resources.batch_size), load_views_batch, resources,
+                     task=task, stage=stage)
 
 
-def run_rendered_stage(config: PartliftConfig, output: StageTables, add_stages: AddStages,
-                       resources: StageResources, *, record_dir: str, inputs: Mapping[str, str],
-                       units: Callable[[RunRoot, list[dict]], dict[str, int]]) -> StageReport:
-    """Run a stage over every rendered asset its output does not hold yet: load views and
-    points (CPU tasks), then the stage's own Ray Data steps, then `_job.json` and the summary."""
-    stage = output.stage
-    root = RunRoot(config.root, config.storage.options())
-    root.check_reachable(create=False)
-    points_index = shard_index(root, POINTS_TABLE)
-    manifest = manifest_rows(root)
-    if not manifest or not points_index:
-        raise FileNotFoundError(f"{stage}: no rendered assets under {root.display(POINTS_TABLE)}/;"
-                                " run `partlift render` first")
-    ensure_ray(config.ray)  # before the clock: throughput excludes cluster start-up
-    started = time.time()
-    job_id = new_job_id(stage)
-    views_index = shard_index(root, VIEWS_TABLE)
-    done, removed = output.prepare(root, config.job.overwrite)
-    rendered = [r for r in manifest if r["asset_id"] in points_index and r["asset_id"] in views_index]
-    items = sorted(({**r, "points_shard": points_index[r["asset_id"]],
-                     "views_shard": views_index[r["asset_id"]]}
-                    for r in rendered if r["asset_id"] not in done),
-                   key=lambda r: (r["views_shard"], r["asset_id"]))
-    summaries: list[dict] = []
-    if items:
-        ds = items_dataset(items, resources.batch_size).map_batches(
-            load_views_batch, fn_kwargs={"root_uri": config.root,
-                                         "storage": config.storage.options(), "job_id": job_id,
-                                         "stage": stage},
-            batch_format="numpy", **map_batches_args(resources, actors=False))
-        summaries = add_stages(ds, config, job_id).take_all()
-    report = stream_report(
-        root, stage, job_id, started, summaries, len(rendered), len(rendered) - len(items),
-        inputs={VIEWS_TABLE: root.display(VIEWS_TABLE) + "/",
-                POINTS_TABLE: root.display(POINTS_TABLE) + "/", **inputs},
-        outputs={t: root.display(t) + "/" for t in output.tables}, removed=removed,
-        units=units(root, summaries))
-    return finish_stage(root, config, report, record_dir)
+class RenderedAssetsStage(Stage[RenderedAssets]):
+    """A stage over every rendered asset its output does not hold yet: load views and points
+    (CPU tasks), then the stage's own steps (`add_steps`)."""
+
+    def load_resources(self, config: Any) -> StepResources:
+        raise NotImplementedError
+
+    def add_steps(self, ds: ray.data.Dataset, ctx: JobContext) -> ray.data.Dataset:
+        """The stage's steps after a stream of asset rows; the last yields summary rows."""
+        raise NotImplementedError
+
+    def read_input(self, root: RunRoot, config: Any) -> RenderedAssets:
+        source = read_rendered(root)
+        if not source.manifest or not source.points_index:
+            raise FileNotFoundError(f"{self.name}: no rendered assets under "
+                                    f"{root.display(POINTS.name)}/; run `partlift render` first")
+        return source
+
+    def plan(self, ctx: JobContext, source: RenderedAssets, done: set[str]) -> Plan:
+        rendered = source.rendered()
+        items = source.with_shards(r for r in rendered if r["asset_id"] not in done)
+        return Plan(items, input_count=len(rendered), skipped_done=len(rendered) - len(items))
+
+    def execute(self, ctx: JobContext, plan: Plan) -> Iterable[dict[str, Any]]:
+        stream = load_stream(plan.items, ctx.task, self.name, self.load_resources(ctx.config))
+        return self.add_steps(stream, ctx).iter_rows()
+
+    def inputs(self, ctx: JobContext) -> dict[str, str]:
+        return {VIEWS.name: ctx.root.display(VIEWS.name) + "/",
+                POINTS.name: ctx.root.display(POINTS.name) + "/"}
+

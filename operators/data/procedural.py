@@ -669,3 +669,8 @@ def align_to(source: PartFrame, target: PartFrame, points: np.ndarray) -> np.nda
     frame `source` lands on the target asset's part frame `target`."""
     local = (np.asarray(points, float) - source.origin) @ source.axes.T
     return local @ target.axes + target.origin
+
+
+def procedural_seed(seed: int, index: int) -> int:
+    """The generator seed of the `index`-th asset of a collection made with `seed`."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])

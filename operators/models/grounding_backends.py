@@ -23,6 +23,7 @@ is cheap. No Ray.
 from __future__ import annotations
 
 import base64
+import importlib
 import inspect
 import io
 import math
@@ -37,6 +38,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+from operators.models.registry import GROUNDING_BACKENDS
 from operators.models.loading import (ModelNotFoundError, load_pretrained, resolve_device,
                                        resolve_dtype)
 from operators.models.grounding import (
@@ -68,7 +70,7 @@ def _missing_model_message(backend: str, model_path: str, detail: str) -> str:
     return (f"{backend}: no model at {model_path!r} ({detail}). Models are never downloaded at "
             f"run time; download one first, e.g. `hf download {example} --local-dir "
             f"/models/{example.split('/')[-1]}` (older huggingface_hub: `huggingface-cli download "
-            f"... --local-dir ...`), then pass `--set label.model_path=/models/"
+            f"... --local-dir ...`), then pass `--set label.backend.model_path=/models/"
             f"{example.split('/')[-1]}`.")
 
 
@@ -635,25 +637,24 @@ class OpenAIBackend:
 # ---------------------------------------------------------------------------------------------
 
 
-def _make_oracle(noise: OracleNoise | dict[str, Any] | None = None, seed: int = 0) -> OracleBackend:
+def make_oracle(noise: OracleNoise | dict[str, Any] | None = None, seed: int = 0) -> OracleBackend:
     if isinstance(noise, dict):
         noise = OracleNoise(**noise)
     return OracleBackend(noise if noise is not None else OracleNoise(), seed=seed)
 
 
-BACKENDS: dict[str, Callable[..., GroundingBackend]] = {
-    "hf-zero-shot": HFZeroShotBackend,
-    "hf-vlm": HFVLMBackend,
-    "openai": OpenAIBackend,
-    "oracle": _make_oracle,
-}
+def backend_factory(name: str) -> Callable[..., GroundingBackend]:
+    """The factory a registered backend names (`operators.models.registry.GROUNDING_BACKENDS`)."""
+    if name not in GROUNDING_BACKENDS:
+        raise ValueError(f"unknown grounding backend {name!r}; known: "
+                         f"{', '.join(sorted(GROUNDING_BACKENDS))}")
+    module, attribute = GROUNDING_BACKENDS[name].factory.split(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 def make_backend(name: str, **settings: Any) -> GroundingBackend:
     """Build the grounding backend registered under `name` with its settings (keyword arguments)."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown grounding backend {name!r}; known: {', '.join(sorted(BACKENDS))}")
-    factory = BACKENDS[name]
+    factory = backend_factory(name)
     parameters = inspect.signature(factory).parameters
     accepted = [p for p in parameters if p != "self"]
     unknown = sorted(set(settings) - set(accepted))

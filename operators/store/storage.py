@@ -142,6 +142,13 @@ def make_table(columns: Mapping[str, np.ndarray | Sequence]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
+def concatenated(parts: Mapping[str, Sequence]) -> dict[str, np.ndarray | Sequence]:
+    """Columns collected in parts (per asset): lists of arrays are concatenated along the rows,
+    lists of plain values stay as they are. Feed the result to `make_table`."""
+    return {k: (np.concatenate(v) if v and isinstance(v[0], np.ndarray) else v)
+            for k, v in parts.items()}
+
+
 def column_to_numpy(column: pa.ChunkedArray | pa.Array, field: pa.Field | None = None) -> np.ndarray:
     """Stack a column back to numpy: tensor columns -> (n, ...) arrays (bool restored when the
     field is tagged), other columns -> 1-D arrays (object arrays for lists)."""

@@ -77,8 +77,9 @@ def test_killed_render_completes_on_rerun_with_exact_rows(tmp_path: Path) -> Non
     root_dir = tmp_path / "run"
     cli = [sys.executable, "-m", "rayjobs.cli"]
     small = ["--set", "render.views=6", "--set", "render.n_points=2000",
-             "--set", "render.resources.batch_size=1", "--set", "ray.num_cpus=1"]
-    subprocess.run([*cli, "assets", "make", "--n", "12", "--root", str(root_dir), *small],
+             "--set", "render.resources.render.batch_size=1", "--set", "ray.num_cpus=1"]
+    subprocess.run([*cli, "assets", "make", "--n", "12", "--root", str(root_dir),
+                    "--set", "ray.num_cpus=1"],
                    check=True, capture_output=True)
     proc = subprocess.Popen([*cli, "render", "--root", str(root_dir), *small],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -101,9 +102,10 @@ def test_killed_render_completes_on_rerun_with_exact_rows(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("args, message", [
     (["lift", "--backbone", "minilm-text"], "is a text encoder"),
-    (["lift", "--set", "lift.stride=5"], "takes its patch size 14 or half of it 7"),
+    (["lift", "--set", "lift.backbone.stride=5"], "takes its patch size 14 or half of it 7"),
     (["lift", "--backbone", "dino9"], "dinov2-small"),
-    (["label", "--backend", "openai", "--set", "label.model=m"], "needs label.base_url"),
+    (["label", "--backend", "openai", "--set", "label.backend.model=m"],
+     "label.backend.base_url is required with label.backend=openai"),
 ])
 def test_stage_settings_are_checked_before_ray_starts(tmp_path: Path, args, message) -> None:
     result = CliRunner().invoke(main, [*args, "--root", str(tmp_path)])

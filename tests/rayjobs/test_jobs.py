@@ -11,23 +11,23 @@ import pytest
 
 from operators.store.storage import RunRoot, StorageError, table_columns
 from rayjobs.assets_job import run_assets_make, run_assets_scan
-from rayjobs.config import PartliftConfig, load_config
+from rayjobs.config import DemoJob, load_config
 from rayjobs.render_job import run_render
-from rayjobs.runtime import JobFailedError
+from rayjobs.errors import JobFailedError
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
 
 SMALL = ["render.views=4", "render.width=32", "render.height=24", "render.n_points=300",
-         "render.resources.batch_size=2", "ray.progress_bars=false"]
+         "render.resources.render.batch_size=2", "ray.progress_bars=false"]
 
 
-def small_config(root: str, *extra: str, storage=None) -> PartliftConfig:
+def small_config(root: str, *extra: str, storage=None, model: type = DemoJob) -> DemoJob:
     overrides = [*SMALL, *extra]
     if storage is not None:
         overrides += [f"storage.endpoint_url={storage.endpoint_url}",
                       f"storage.access_key_id={storage.access_key_id}",
                       f"storage.secret_access_key={storage.secret_access_key}"]
-    return load_config((), overrides, root=root)
+    return load_config((), overrides, root=root, model=model)
 
 
 def counts(root: RunRoot) -> dict[str, int]:

@@ -12,10 +12,10 @@ from operators.models.labeling import prompts_for
 from operators.store.storage import RunRoot, table_columns
 from operators.data.taxonomy import load_taxonomy
 from rayjobs.assets_job import run_assets_make, run_assets_scan
-from rayjobs.config import ConfigError, load_config
+from rayjobs.config import ConfigError, PipelineJob, load_config
 from rayjobs.label_job import run_label
 from rayjobs.render_job import run_render
-from rayjobs.runtime import JobFailedError
+from rayjobs.errors import JobFailedError
 from tests.rayjobs.test_jobs import small_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
@@ -59,7 +59,7 @@ def test_label_counts_resume_and_contents(tmp_path: Path) -> None:
     assert all(len(b["boxes"]) == len(b["scores"]) for b in boxes)
     assert all(0 <= x <= 32 for b in boxes for box in b["boxes"] for x in box[0::2])
     record = root.read_json("labels/_job.json")
-    assert record["config"]["label"]["backend"] == "oracle"
+    assert record["config"]["label"]["backend"]["name"] == "oracle"
     assert record["counts"]["skipped_done"] == 3  # the last run (the no-op one) wrote it
 
 
@@ -84,11 +84,11 @@ def test_label_before_render_and_missing_model_path_are_clear(tmp_path: Path) ->
     run_assets_make(small_config(uri, "assets.n=1"))
     with pytest.raises(FileNotFoundError, match="partlift render"):
         run_label(small_config(uri))
-    with pytest.raises(ConfigError, match="label.model_path"):
+    with pytest.raises(ConfigError, match="label.backend.model_path is required"):
         run_label(load_config((), ["label.backend=hf-zero-shot"], root=uri))
     with pytest.raises(ConfigError, match=r"no model there (.|\n)* `hf download"):
         run_label(load_config((), ["label.backend=hf-zero-shot",
-                                   f"label.model_path={tmp_path / 'nothing'}"], root=uri))
+                                   f"label.backend.model_path={tmp_path / 'nothing'}"], root=uri))
 
 
 def test_streaming_pipeline_renders_new_assets_and_reads_back_rendered_ones(tmp_path: Path) -> None:
@@ -98,12 +98,12 @@ def test_streaming_pipeline_renders_new_assets_and_reads_back_rendered_ones(tmp_
     run_assets_make(small_config(uri, "assets.n=2"))
     run_render(small_config(uri))                     # two assets rendered, not labelled
     run_assets_make(small_config(uri, "assets.n=4"))  # two more, not rendered
-    [report] = run_pipeline(small_config(uri, f"label.trials={TRIALS}"))
+    [report] = run_pipeline(small_config(uri, f"label.trials={TRIALS}", model=PipelineJob))
     assert (report.ok, report.failed) == (4, 0)
     assert report.units == {"rendered in this run": 2, "loaded from storage": 2}
     assert root.read_table("views", columns=["asset_id"]).num_rows == 4 * 4  # no re-render
     assert label_counts(root) == expected_counts(root, views=4)
-    [again] = run_pipeline(small_config(uri, f"label.trials={TRIALS}"))
+    [again] = run_pipeline(small_config(uri, f"label.trials={TRIALS}", model=PipelineJob))
     assert (again.ok, again.skipped_done) == (0, 4)
     assert label_counts(root) == expected_counts(root, views=4)
     assert root.read_json("views/_job.json")["stage"] == "pipeline render->label"
@@ -111,7 +111,7 @@ def test_streaming_pipeline_renders_new_assets_and_reads_back_rendered_ones(tmp_
 
 def test_pipeline_stage_order_is_validated() -> None:
     with pytest.raises(ConfigError, match="sub-sequence"):
-        load_config((), ["pipeline.stages=[label, render]"])
+        load_config((), ["pipeline.stages=[label, render]"], model=PipelineJob)
 
 
 def test_transformers_detector_backend_on_the_actor_pool(tmp_path: Path) -> None:
@@ -124,8 +124,8 @@ def test_transformers_detector_backend_on_the_actor_pool(tmp_path: Path) -> None
     uri = str(tmp_path / "run")
     run_assets_make(small_config(uri, "assets.n=2", "assets.categories=[mug, knife]"))
     run_render(small_config(uri))
-    report = run_label(small_config(uri, "label.backend=hf-zero-shot", f"label.model_path={model}",
-                                    "label.box_threshold=0.0", f"label.trials={TRIALS}"))
+    report = run_label(small_config(uri, "label.backend=hf-zero-shot", f"label.backend.model_path={model}",
+                                    "label.backend.box_threshold=0.0", f"label.trials={TRIALS}"))
     root = RunRoot(uri)
     assert (report.ok, report.failed) == (2, 0)
     assert label_counts(root) == expected_counts(root, views=4)
@@ -139,7 +139,7 @@ def test_transformers_detector_backend_on_the_actor_pool(tmp_path: Path) -> None
 def test_openai_endpoint_backend_and_malformed_answers(tmp_path: Path) -> None:
     """The openai backend through the actor pool against a real local chat-completions server:
     answers with Qwen JSON boxes land as labels; an asset whose answers carry no parseable
-    boxes becomes an error row (label.strict_output) and the other asset still lands."""
+    boxes becomes an error row (label.backend.strict_output) and the other asset still lands."""
     from tests.chat_server import ChatServer
 
     def script(index: int, body: dict) -> tuple[int, dict, float]:
@@ -153,8 +153,8 @@ def test_openai_endpoint_backend_and_malformed_answers(tmp_path: Path) -> None:
         uri = str(tmp_path / "run")
         run_assets_make(small_config(uri, "assets.n=2", "assets.categories=[mug, knife]"))
         run_render(small_config(uri))
-        settings = ["label.backend=openai", f"label.base_url={server.url}", "label.model=tiny",
-                    "label.vlm_style=qwen", "label.trials=1", "job.max_error_fraction=0.5"]
+        settings = ["label.backend=openai", f"label.backend.base_url={server.url}",
+                    "label.backend.model=tiny", "label.backend.style=qwen", "label.trials=1", "job.max_error_fraction=0.5"]
         report = run_label(small_config(uri, *settings))
     finally:
         server.close()
@@ -177,14 +177,14 @@ def test_generative_vlm_backend_on_the_actor_pool(tmp_path: Path) -> None:
     uri = str(tmp_path / "run")
     run_assets_make(small_config(uri, "assets.n=1", "assets.categories=[knife]"))
     run_render(small_config(uri))
-    vlm = ["label.backend=hf-vlm", f"label.model_path={model}", "label.max_new_tokens=8",
+    vlm = ["label.backend=hf-vlm", f"label.backend.model_path={model}", "label.backend.max_new_tokens=8",
            "label.trials=1"]
     with pytest.raises(JobFailedError, match="1 of 1 assets failed"):
         run_label(small_config(uri, *vlm))
     root = RunRoot(uri)
     [error] = [e for e in root.read_table("errors").to_pylist() if e["stage"] == "label"]
     assert error["error_type"] == "GroundingOutputError"
-    report = run_label(small_config(uri, *vlm, "label.strict_output=false"))
+    report = run_label(small_config(uri, *vlm, "label.backend.strict_output=false"))
     assert (report.ok, report.failed) == (1, 0)
     assert label_counts(root) == expected_counts(root, views=4) | {
         "labels/boxes": expected_counts(root, views=4)["labels/boxes"] // TRIALS}

@@ -12,6 +12,7 @@ from operators.models.registry import BackboneNotFoundError
 from operators.store.storage import RunRoot, table_columns
 from rayjobs.assets_job import run_assets_make
 from rayjobs.cli import main
+from rayjobs.config import PipelineJob
 from rayjobs.lift_job import run_lift
 from rayjobs.render_job import run_render
 from tests.rayjobs.test_jobs import small_config
@@ -43,7 +44,7 @@ def test_lift_writes_point_and_view_features_and_resumes(tmp_path: Path) -> None
 def test_missing_pretrained_backbone_fails_fast_naming_where_it_looked(tmp_path: Path) -> None:
     with pytest.raises(BackboneNotFoundError, match="import-onnx"):
         run_lift(small_config(str(tmp_path), "lift.backbone=dinov2-small",
-                              f"lift.model_path={tmp_path / 'nothing-here'}"))
+                              f"lift.backbone.model_path={tmp_path / 'nothing-here'}"))
 
 
 def test_unknown_backbone_is_a_one_line_cli_error(tmp_path: Path) -> None:
@@ -60,13 +61,14 @@ def test_render_lift_stream_then_label_from_storage(tmp_path: Path) -> None:
     root = RunRoot(uri)
     run_assets_make(small_config(uri, "assets.n=2"))
     reports = run_pipeline(small_config(uri, "pipeline.stages=[render, label, lift]",
-                                        "lift.n_points=64", "label.trials=1"))
+                                        "lift.n_points=64", "label.trials=1", model=PipelineJob))
     assert [r.stage for r in reports] == ["pipeline render->label", "lift"]
     assert [r.ok for r in reports] == [2, 2]
     assert root.read_table("views", columns=["asset_id"]).num_rows == 8  # rendered once
     assert root.read_table("features/points", columns=["asset_id"]).num_rows == 2
     run_assets_make(small_config(uri, "assets.n=3"))  # one new asset: render -> lift streams it
-    [stream] = run_pipeline(small_config(uri, "pipeline.stages=[render, lift]", "lift.n_points=64"))
+    [stream] = run_pipeline(small_config(uri, "pipeline.stages=[render, lift]", "lift.n_points=64",
+                                          model=PipelineJob))
     assert (stream.ok, stream.skipped_done) == (1, 2)
     assert stream.units == {"rendered in this run": 1, "loaded from storage": 0}
     assert root.read_table("features/points", columns=["asset_id"]).num_rows == 3
@@ -75,7 +77,7 @@ def test_render_lift_stream_then_label_from_storage(tmp_path: Path) -> None:
 @pytest.mark.ray
 @pytest.mark.usefixtures("ray_session")
 def test_more_lift_points_than_rendered_is_an_error_per_asset(tmp_path: Path) -> None:
-    from rayjobs.runtime import JobFailedError
+    from rayjobs.errors import JobFailedError
     uri = str(tmp_path / "run")
     run_assets_make(small_config(uri, "assets.n=1"))
     run_render(small_config(uri))
@@ -86,8 +88,8 @@ def test_more_lift_points_than_rendered_is_an_error_per_asset(tmp_path: Path) ->
 @pytest.mark.ray
 @pytest.mark.usefixtures("ray_session")
 def test_gpu_actors_only_when_the_cluster_has_gpus() -> None:
-    from rayjobs.config import StageResources
+    from rayjobs.config import StepResources
     from rayjobs.resources import map_batches_args
-    assert "num_gpus" not in map_batches_args(StageResources(), actors=True)  # CPU-only cluster
-    assert map_batches_args(StageResources(num_gpus=0.5), actors=True)["num_gpus"] == 0.5
-    assert "num_gpus" not in map_batches_args(StageResources(), actors=False)
+    assert "num_gpus" not in map_batches_args(StepResources(), actors=True)  # CPU-only cluster
+    assert map_batches_args(StepResources(num_gpus=0.5), actors=True)["num_gpus"] == 0.5
+    assert "num_gpus" not in map_batches_args(StepResources(), actors=False)

@@ -408,7 +408,7 @@ def test_missing_model_path_fails_fast_with_instructions(tmp_path: Path) -> None
         with pytest.raises(ModelNotFoundError) as caught:
             make_backend(name, model_path=str(missing))
         message = str(caught.value)
-        assert str(missing) in message and "--local-dir" in message and "label.model_path" in message
+        assert str(missing) in message and "--local-dir" in message and "label.backend.model_path" in message
         assert time.monotonic() - started < 5
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):

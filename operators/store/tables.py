@@ -1,0 +1,111 @@
+"""The data contract: every table a run root holds, its keys and columns, and which stage writes
+it (DESIGN §3). Jobs write these tables, trainers and the scorer read them, `partlift status`
+lists them; all of them take the names from here. A table added later is one `Table` here (and
+one `StageOutput` when a new stage writes it).
+
+A stage writes one shard per batch into each of its tables under the same shard name, the commit
+table last (`RunRoot.write_shard_set`): an asset is done when the commit table holds it, and
+shards of the other tables without a commit counterpart are leftovers of a killed run that
+`StageOutput.prepare` removes before the next one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from operators.store.storage import RunRoot
+
+JOB_RECORD = "_job.json"
+
+
+@dataclass(frozen=True)
+class Table:
+    """One table: `<root>/<name>/part-*.parquet`, one row per `keys`, promising `columns`."""
+
+    name: str
+    keys: tuple[str, ...]
+    columns: tuple[str, ...]
+    description: str
+
+    @property
+    def all_columns(self) -> tuple[str, ...]:
+        return self.keys + self.columns
+
+
+ASSETS = Table("assets", ("asset_id",),
+               ("uri", "category", "functions", "bbox", "n_vertices", "n_faces", "source",
+                "source_key", "up_axis", "part_names", "part_functions", "part_frames",
+                "face_part"),
+               "the manifest: mesh URI, category, functions, bbox, vertex and face counts, "
+               "source; procedural assets add part names, functions, frames, per-face parts")
+VIEWS = Table("views", ("asset_id", "view_id"),
+              ("rgb", "depth", "mask", "face_id", "K", "cam_to_world", "normal"),
+              "rendered views: uint8 rgb, float32 depth (0 = background), bool mask, int32 "
+              "face ids, K, OpenCV cam_to_world, float16 normals")
+POINTS = Table("points", ("asset_id",), ("xyz", "normal", "face_id", "part"),
+               "surface samples per asset at a fixed N (part = procedural part index, -1 else)")
+LABEL_BOXES = Table("labels/boxes", ("asset_id", "view_id", "function", "part", "trial"),
+                    ("boxes", "scores"), "grounding boxes of every prompt, view and trial")
+LABEL_MASKS = Table("labels/masks", ("asset_id", "view_id", "function", "part"), ("mask",),
+                    "per-view pseudo-label masks (3D-aggregated)")
+LABEL_POINTS = Table("labels/points", ("asset_id", "function", "part"), ("score",),
+                     "per-point pseudo-label scores 0-1 (float16)")
+FEATURE_VIEWS = Table("features/views", ("asset_id", "view_id"), ("features",),
+                      "cached backbone patch grids per view (float16)")
+FEATURE_POINTS = Table("features/points", ("asset_id",),
+                       ("point_index", "xyz", "features", "n_views_seen"),
+                       "lifted per-point features (float16) of a point subsample")
+ERRORS = Table("errors", ("stage", "job_id", "asset_id", "view_id"),
+               ("error_type", "message", "time"), "row-level failures of every job")
+
+TABLES: dict[str, Table] = {t.name: t for t in (ASSETS, VIEWS, POINTS, LABEL_BOXES, LABEL_MASKS,
+                                                LABEL_POINTS, FEATURE_VIEWS, FEATURE_POINTS,
+                                                ERRORS)}
+
+# Per-view arrays a downstream stage reads (normals stay in the table only).
+VIEW_ARRAYS = ("rgb", "depth", "mask", "face_id", "K", "cam_to_world")
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """The tables one stage writes, in write order: the last is the commit table. The stage's
+    `_job.json` lives in `record_dir`."""
+
+    stage: str
+    tables: tuple[Table, ...]
+    record_dir: str
+
+    @property
+    def commit(self) -> Table:
+        return self.tables[-1]
+
+    @property
+    def record(self) -> str:
+        return f"{self.record_dir}/{JOB_RECORD}"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tables)
+
+    def done(self, root: RunRoot) -> set[str]:
+        """Asset ids the commit table holds."""
+        return root.ids_in(self.commit.name)
+
+    def prepare(self, root: RunRoot, overwrite: bool) -> tuple[set[str], list[str]]:
+        """Asset ids already done and the uncommitted shards removed; with `overwrite`, delete
+        the tables and this stage's errors/ rows and start from nothing."""
+        if overwrite:
+            for table in self.tables:
+                root.delete_table(table.name)
+            root.delete_shards(ERRORS.name, f"{self.stage}-")
+            return set(), []
+        removed = root.remove_uncommitted(self.names, self.commit.name)
+        return self.done(root), removed
+
+
+ASSETS_OUTPUT = StageOutput("assets", (ASSETS,), record_dir="assets")
+RENDER_OUTPUT = StageOutput("render", (VIEWS, POINTS), record_dir="views")
+LABEL_OUTPUT = StageOutput("label", (LABEL_BOXES, LABEL_MASKS, LABEL_POINTS), record_dir="labels")
+LIFT_OUTPUT = StageOutput("lift", (FEATURE_VIEWS, FEATURE_POINTS), record_dir="features")
+STAGE_OUTPUTS: dict[str, StageOutput] = {o.stage: o for o in (ASSETS_OUTPUT, RENDER_OUTPUT,
+                                                              LABEL_OUTPUT, LIFT_OUTPUT)}

@@ -1,0 +1,75 @@
+"""partlift from Python: every job as a function of a config object (the CLI is a thin layer over
+these). Build a config with the job's model (keyword sections, dicts or section objects) or with
+`load_config(files, overrides, model=...)`, then call the job; each returns what the CLI prints
+(a `StageReport`, or a list of them).
+
+    from rayjobs.api import RenderJob, render
+    report = render(RenderJob(root="./run", render={"views": 8, "n_points": 20_000}))
+    print(report.ok, report.failed, report.outputs)
+
+Jobs start a private local Ray unless `ray.address` (or RAY_ADDRESS) names a cluster, and leave
+it running for the next call in the same process (`ray.shutdown()` to stop it). This module is
+light to import: Ray, open3d and torch load when a job runs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rayjobs.config import (AssetsJob, DemoJob, LabelJob, LiftJob, PipelineJob, RenderJob,
+                            StatusJob, load_config)
+
+if TYPE_CHECKING:
+    from rayjobs.driver import StageReport
+
+__all__ = ["AssetsJob", "RenderJob", "LabelJob", "LiftJob", "PipelineJob", "DemoJob",
+           "StatusJob", "load_config", "assets_make", "assets_scan", "render", "label", "lift",
+           "run", "demo", "status"]
+
+
+def assets_make(config: AssetsJob) -> "StageReport":
+    """Procedural assets into the manifest (`partlift assets make`)."""
+    from rayjobs.assets_job import run_assets_make
+    return run_assets_make(config)
+
+
+def assets_scan(config: AssetsJob) -> "StageReport":
+    """Mesh files under `assets.input` into the manifest (`partlift assets scan`)."""
+    from rayjobs.assets_job import run_assets_scan
+    return run_assets_scan(config)
+
+
+def render(config: RenderJob) -> "StageReport":
+    """Views and surface points of every asset (`partlift render`)."""
+    from rayjobs.render_job import run_render
+    return run_render(config)
+
+
+def label(config: LabelJob) -> "StageReport":
+    """Functional-part pseudo-labels of every rendered asset (`partlift label`)."""
+    from rayjobs.label_job import run_label
+    return run_label(config)
+
+
+def lift(config: LiftJob) -> "StageReport":
+    """Backbone features lifted onto every rendered asset's points (`partlift lift`)."""
+    from rayjobs.lift_job import run_lift
+    return run_lift(config)
+
+
+def run(config: PipelineJob) -> list["StageReport"]:
+    """The stages of `pipeline.stages` streamed together (`partlift run`)."""
+    from rayjobs.pipeline_job import run_pipeline
+    return run_pipeline(config)
+
+
+def demo(config: DemoJob) -> list["StageReport"]:
+    """The embedded default end to end, with pictures (`partlift demo`)."""
+    from rayjobs.demo import run_demo
+    return run_demo(config)
+
+
+def status(config: StatusJob) -> None:
+    """Print what a run root holds (`partlift status`)."""
+    from rayjobs.status import print_status
+    print_status(config)

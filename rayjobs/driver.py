@@ -1,0 +1,296 @@
+"""The stage driver: the skeleton every data job shares, written once.
+
+A stage (`Stage`) declares its name, the outputs it writes (`operators.store.tables`), how it
+checks its settings, reads its input, plans the work from what its outputs already hold, and
+runs that work as a Ray Data stream. `run_stage` owns the rest, in this order:
+
+    check settings -> reach the run root -> read the input (before Ray: a missing input is an
+    error naming the command that makes it) -> start or join Ray -> clock, job id -> prepare the
+    outputs (remove uncommitted shards, or clear them with --overwrite) -> plan -> run ->
+    count ok rows and this job's errors/ rows -> `_job.json` beside every output -> summary ->
+    fail when the error fraction passes job.max_error_fraction.
+
+Workers report failures through `AssetErrors`: a failed asset becomes an `errors/` row and leaves
+the stream, the rest of the batch goes on. A job's failures are counted from its own errors/
+rows, so ok + failed = processed holds whichever step of a stream failed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import ray
+import ray.data
+
+from operators.store.records import (AssetCounts, ErrorSummary, JobRecord, error_row, job_errors,
+                                     new_job_id, write_errors, write_job_record)
+from operators.store.storage import RunRoot, StorageOptions, shard_name
+from operators.store.tables import ERRORS, StageOutput
+from rayjobs.config import JobBase, RayConfig, StepResources
+from rayjobs.errors import JobFailedError
+from rayjobs.resources import map_batches_args
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+def ray_init_kwargs(cfg: RayConfig, environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """How to start or join Ray. An address (`ray.address`, else `RAY_ADDRESS`, which a submitted
+    Ray Job has) joins that cluster as it is: no CPU count, auth as the cluster has it. Without
+    one, a private local Ray: `address="local"`, because a bare `ray.init()` joins whatever
+    cluster `ray start` left recorded on the machine."""
+    address = cfg.address or environ.get("RAY_ADDRESS") or "local"
+    if address != "local":
+        return {"address": address, "log_to_driver": True, "logging_level": "WARNING"}
+    return {"address": "local", "num_cpus": cfg.num_cpus, "include_dashboard": cfg.include_dashboard,
+            "dashboard_host": cfg.dashboard_host, "log_to_driver": True,
+            "configure_logging": True, "logging_level": "WARNING"}
+
+
+def ensure_ray(cfg: RayConfig) -> None:
+    """Join the configured cluster or start a private local Ray (dashboard on 127.0.0.1)."""
+    if not ray.is_initialized():
+        kwargs = ray_init_kwargs(cfg)
+        if kwargs["address"] == "local":
+            # A private cluster: Ray 2.60's token auth would only add a warning and a file here.
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(**kwargs)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = cfg.progress_bars
+    context.print_on_execution_start = False
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a Ray task or actor of a job needs to reach the root and report (picklable)."""
+
+    root_uri: str
+    storage: StorageOptions
+    job_id: str
+
+    def root(self) -> RunRoot:
+        return RunRoot(self.root_uri, self.storage)
+
+
+class AssetErrors:
+    """The per-asset "do it, or record an error row" pattern of every worker.
+
+    `attempt(items, work, asset_of)` yields (item, result) for the items whose `work` succeeded;
+    an exception becomes an `errors/` row for `asset_of(item)` and the batch goes on. `write`
+    puts the rows of the batch into one errors/ shard."""
+
+    def __init__(self, stage: str, task: TaskContext) -> None:
+        self.stage, self.task = stage, task
+        self.rows: list[dict[str, Any]] = []
+
+    def record(self, asset_id: str, err: BaseException | str, error_type: str | None = None,
+               view_id: int = -1) -> None:
+        self.rows.append(error_row(self.stage, self.task.job_id, asset_id, err, view_id=view_id,
+                                   error_type=error_type))
+
+    def attempt(self, items: Iterable[T], work: Callable[[T], R], asset_of: Callable[[T], str],
+                describe: Callable[[T, Exception], str] | None = None) -> Iterator[tuple[T, R]]:
+        for item in items:
+            try:
+                result = work(item)
+            except Exception as err:  # row-level: recorded in errors/, the batch goes on
+                message = describe(item, err) if describe is not None else str(err)
+                self.record(asset_of(item), message, error_type=type(err).__name__)
+                continue
+            yield item, result
+
+    @property
+    def failed_ids(self) -> set[str]:
+        return {r["asset_id"] for r in self.rows}
+
+    def write(self, shard: str | None = None, root: RunRoot | None = None) -> None:
+        """Write this batch's rows (`shard` names the batch; default: from the failed ids)."""
+        if self.rows:
+            name = shard or shard_name(r["asset_id"] for r in self.rows)
+            write_errors(root or self.task.root(), self.stage, self.task.job_id, name, self.rows)
+
+
+def columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Row dicts -> a batch of columns (what a Ray Data step returns); {} for no rows."""
+    return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
+
+
+def items_dataset(items: Sequence[dict], batch_size: int) -> ray.data.Dataset:
+    """A dataset of work items in blocks of one task batch each."""
+    return ray.data.from_items(list(items), override_num_blocks=max(1, -(-len(items) // batch_size)))
+
+
+def map_tasks(ds: ray.data.Dataset, fn: Callable[..., Any], resources: StepResources,
+              **fn_kwargs: Any) -> ray.data.Dataset:
+    """A step of stateless CPU tasks."""
+    return ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_format="numpy",
+                          **map_batches_args(resources, actors=False))
+
+
+def map_actors(ds: ray.data.Dataset, cls: type, resources: StepResources,
+               **constructor_kwargs: Any) -> ray.data.Dataset:
+    """A step on an actor pool (models loaded once per actor; GPUs when the cluster has them)."""
+    return ds.map_batches(cls, fn_constructor_kwargs=constructor_kwargs, batch_format="numpy",
+                          **map_batches_args(resources, actors=True))
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """One run of a stage: its config, root, job id and clock."""
+
+    config: JobBase
+    root: RunRoot
+    job_id: str
+    started: float
+
+    @property
+    def task(self) -> TaskContext:
+        return TaskContext(self.config.root, self.config.storage.options(), self.job_id)
+
+
+@dataclass
+class Plan:
+    """The work of one run: `items` (one dict per asset or file to process now), how many
+    inputs there are in all, and how many of those are already done."""
+
+    items: list[dict[str, Any]]
+    input_count: int
+    skipped_done: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage(Generic[T]):
+    """A data stage: a declaration plus its stream. Subclasses set `name` and `outputs` and
+    implement `read_input`, `plan` and `execute`; the rest has defaults."""
+
+    name: str = ""                       # recorded in _job.json and the summary
+    id_prefix: str = ""                  # job ids start with it (default: name)
+    outputs: tuple[StageOutput, ...] = ()
+    creates_root: bool = False           # a missing local root is created, not an error
+
+    def check(self, config: Any) -> None:
+        """Settings checks that need no Ray (raise ConfigError)."""
+
+    def read_input(self, root: RunRoot, config: Any) -> T:
+        """The stage's input, read before Ray starts; FileNotFoundError when there is none."""
+        raise NotImplementedError
+
+    def plan(self, ctx: JobContext, source: T, done: set[str]) -> Plan:
+        raise NotImplementedError
+
+    def execute(self, ctx: JobContext, plan: Plan) -> Iterable[dict[str, Any]]:
+        """Run the planned work; yields one summary row (asset_id, status) per finished item."""
+        raise NotImplementedError
+
+    def inputs(self, ctx: JobContext) -> dict[str, str]:
+        """Input URIs and settings recorded in _job.json."""
+        return {}
+
+    def units(self, ctx: JobContext, plan: Plan, ok: int) -> dict[str, int]:
+        """Named counts for the summary (views, points, ...)."""
+        return {}
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """What a stage run did: printed as the summary, written as `_job.json`."""
+
+    stage: str
+    job_id: str
+    root: str
+    inputs: Mapping[str, str]
+    outputs: Mapping[str, str]
+    started: float
+    ended: float
+    counts: AssetCounts
+    errors: ErrorSummary
+    removed_uncommitted: list[str]
+
+    ok = property(lambda self: self.counts.ok)
+    failed = property(lambda self: self.counts.failed)
+    skipped_done = property(lambda self: self.counts.skipped_done)
+    input_count = property(lambda self: self.counts.input)
+    units = property(lambda self: dict(self.counts.units))
+    seconds = property(lambda self: self.ended - self.started)
+
+    def record(self, config: JobBase) -> JobRecord:
+        return JobRecord(stage=self.stage, job_id=self.job_id, root=self.root,
+                         config=config.redacted(), inputs=self.inputs, outputs=self.outputs,
+                         started=self.started, ended=self.ended, name=config.job.name,
+                         counts=self.counts, errors=self.errors,
+                         extra={"removed_uncommitted_shards": self.removed_uncommitted})
+
+    def summary_lines(self) -> list[str]:
+        rate = lambda n: f"{n / self.seconds:.2f}/s" if self.seconds > 0 and n else "-"  # noqa: E731
+        errors_at = f"{self.root.rstrip('/')}/{ERRORS.name}/"
+        rows = [("stage", self.stage), ("input assets", str(self.input_count)),
+                ("already done (skipped)", str(self.skipped_done)),
+                ("processed ok", f"{self.ok}  ({rate(self.ok)})"),
+                ("failed", f"{self.failed}" + (f"  -> {errors_at}" if self.failed else ""))]
+        rows += [(name, f"{n}  ({rate(n)})") for name, n in self.units.items()]
+        rows += [("wall time", f"{self.seconds:.1f} s")]
+        rows += [(f"output {k}", v) for k, v in self.outputs.items()]
+        if self.counts.processed == 0:
+            rows.append(("note", "nothing to do: every input is already done (use --overwrite "
+                                 "to redo)"))
+        width = max(len(k) for k, _ in rows)
+        return [f"  {k.ljust(width)}  {v}" for k, v in rows]
+
+
+def run_stage(config: JobBase, stage: Stage[Any]) -> StageReport:
+    """Run `stage` on `config` (see the module docstring)."""
+    stage.check(config)
+    root = RunRoot(config.root, config.storage.options())
+    root.check_reachable(create=stage.creates_root)
+    source = stage.read_input(root, config)
+    ensure_ray(config.ray)  # before the clock: throughput excludes cluster start-up
+    ctx = JobContext(config, root, new_job_id(stage.id_prefix or stage.name), time.time())
+    done: set[str] = set()
+    removed: list[str] = []
+    for output in stage.outputs:  # the last output's done set is the stage's
+        done, removed_here = output.prepare(root, config.job.overwrite)
+        removed += removed_here
+    plan = stage.plan(ctx, source, done)
+    ok = sum(1 for s in stage.execute(ctx, plan) if s["status"] == "ok") if plan.items else 0
+    failures = job_errors(root, ctx.job_id)
+    counts = AssetCounts(input=plan.input_count, skipped_done=plan.skipped_done, ok=ok,
+                         failed=len({f["asset_id"] for f in failures}),
+                         units=stage.units(ctx, plan, ok))
+    report = StageReport(
+        stage=stage.name, job_id=ctx.job_id, root=root.display(), inputs=stage.inputs(ctx),
+        outputs={t.name: root.display(t.name) + "/" for o in stage.outputs for t in o.tables},
+        started=ctx.started, ended=time.time(), counts=counts, errors=ErrorSummary.of(failures),
+        removed_uncommitted=removed)
+    return finish(root, config, report, [o.record_dir for o in stage.outputs])
+
+
+def finish(root: RunRoot, config: JobBase, report: StageReport,
+           record_dirs: Sequence[str]) -> StageReport:
+    """Write the job record beside every output, print the summary, and fail the job when the
+    error fraction passes `job.max_error_fraction`."""
+    places = write_job_record(root, report.record(config), record_dirs)
+    print(f"\n{report.stage} finished:")
+    print("\n".join(report.summary_lines()))
+    processed = report.counts.processed
+    if processed and report.failed / processed > config.job.max_error_fraction:
+        raise JobFailedError(
+            f"{report.stage}: {report.failed} of {processed} assets failed "
+            f"({report.failed / processed:.0%} > job.max_error_fraction="
+            f"{config.job.max_error_fraction:g}); the good rows were written. First errors:\n  "
+            + "\n  ".join(report.errors.examples)
+            + f"\nAll errors: {root.display(ERRORS.name)}/, record: {places[0]}")
+    return report

@@ -1,0 +1,7 @@
+"""Failures a user sees as one line (no traceback); light to import, for the client."""
+
+from __future__ import annotations
+
+
+class JobFailedError(RuntimeError):
+    """Too many rows failed (above job.max_error_fraction); the message says where to look."""

@@ -33,18 +33,26 @@ from dataclasses import dataclass
 import numpy as np
 import psutil
 
+from operators.data.procedural import PROCEDURAL_CATEGORIES, ProceduralAsset, make_asset
+from operators.data.taxonomy import load_taxonomy
+from operators.geometry.aggregate import boxes_to_mask, vote_counts
+from operators.geometry.cameras import project_points, visibility
+from operators.geometry.render import RenderedViews, SurfaceSamples, render_asset
+from operators.metrics.segmentation import mask_iou, point_precision_recall
+from operators.models.grounding import OracleBackend, OracleNoise
+from operators.models.labeling import (
+    BoxesPerView,
+    GroundTruthParts,
+    PartPrompt,
+    aggregate_asset,
+    ground_asset,
+    label_asset,
+    prompts_for,
+)
+from operators.settings import LabelSettings, RenderSettings
+
 from reference import reference_cameras, visible_pixel
 from results import write_section
-from operators.geometry.aggregate import boxes_to_mask, mask_iou, vote_counts
-from operators.geometry.cameras import project_points, visibility
-from operators.models.grounding import OracleBackend, OracleNoise
-from operators.models.labeling import (BoxesPerView, GroundTruthParts, PartPrompt, aggregate_asset,
-                                       ground_asset, label_asset, prompts_for)
-from operators.settings import LabelSettings
-from operators.data.procedural import PROCEDURAL_CATEGORIES, ProceduralAsset, make_asset
-from operators.geometry.render import RenderedViews, SurfaceSamples, render_asset
-from operators.settings import RenderSettings
-from operators.data.taxonomy import load_taxonomy
 
 SECTION = "## Label stage (pseudo-labelling quality and aggregation speed)"
 
@@ -148,12 +156,8 @@ def score_views(level: str, asset: Asset, prompt: PartPrompt, boxes: BoxesPerVie
 
 def score_points(level: str, scores: np.ndarray, gt_points: np.ndarray,
                  seen: np.ndarray) -> PointScore:
-    predicted = scores >= POINT_SCORE_THRESHOLD
-    hits = int(np.count_nonzero(predicted & gt_points))
-    n_pred = int(predicted.sum())
-    n_gt = int(np.count_nonzero(gt_points & seen))
-    return PointScore(level, hits / n_pred if n_pred else float("nan"),
-                      int(np.count_nonzero(predicted & gt_points & seen)) / n_gt if n_gt else float("nan"))
+    precision, recall = point_precision_recall(scores, gt_points, seen, POINT_SCORE_THRESHOLD)
+    return PointScore(level, precision, recall)
 
 
 def run_quality(assets: Sequence[Asset], prompts: Sequence[Sequence[PartPrompt]],

@@ -45,15 +45,23 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-
 from bench_label import ASSET_SEED_STRIDE, Asset, build_assets, median_seconds
+
+from operators.data.procedural import PROCEDURAL_CATEGORIES
+from operators.geometry.cameras import project_points, visibility
+from operators.geometry.lift import lift_features, sample_patch_grid, subsample_points
+from operators.metrics.probes import (
+    accuracies,
+    knn_predict,
+    majority_predict,
+    ridge_predict,
+    standardise,
+)
+from operators.models.backbones import ImageBackbone, load_backbone
+from operators.settings import RenderSettings
+
 from reference import reference_cameras, visible_pixel
 from results import PeakTreeMemory, write_section
-from operators.geometry.cameras import project_points, visibility
-from operators.models.backbones import ImageBackbone, load_backbone
-from operators.geometry.lift import lift_features, sample_patch_grid, subsample_points
-from operators.data.procedural import PROCEDURAL_CATEGORIES
-from operators.settings import RenderSettings
 
 SECTION = "## Lift stage (2D-to-3D feature lifting)"
 
@@ -281,61 +289,16 @@ def run_backbone(label: str, backbone: ImageBackbone, assets: Sequence[Asset],
 # ---------------------------------------------------------------------------------------------
 
 
-def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean = train.mean(axis=0)
-    std = np.maximum(train.std(axis=0), 1e-6)  # random-tiny features may have near-constant channels
-    return (train - mean) / std, (test - mean) / std
-
-
-def knn_predict(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, n_classes: int,
-                k: int = KNN_K) -> np.ndarray:
-    """Majority vote of the k nearest training points (Euclidean, z-scored features); ties go
-    to the class whose members rank nearer (each vote weighs 1 + 1e-3 x (k - rank))."""
-    k = min(k, train.shape[0])
-    train_sq = (train ** 2).sum(axis=1)
-    predictions = np.empty(test.shape[0], np.int64)
-    for start in range(0, test.shape[0], KNN_CHUNK):
-        block = test[start:start + KNN_CHUNK]
-        distance = train_sq[None, :] - 2.0 * block @ train.T  # + |test|^2: same for a whole row
-        nearest = np.argpartition(distance, k - 1, axis=1)[:, :k]
-        order = np.argsort(np.take_along_axis(distance, nearest, axis=1), axis=1)
-        nearest = np.take_along_axis(nearest, order, axis=1)
-        votes = np.zeros((block.shape[0], n_classes))
-        weights = 1.0 + 1e-3 * (k - np.arange(k))
-        np.add.at(votes, (np.repeat(np.arange(block.shape[0]), k), train_labels[nearest].ravel()),
-                  np.tile(weights, block.shape[0]))
-        predictions[start:start + KNN_CHUNK] = votes.argmax(axis=1)
-    return predictions
-
-
-def ridge_predict(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray,
-                  n_classes: int) -> np.ndarray:
-    """Closed-form ridge regression onto one-hot targets, one output per class (one-vs-rest),
-    unpenalised bias; the class with the largest output wins."""
-    x = np.concatenate([train, np.ones((train.shape[0], 1), train.dtype)], axis=1).astype(np.float64)
-    targets = np.eye(n_classes)[train_labels]
-    penalty = RIDGE_LAMBDA_PER_SAMPLE * train.shape[0] * np.eye(x.shape[1])
-    penalty[-1, -1] = 0.0
-    weights = np.linalg.solve(x.T @ x + penalty, x.T @ targets)
-    scores = np.concatenate([test, np.ones((test.shape[0], 1), test.dtype)], axis=1) @ weights
-    return scores.argmax(axis=1)
-
-
-def accuracies(predicted: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    """Accuracy and balanced accuracy (mean recall over the classes present in truth)."""
-    recalls = [float(np.mean(predicted[truth == c] == c)) for c in np.unique(truth)]
-    return float(np.mean(predicted == truth)), float(np.mean(recalls))
-
-
 def _scores(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray,
             n_classes: int, chance: bool) -> tuple[tuple[float, float], tuple[float, float]]:
     """((kNN acc, balanced), (linear acc, balanced)); chance: the majority training class for both."""
     if chance:
-        majority = np.full(test_labels.shape, np.bincount(train_labels, minlength=n_classes).argmax())
+        majority = majority_predict(train_labels, test_labels.size, n_classes)
         return accuracies(majority, test_labels), accuracies(majority, test_labels)
-    train, test = _standardise(train.astype(np.float32), test.astype(np.float32))
-    return (accuracies(knn_predict(train, train_labels, test, n_classes), test_labels),
-            accuracies(ridge_predict(train, train_labels, test, n_classes), test_labels))
+    train, test = standardise(train.astype(np.float32), test.astype(np.float32))
+    knn = knn_predict(train, train_labels, test, n_classes, k=KNN_K, chunk=KNN_CHUNK)
+    ridge = ridge_predict(train, train_labels, test, n_classes, RIDGE_LAMBDA_PER_SAMPLE)
+    return accuracies(knn, test_labels), accuracies(ridge, test_labels)
 
 
 def separability(name: str, lifted: Sequence[LiftedAsset], get: Callable[[LiftedAsset], np.ndarray],

@@ -28,6 +28,7 @@ from rayjobs.assets_job import run_assets_make  # noqa: E402
 from rayjobs.config import load_config  # noqa: E402
 from rayjobs.driver import TaskContext, ensure_ray  # noqa: E402
 from rayjobs.render_job import render_batch, run_render  # noqa: E402
+
 from results import PeakTreeMemory, write_section  # noqa: E402
 
 SECTION = "## Render stage"

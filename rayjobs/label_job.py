@@ -19,15 +19,30 @@ import ray.data
 
 from operators.data.taxonomy import load_taxonomy
 from operators.models.grounding import Box, GroundingBackend
-from operators.models.labeling import GroundTruthParts, PartPrompt, aggregate_asset, ground_asset, prompts_for
+from operators.models.labeling import (
+    GroundTruthParts,
+    PartPrompt,
+    aggregate_asset,
+    ground_asset,
+    prompts_for,
+)
 from operators.models.loading import resolve_device
 from operators.settings import LabelSettings
 from operators.store.ids import seed_for
 from operators.store.storage import concatenated, make_table, shard_name
 from operators.store.tables import LABEL_BOXES, LABEL_MASKS, LABEL_OUTPUT, LABEL_POINTS
 from rayjobs.config import LabelConfig, LabelJob, StepResources
-from rayjobs.driver import (AssetErrors, JobContext, Plan, StageReport, TaskContext, columns,
-                            map_actors, map_tasks, run_stage)
+from rayjobs.driver import (
+    AssetErrors,
+    JobContext,
+    Plan,
+    StageReport,
+    TaskContext,
+    columns,
+    map_actors,
+    map_tasks,
+    run_stage,
+)
 from rayjobs.streams import RenderedAssetsStage, keep_rows
 
 STAGE = "label"

@@ -24,8 +24,17 @@ from operators.store.ids import seed_for
 from operators.store.storage import concatenated, make_table, shard_name
 from operators.store.tables import FEATURE_POINTS, FEATURE_VIEWS, LIFT_OUTPUT
 from rayjobs.config import LiftConfig, LiftJob, StepResources
-from rayjobs.driver import (AssetErrors, JobContext, Plan, StageReport, TaskContext, columns,
-                            map_actors, map_tasks, run_stage)
+from rayjobs.driver import (
+    AssetErrors,
+    JobContext,
+    Plan,
+    StageReport,
+    TaskContext,
+    columns,
+    map_actors,
+    map_tasks,
+    run_stage,
+)
 from rayjobs.streams import RenderedAssetsStage, keep_rows
 
 STAGE = "lift"

@@ -23,8 +23,18 @@ from operators.store.readers import read_manifest
 from operators.store.storage import RunRoot, concatenated, make_table, shard_name
 from operators.store.tables import ASSETS, POINTS, RENDER_OUTPUT, VIEW_ARRAYS, VIEWS
 from rayjobs.config import RenderJob
-from rayjobs.driver import (AssetErrors, JobContext, Plan, Stage, StageReport, TaskContext,
-                            columns, items_dataset, map_tasks, run_stage)
+from rayjobs.driver import (
+    AssetErrors,
+    JobContext,
+    Plan,
+    Stage,
+    StageReport,
+    TaskContext,
+    columns,
+    items_dataset,
+    map_tasks,
+    run_stage,
+)
 
 STAGE = "render"
 RENDER_FIELDS = ("uri", "face_part", "up_axis")  # manifest fields a render task reads

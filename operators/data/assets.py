@@ -20,8 +20,8 @@ import numpy as np
 import open3d as o3d
 import pyarrow.fs as pafs
 
-from operators.store.ids import content_asset_id
 from operators.geometry.mesh import Mesh, MeshError, to_y_up, validate_mesh
+from operators.store.ids import content_asset_id
 from operators.store.storage import StorageOptions, read_uri_bytes, resolve_filesystem
 
 MESH_EXTENSIONS = (".obj", ".ply", ".stl", ".off", ".glb", ".gltf")

@@ -53,8 +53,8 @@ from typing import Callable
 
 import numpy as np
 
-from operators.geometry.mesh import Mesh
 from operators.data.taxonomy import Taxonomy, UnknownNameError, load_taxonomy
+from operators.geometry.mesh import Mesh
 
 
 @dataclass(frozen=True)

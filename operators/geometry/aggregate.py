@@ -4,7 +4,7 @@ DFC (dense-functional-correspondence) Appendix A.4 steps 3-4: every box (over vi
 votes for the surface points whose projection it contains while the point is visible; the
 normalised votes are projected back into each view, smoothed, Otsu-thresholded and closed into
 a binary mask. Also the optional zoom pass (A.4 step 2, small parts), an optional per-view
-consensus of the trials, and the quality helpers (mask IoU, the single-view box baseline).
+consensus of the trials, and the single-view box baseline (quality measures: operators.metrics).
 
 Conventions (shared across stages): OpenCV cameras, `cam_to_world` (V, 4, 4), `K` (V, 3, 3),
 continuous pixel frame where pixel (v, u) covers [u, u+1) x [v, v+1). Everything is vectorised
@@ -323,20 +323,6 @@ def boxes_from_crop(boxes: Sequence[Box], transform: CropTransform) -> list[Box]
 # ---------------------------------------------------------------------------------------------
 # Quality helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Intersection over union of two bool masks of the same shape.
-
-    Two empty masks count as IoU 1.0: the prediction "nothing here" is exactly right.
-    """
-    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
-    if pred.shape != gt.shape:
-        raise ValueError(f"mask_iou: shapes differ: {pred.shape} vs {gt.shape}")
-    union = int(np.count_nonzero(pred | gt))
-    if union == 0:
-        return 1.0
-    return int(np.count_nonzero(pred & gt)) / union
 
 
 def box_iou(a: Box, b: Box) -> float:

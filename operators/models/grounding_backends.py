@@ -38,9 +38,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from operators.models.registry import GROUNDING_BACKENDS
-from operators.models.loading import (ModelNotFoundError, load_pretrained, resolve_device,
-                                       resolve_dtype)
 from operators.models.grounding import (
     PROMPT_TEMPLATES,
     Box,
@@ -51,6 +48,13 @@ from operators.models.grounding import (
     _finish_box,
     parse_vlm_boxes,
 )
+from operators.models.loading import (
+    ModelNotFoundError,
+    load_pretrained,
+    resolve_device,
+    resolve_dtype,
+)
+from operators.models.registry import GROUNDING_BACKENDS
 
 JsonFrame = Literal["model", "view", "norm1000"]
 

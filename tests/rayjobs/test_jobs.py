@@ -12,8 +12,8 @@ import pytest
 from operators.store.storage import RunRoot, StorageError, table_columns
 from rayjobs.assets_job import run_assets_make, run_assets_scan
 from rayjobs.config import DemoJob, load_config
-from rayjobs.render_job import run_render
 from rayjobs.errors import JobFailedError
+from rayjobs.render_job import run_render
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
 

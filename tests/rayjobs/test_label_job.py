@@ -8,14 +8,15 @@ import numpy as np
 import open3d as o3d
 import pytest
 
+from operators.data.taxonomy import load_taxonomy
 from operators.models.labeling import prompts_for
 from operators.store.storage import RunRoot, table_columns
-from operators.data.taxonomy import load_taxonomy
 from rayjobs.assets_job import run_assets_make, run_assets_scan
 from rayjobs.config import ConfigError, PipelineJob, load_config
+from rayjobs.errors import JobFailedError
 from rayjobs.label_job import run_label
 from rayjobs.render_job import run_render
-from rayjobs.errors import JobFailedError
+
 from tests.rayjobs.test_jobs import small_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]

@@ -15,6 +15,7 @@ from rayjobs.cli import main
 from rayjobs.config import PipelineJob
 from rayjobs.lift_job import run_lift
 from rayjobs.render_job import run_render
+
 from tests.rayjobs.test_jobs import small_config
 
 

@@ -9,14 +9,19 @@ from pathlib import Path
 
 import numpy as np
 import open3d as o3d
+import pyarrow.fs as pafs
 import pytest
 
-from operators.data.assets import (category_for, inspect_mesh_file, load_category_sidecar,
-                              mesh_from_open3d, mesh_to_ply_bytes, read_mesh_file)
-from operators.store.ids import content_asset_id
+from operators.data.assets import (
+    category_for,
+    inspect_mesh_file,
+    load_category_sidecar,
+    mesh_from_open3d,
+    mesh_to_ply_bytes,
+    read_mesh_file,
+)
 from operators.geometry.mesh import MeshError
-
-import pyarrow.fs as pafs
+from operators.store.ids import content_asset_id
 
 
 def _box() -> o3d.geometry.TriangleMesh:

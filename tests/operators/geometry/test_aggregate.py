@@ -5,11 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from operators.geometry.aggregate import (CropTransform, box_iou, boxes_from_crop, boxes_to_mask,
-                                          consensus_boxes, mask_iou, masks_from_scores,
-                                          normalise_scores, otsu_threshold, vote_counts,
-                                          vote_scores, zoom_crop)
+from operators.geometry.aggregate import (
+    CropTransform,
+    box_iou,
+    boxes_from_crop,
+    boxes_to_mask,
+    consensus_boxes,
+    masks_from_scores,
+    normalise_scores,
+    otsu_threshold,
+    vote_counts,
+    vote_scores,
+    zoom_crop,
+)
 from operators.geometry.cameras import project_points, visibility
+from operators.metrics.segmentation import mask_iou
 from operators.models.grounding import Box
 
 K100 = np.array([[100, 0, 50], [0, 100, 50], [0, 0, 1]], np.float32)  # f=100, c=(50, 50), 100x100 image
@@ -231,20 +241,7 @@ def test_zoom_crop_clips_at_the_border_and_resizes_smoothly() -> None:
         zoom_crop(image, Box(60, 60, 70, 70))
 
 
-# --- quality helpers -----------------------------------------------------------------------------------
-
-def test_mask_iou_hand_cases() -> None:
-    a = np.zeros((4, 5), bool)
-    b = np.zeros((4, 5), bool)
-    a[0:2, 0:3] = True
-    b[0:2, 1:4] = True
-    assert mask_iou(a, b) == 4 / 8
-    assert mask_iou(a, a) == 1.0
-    assert mask_iou(np.zeros((3, 3), bool), np.zeros((3, 3), bool)) == 1.0  # both empty: defined as 1
-    assert mask_iou(a, np.zeros_like(a)) == 0.0
-    with pytest.raises(ValueError):
-        mask_iou(a, a[:3])
-
+# --- the single-view box baseline ---------------------------------------------------------------------
 
 def test_boxes_to_mask_uses_pixel_centres() -> None:
     mask = boxes_to_mask([Box(2, 1, 5, 4)], (6, 8))

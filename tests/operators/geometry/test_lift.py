@@ -5,11 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from operators.models.backbones import load_backbone
-from operators.geometry.lift import lift_features, pca_colors, sample_patch_grid, subsample_points
 from operators.data.procedural import make_asset
-from operators.settings import RenderSettings
+from operators.geometry.lift import (
+    lift_features,
+    pca_colors,
+    sample_patch_grid,
+    subsample_points,
+)
 from operators.geometry.render import render_asset
+from operators.models.backbones import load_backbone
+from operators.settings import RenderSettings
 
 SIZE = 40          # 40 x 40 pixel views
 GRID = 4           # 4 x 4 patch grid: stride 10 px, patch (i, j) centred at (10 j + 5, 10 i + 5)

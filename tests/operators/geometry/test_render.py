@@ -8,10 +8,15 @@ import numpy as np
 import open3d as o3d
 import pytest
 
-from operators.geometry.mesh import Mesh, MeshError
-from operators.settings import RenderSettings
 from operators.geometry.cameras import camera_poses, intrinsics, view_angles
-from operators.geometry.render import render_asset, render_cameras, render_views, sample_surface
+from operators.geometry.mesh import Mesh, MeshError
+from operators.geometry.render import (
+    render_asset,
+    render_cameras,
+    render_views,
+    sample_surface,
+)
+from operators.settings import RenderSettings
 
 SMALL = RenderSettings(views=5, width=48, height=40, n_points=500)
 

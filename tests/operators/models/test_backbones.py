@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from operators.models.registry import BACKBONES, BackboneNotFoundError, BackboneSpec
-from operators.models.backbones import load_backbone, load_text_encoder
 from operators.data.taxonomy import UnknownNameError
+from operators.models.backbones import load_backbone, load_text_encoder
+from operators.models.registry import BACKBONES, BackboneNotFoundError, BackboneSpec
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,19 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from operators.geometry.aggregate import mask_iou
-from operators.models.grounding import NO_NOISE, Box, OracleBackend
-from operators.models.labeling import (GroundTruthParts, aggregate_asset, ground_asset,
-                                       label_asset, prompts_for)
-from operators.settings import LabelSettings
 from operators.data.procedural import make_asset
-from operators.settings import RenderSettings
-from operators.geometry.render import render_asset
 from operators.data.taxonomy import UnknownNameError, load_taxonomy
+from operators.geometry.render import render_asset
+from operators.metrics.segmentation import mask_iou
+from operators.models.grounding import NO_NOISE, Box, OracleBackend
+from operators.models.labeling import (
+    GroundTruthParts,
+    aggregate_asset,
+    ground_asset,
+    label_asset,
+    prompts_for,
+)
+from operators.settings import LabelSettings, RenderSettings
 
 TAXONOMY = load_taxonomy()
 

@@ -1,0 +1,7 @@
+"""Quality measures, numpy/scipy only: the lowest layer, so benchmarks, trainers, evaluation and
+scoring all compute a metric the same way. Each is unit-tested on hand-built cases whose answer
+is computed by hand (tests/operators/metrics/).
+
+- `segmentation`: mask IoU, point precision and recall of per-point scores.
+- `probes`: kNN and closed-form ridge probes of features, accuracy and balanced accuracy.
+"""

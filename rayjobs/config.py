@@ -33,7 +33,7 @@ from pydantic import (
 
 from operators.models.registry import BackboneOptions, grounding_choice
 from operators.settings import ConfigError, LabelSettings, RenderSettings, Section
-from operators.store.records import REDACTED, redact
+from operators.store.records import REDACTED, redact, redact_url
 from operators.store.storage import StorageOptions
 
 DEFAULT_ROOT = "./partlift-data"
@@ -459,8 +459,9 @@ def _shown_override(model: type[BaseModel], text: str) -> str:
     """How an override is quoted in an error: its value only for a known, non-secret key."""
     key = text.split("=", 1)[0].strip()
     _, _, annotation, _ = _walk(model, key.split("."))
-    return f"--set {text}" if annotation is not None and not _is_secret(annotation) \
-        else f"--set {key}={REDACTED}"
+    if annotation is None or _is_secret(annotation):
+        return f"--set {key}={REDACTED}"
+    return f"--set {key}={redact_url(text.split('=', 1)[1])}" if "=" in text else f"--set {text}"
 
 
 def _belongs_elsewhere(model: type[BaseModel], key: str) -> bool:

@@ -63,7 +63,8 @@ def s3_root(s3_endpoint: str) -> tuple[str, "object"]:
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+    # address="local": a private cluster, never one that `ray start` left on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
              log_to_driver=False)
     import ray.data
     ray.data.DataContext.get_current().enable_progress_bars = False

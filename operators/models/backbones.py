@@ -6,7 +6,7 @@ also runs DINOv2 at half stride (7 px instead of 14). Function embeddings come f
 
 Registry (`BACKBONES`):
 - `dinov2-small|base|large|giant` (patch 14), `dinov3-small|small-plus|base|large|huge-plus|7b`
-  (patch 16, 4 register tokens; present because the installed transformers has `DINOv3ViTModel`),
+  (patch 16, 4 register tokens; they need a transformers with `DINOv3ViTModel`, >= 4.56),
   `clip-text` / `clip-text-large` (CLIP text tower with its projection).
 - `dinov2-random-tiny`, `dinov3-random-tiny`, `clip-text-random-tiny`: the same transformers
   classes built from tiny configs with a fixed seed. They are NOT pretrained: their features
@@ -85,7 +85,12 @@ def _model_classes(family: Family) -> tuple[type, type]:
         from transformers import Dinov2Config, Dinov2Model
         return Dinov2Model, Dinov2Config
     if family == "dinov3":
-        from transformers import DINOv3ViTConfig, DINOv3ViTModel
+        try:
+            from transformers import DINOv3ViTConfig, DINOv3ViTModel
+        except ImportError:
+            import transformers
+            raise ValueError(f"DINOv3 backbones need transformers >= 4.56 (DINOv3ViTModel); "
+                             f"installed: {transformers.__version__}") from None
         return DINOv3ViTModel, DINOv3ViTConfig
     if family == "sentence":
         from transformers import AutoConfig, AutoModel

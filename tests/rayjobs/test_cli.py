@@ -65,6 +65,15 @@ def test_demo_writes_tables_summary_and_pictures(tmp_path: Path, ray_session, mo
     assert sheet.width >= 4 * 40 and sheet.height >= 3 * 4 * 40  # 3 assets x 4 views, 4 panels
     labels = Image.open(tmp_path / LABEL_SHEET)
     assert labels.width >= 5 * 40 and labels.height >= 3 * 40  # 4 masks + point scores per row
+    # the data contract: every table the demo wrote has exactly the columns it declares
+    from operators.store.storage import RunRoot
+    from operators.store.tables import ERRORS, TABLES
+    root = RunRoot(str(tmp_path))
+    for table in TABLES.values():
+        data = root.read_table(table.name)
+        assert data is not None or table is ERRORS, f"the demo wrote no {table.name}/"
+        if data is not None:
+            assert sorted(data.schema.names) == sorted(table.all_columns), table.name
 
 
 @pytest.mark.ray

@@ -94,3 +94,86 @@ def test_malformed_yaml_and_cross_field_errors_are_config_errors(tmp_path) -> No
 def test_explicit_cli_values_are_named_in_errors() -> None:
     with pytest.raises(ConfigError, match="command-line option for assets.seed=-1"):
         load_config(assets__seed=-1)
+
+
+# --- one model per job, composed from sections -------------------------------------------------
+
+
+def test_each_command_has_its_own_sections() -> None:
+    from rayjobs.config import JOB_MODELS
+    shared = {"root", "storage", "ray", "job"}
+    assert set(JOB_MODELS["render"].model_fields) == shared | {"render"}
+    assert set(JOB_MODELS["label"].model_fields) == shared | {"label"}
+    assert set(JOB_MODELS["run"].model_fields) == shared | {"render", "label", "lift", "pipeline"}
+    assert set(JOB_MODELS["status"].model_fields) == {"root", "storage"}
+
+
+def test_a_project_file_serves_every_command_and_is_still_checked(tmp_path) -> None:
+    from rayjobs.config import AssetsJob, LabelJob
+    project = tmp_path / "project.yaml"
+    project.write_text("render:\n  views: 5\nlabel:\n  trials: 2\nassets:\n  n: 3\n")
+    assert load_config([project], model=LabelJob).label.trials == 2
+    assert load_config([project], model=AssetsJob).assets.n == 3
+    project.write_text("render:\n  vews: 5\n")  # a typo in another command's section
+    with pytest.raises(ConfigError, match="unknown config key 'render.vews'"):
+        load_config([project], model=LabelJob)
+    # on the command line, another command's key is a mistake (it would have no effect)
+    with pytest.raises(ConfigError, match=r"'render\.\*' configures other commands \(render, run, demo\)"):
+        load_config(overrides=["render.views=3"], model=LabelJob)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("label.model_path=/m", "label.backend.model_path"),
+    ("label.grounding.num_cpus=0.5", "label.resources.grounding"),
+    ("label.oracle_jitter=0.2", "label.backend.jitter"),
+    ("lift.stride=7", "lift.backbone.stride"),
+    ("lift.backbone_resources.concurrency=2", "lift.resources.backbone"),
+    ("render.resources.batch_size=4", "render.resources.render.batch_size"),
+])
+def test_old_keys_name_their_new_place(old: str, new: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[old])
+    # the old key or its old section, and where it is now
+    [line] = [ln.strip() for ln in str(info.value).splitlines() if "was renamed" in ln]
+    renamed = line.split("'")[1]
+    assert old.startswith(renamed) and line.endswith(f"use '{new}'")
+
+
+def test_backends_are_chosen_by_registry_name_with_their_own_options() -> None:
+    options = ["label.backend.base_url=http://127.0.0.1:8000/v1", "label.backend.model=qwen",
+               "label.backend.style=qwen"]
+    for order in (["label.backend=openai", *options], [*options, "label.backend=openai"]):
+        backend = load_config(overrides=order).label.backend
+        assert (backend.name, backend.base_url, backend.style) == ("openai", options[0].split("=")[1], "qwen")
+    assert load_config().label.backend.name == "oracle"
+    with pytest.raises(ConfigError, match="label.backend.base_url is required with label.backend=openai"):
+        load_config(overrides=["label.backend=openai", "label.backend.model=m"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'label.backend.box_threshold' "
+                                          r"\(valid here: false_positive_rate, jitter, miss_rate, name\)"):
+        load_config(overrides=["label.backend.box_threshold=0.2"])  # an oracle option? no
+    with pytest.raises(ConfigError, match="label.backend"):
+        load_config(overrides=["label.backend=owl9"])
+    # the settings the label operator gets: the backend's default prompt template
+    assert load_config(overrides=["label.backend=hf-zero-shot", "label.backend.model_path=/m"]
+                       ).label.settings().template == "zero-shot"
+
+
+def test_backbones_are_chosen_by_registry_name_with_their_options() -> None:
+    lift = load_config(overrides=["lift.backbone=dinov2-small", "lift.backbone.stride=7"]).lift
+    assert (lift.backbone.name, lift.backbone.stride, lift.backbone.spec.patch_size) == ("dinov2-small", 7, 14)
+    with pytest.raises(ConfigError, match="takes its patch size 14 or half of it 7"):
+        load_config(overrides=["lift.backbone.stride=5"])
+    with pytest.raises(ConfigError, match="is a text encoder"):
+        load_config(overrides=["lift.backbone=minilm-text"])
+
+
+def test_values_of_unknown_or_secret_keys_are_never_echoed() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=["storage.secret_acess_key=hunter2", "label.backend=openai",
+                               "label.backend.base_url=http://me:pw@host/v1"])
+    message = str(info.value)
+    assert "hunter2" not in message and "pw@" not in message
+    assert "unknown config key 'storage.secret_acess_key'" in message
+    redacted = load_config(overrides=["label.backend=openai", "label.backend.model=m",
+                                      "label.backend.base_url=http://me:pw@host/v1"]).redacted()
+    assert redacted["label"]["backend"]["base_url"] == "http://me:***@host/v1"

@@ -198,3 +198,14 @@ def test_z_up_scan_renders_upright(tmp_path: Path) -> None:
     xyz = table_columns(RunRoot(uri).read_table("points"))["xyz"][0]
     raw = read_mesh_file(str(source))[0].bbox()
     assert xyz[:, 1].max() - xyz[:, 1].min() == pytest.approx(raw[1, 2] - raw[0, 2], rel=0.05)
+
+
+def test_python_api_runs_jobs_from_config_objects(tmp_path: Path) -> None:
+    """The README's Python example: configs as objects (sections as dicts), jobs as functions."""
+    from rayjobs.api import AssetsJob, RenderJob, assets_make, render
+    quiet = {"progress_bars": False}
+    assets_make(AssetsJob(root=str(tmp_path), assets={"n": 2, "categories": ["mug"]}, ray=quiet))
+    report = render(RenderJob(root=str(tmp_path), ray=quiet,
+                              render={"views": 2, "width": 16, "height": 16, "n_points": 50}))
+    assert (report.ok, report.units["views"]) == (2, 4)
+    assert counts(RunRoot(str(tmp_path))) == {"assets": 2, "views": 4, "points": 2}

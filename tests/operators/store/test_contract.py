@@ -1,0 +1,149 @@
+"""The data contract (tables, readers, job records, errors/ rows) on hand-built run roots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import SecretStr
+
+from operators.settings import Section
+from operators.store.readers import (AssetNotFoundError, RootReader, ShardReadError, TableReader,
+                                     read_manifest, shard_index)
+from operators.store.records import (AssetCounts, ErrorSummary, JobRecord, error_row, job_errors,
+                                     redact, redact_url, write_errors, write_job_record)
+from operators.store.storage import RunRoot, make_table
+from operators.store.tables import (ASSETS, LABEL_MASKS, POINTS, STAGE_OUTPUTS, TABLES, VIEWS,
+                                    StageOutput)
+
+
+def test_every_stage_output_commits_last_and_tables_are_declared_once() -> None:
+    assert len(TABLES) == len({t.name for t in TABLES.values()})
+    for output in STAGE_OUTPUTS.values():
+        assert output.commit is output.tables[-1]
+        assert all(TABLES[t.name] is t for t in output.tables)
+        assert output.record == f"{output.record_dir}/_job.json"
+    assert STAGE_OUTPUTS["render"].commit is POINTS
+
+
+def _views(asset_ids: list[str], n_views: int) -> dict:
+    """Views of a few assets, rows deliberately in reverse view order."""
+    rows = [(a, v) for a in asset_ids for v in reversed(range(n_views))]
+    return {"asset_id": [a for a, _ in rows],
+            "view_id": np.array([v for _, v in rows], np.int32),
+            "rgb": np.stack([np.full((2, 3, 3), 10 * v, np.uint8) for _, v in rows]),
+            "depth": np.stack([np.full((2, 3), float(v), np.float32) for _, v in rows])}
+
+
+def test_table_reader_reads_an_asset_sorted_by_its_keys(tmp_path: Path) -> None:
+    root = RunRoot(str(tmp_path))
+    root.write_shard("views", "part-a", make_table(_views(["x", "y"], 3)))
+    root.write_shard("views", "part-b", make_table(_views(["z"], 2)))
+    assert shard_index(root, VIEWS) == {"x": "part-a", "y": "part-a", "z": "part-b"}
+    reader = TableReader(root, VIEWS)
+    arrays = reader.arrays("y", ["view_id", "rgb"])
+    assert arrays["view_id"].tolist() == [0, 1, 2]  # sorted by the key, not by row order
+    assert arrays["rgb"].shape == (3, 2, 3, 3) and arrays["rgb"][2, 0, 0, 0] == 20
+    assert "z" in reader and "w" not in reader
+    with pytest.raises(AssetNotFoundError, match="holds no rows of asset w"):
+        reader.arrays("w")
+    views = RootReader(root).views("z", ["depth"])
+    assert views["view_id"].tolist() == [0, 1] and views["depth"].shape == (2, 2, 3)
+
+
+def test_a_damaged_shard_is_named(tmp_path: Path) -> None:
+    root = RunRoot(str(tmp_path))
+    root.write_shard("views", "part-a", make_table(_views(["x"], 2)))
+    path = tmp_path / "views" / "part-a.parquet"
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with pytest.raises(ShardReadError, match="views/part-a.parquet: cannot read it"):
+        TableReader(root, VIEWS, index={"x": "part-a"}).arrays("x")
+
+
+def test_label_masks_of_one_function_and_part(tmp_path: Path) -> None:
+    root = RunRoot(str(tmp_path))
+    n = 4
+    rows = {"asset_id": ["x"] * n, "view_id": np.array([1, 0, 1, 0], np.int32),
+            "function": ["pour-with", "pour-with", "cut-with", "cut-with"],
+            "part": ["spout", "spout", "blade", "blade"],
+            "mask": np.stack([np.full((2, 2), i % 2 == 0) for i in range(n)])}
+    root.write_shard(LABEL_MASKS.name, "part-a", make_table(rows))
+    masks = RootReader(root).label_masks("x", "pour-with", "spout")
+    assert masks["view_id"].tolist() == [0, 1]
+    assert masks["mask"].dtype == np.bool_ and masks["mask"][1].all() and not masks["mask"][0].any()
+
+
+def test_manifest_reader_keeps_columns_once(tmp_path: Path) -> None:
+    root = RunRoot(str(tmp_path))
+    assert read_manifest(root) == []
+    root.write_shard(ASSETS.name, "part-a", make_table({"asset_id": ["a"], "uri": ["u"],
+                                                        "category": ["mug"]}))
+    assert read_manifest(root, ["uri", "uri", "asset_id"]) == [{"asset_id": "a", "uri": "u"}]
+
+
+class _Inner(Section):
+    token: SecretStr
+    url: str
+
+
+class _Outer(Section):
+    inner: _Inner
+    values: list[str]
+
+
+def test_redaction_is_by_type_not_by_key_name() -> None:
+    config = _Outer(inner=_Inner(token=SecretStr("hunter2"), url="https://me:pw@host/v1"),
+                    values=["s3://bucket/run", "http://user:topsecret@h"])
+    dumped = redact(config)
+    assert dumped == {"inner": {"token": "***", "url": "https://me:***@host/v1"},
+                      "values": ["s3://bucket/run", "http://user:***@h"]}
+    assert "hunter2" not in json.dumps(dumped) and "topsecret" not in json.dumps(dumped)
+    assert redact_url("http://host:8000/v1") == "http://host:8000/v1"  # a port is no password
+
+
+def test_job_record_is_written_beside_every_output(tmp_path: Path) -> None:
+    root = RunRoot(str(tmp_path))
+    counts = AssetCounts(input=5, skipped_done=1, ok=3, failed=1, units={"views": 57})
+    record = JobRecord(stage="render", job_id="render-1-abcdef", root=root.display(),
+                       config={"render": {"views": 19}}, inputs={}, outputs={}, started=0.0,
+                       ended=2.5, name="run-a", counts=counts,
+                       errors=ErrorSummary({"MeshError": 1}, ["x: bad"]))
+    places = write_job_record(root, record, ["views", "labels"])
+    assert [Path(p).relative_to(tmp_path).as_posix() for p in places] == [
+        "views/_job.json", "labels/_job.json", "_jobs/render-1-abcdef.json"]
+    data = root.read_json("labels/_job.json")
+    assert data["counts"] == {"input": 5, "skipped_done": 1, "processed": 4, "ok": 3,
+                              "failed": 1, "views": 57}
+    assert data["seconds"] == 2.5 and data["name"] == "run-a" and data["stage"] == "render"
+    assert data["errors"]["by_type"] == {"MeshError": 1}
+    # a job without assets (training, a sweep) has no counts block
+    plain = JobRecord(stage="train", job_id="train-1-aaaaaa", root=root.display(), config={},
+                      inputs={}, outputs={}, started=0.0, ended=1.0)
+    assert "counts" not in plain.to_json() and "errors" not in plain.to_json()
+
+
+def test_a_jobs_errors_are_found_by_its_id(tmp_path: Path) -> None:
+    root = RunRoot(str(tmp_path))
+    mine, other = "render-1-aaaaaa", "render-2-bbbbbb"
+    write_errors(root, "render", mine, "part-x", [error_row("render", mine, "a1", ValueError("no"))])
+    write_errors(root, "render", other, "part-x", [error_row("render", other, "a2", "gone")])
+    rows = job_errors(root, mine)
+    assert [(r["asset_id"], r["error_type"], r["message"]) for r in rows] == [("a1", "ValueError", "no")]
+    assert ErrorSummary.of(rows).examples == ["a1: no"]
+
+
+def test_overwrite_clears_the_stage_and_its_errors_only(tmp_path: Path) -> None:
+    root = RunRoot(str(tmp_path))
+    output = StageOutput("render", (VIEWS, POINTS), record_dir="views")
+    root.write_shard_set("part-a", {"views": make_table(_views(["x"], 1)),
+                                    "points": make_table({"asset_id": ["x"]})}, commit_table="points")
+    root.write_shard("views", "part-b", make_table(_views(["y"], 1)))  # killed before its commit
+    write_errors(root, "render", "render-1-aaaaaa", "s", [error_row("render", "j", "y", "boom")])
+    write_errors(root, "label", "label-1-bbbbbb", "s", [error_row("label", "j", "x", "boom")])
+    done, removed = output.prepare(root, overwrite=False)
+    assert done == {"x"} and removed == ["views/part-b"]
+    assert output.prepare(root, overwrite=True) == (set(), [])
+    assert root.list_shards("views") == [] and root.list_shards("points") == []
+    assert [s.split("-")[0] for s in root.list_shards("errors")] == ["label"]

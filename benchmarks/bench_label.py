@@ -40,15 +40,8 @@ from operators.geometry.cameras import project_points, visibility
 from operators.geometry.render import RenderedViews, SurfaceSamples, render_asset
 from operators.metrics.segmentation import mask_iou, point_precision_recall
 from operators.models.grounding import OracleBackend, OracleNoise
-from operators.models.labeling import (
-    BoxesPerView,
-    GroundTruthParts,
-    PartPrompt,
-    aggregate_asset,
-    ground_asset,
-    label_asset,
-    prompts_for,
-)
+from operators.models.labeling import (BoxesPerView, GroundTruthParts, PartPrompt, aggregate_asset,
+                                       ground_asset, label_asset, prompts_for)
 from operators.settings import LabelSettings, RenderSettings
 
 from reference import reference_cameras, visible_pixel

@@ -50,13 +50,8 @@ from bench_label import ASSET_SEED_STRIDE, Asset, build_assets, median_seconds
 from operators.data.procedural import PROCEDURAL_CATEGORIES
 from operators.geometry.cameras import project_points, visibility
 from operators.geometry.lift import lift_features, sample_patch_grid, subsample_points
-from operators.metrics.probes import (
-    accuracies,
-    knn_predict,
-    majority_predict,
-    ridge_predict,
-    standardise,
-)
+from operators.metrics.probes import (accuracies, knn_predict, majority_predict, ridge_predict,
+                                      standardise)
 from operators.models.backbones import ImageBackbone, load_backbone
 from operators.settings import RenderSettings
 

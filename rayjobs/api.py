@@ -16,16 +16,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from rayjobs.config import (
-    AssetsJob,
-    DemoJob,
-    LabelJob,
-    LiftJob,
-    PipelineJob,
-    RenderJob,
-    StatusJob,
-    load_config,
-)
+from rayjobs.config import (AssetsJob, DemoJob, LabelJob, LiftJob, PipelineJob, RenderJob,
+                            StatusJob, load_config)
 
 if TYPE_CHECKING:
     from rayjobs.driver import StageReport

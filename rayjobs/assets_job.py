@@ -16,40 +16,19 @@ from typing import Any
 import numpy as np
 import pyarrow.fs as pafs
 
-from operators.data.assets import (
-    MESH_EXTENSIONS,
-    AssetRecord,
-    category_for,
-    inspect_mesh_file,
-    load_category_sidecar,
-    mesh_to_ply_bytes,
-)
+from operators.data.assets import (MESH_EXTENSIONS, AssetRecord, category_for, inspect_mesh_file,
+                                   load_category_sidecar, mesh_to_ply_bytes)
 from operators.data.procedural import PROCEDURAL_CATEGORIES, make_asset, procedural_seed
 from operators.data.taxonomy import load_taxonomy
 from operators.settings import ConfigError
 from operators.store.ids import content_asset_id
 from operators.store.readers import read_manifest
-from operators.store.storage import (
-    RunRoot,
-    StorageOptions,
-    make_table,
-    resolve_filesystem,
-    shard_name,
-)
+from operators.store.storage import (RunRoot, StorageOptions, make_table, resolve_filesystem,
+                                     shard_name)
 from operators.store.tables import ASSETS, ASSETS_OUTPUT
 from rayjobs.config import AssetsJob
-from rayjobs.driver import (
-    AssetErrors,
-    JobContext,
-    Plan,
-    Stage,
-    StageReport,
-    TaskContext,
-    columns,
-    items_dataset,
-    map_tasks,
-    run_stage,
-)
+from rayjobs.driver import (AssetErrors, JobContext, Plan, Stage, StageReport, TaskContext, columns,
+                            items_dataset, map_tasks, run_stage)
 
 MESH_DIR = "meshes/procedural"
 # The driver writes a manifest shard every this many new records: an interrupted scan keeps

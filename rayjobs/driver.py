@@ -26,16 +26,8 @@ from typing import Any, Generic, TypeVar
 import ray
 import ray.data
 
-from operators.store.records import (
-    AssetCounts,
-    ErrorSummary,
-    JobRecord,
-    error_row,
-    job_errors,
-    new_job_id,
-    write_errors,
-    write_job_record,
-)
+from operators.store.records import (AssetCounts, ErrorSummary, JobRecord, error_row, job_errors,
+                                     new_job_id, write_errors, write_job_record)
 from operators.store.storage import RunRoot, StorageOptions, shard_name
 from operators.store.tables import ERRORS, StageOutput
 from rayjobs.config import JobBase, RayConfig, StepResources

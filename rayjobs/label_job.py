@@ -19,30 +19,16 @@ import ray.data
 
 from operators.data.taxonomy import load_taxonomy
 from operators.models.grounding import Box, GroundingBackend
-from operators.models.labeling import (
-    GroundTruthParts,
-    PartPrompt,
-    aggregate_asset,
-    ground_asset,
-    prompts_for,
-)
+from operators.models.labeling import (GroundTruthParts, PartPrompt, aggregate_asset, ground_asset,
+                                       prompts_for)
 from operators.models.loading import resolve_device
 from operators.settings import LabelSettings
 from operators.store.ids import seed_for
 from operators.store.storage import concatenated, make_table, shard_name
 from operators.store.tables import LABEL_BOXES, LABEL_MASKS, LABEL_OUTPUT, LABEL_POINTS
 from rayjobs.config import LabelConfig, LabelJob, StepResources
-from rayjobs.driver import (
-    AssetErrors,
-    JobContext,
-    Plan,
-    StageReport,
-    TaskContext,
-    columns,
-    map_actors,
-    map_tasks,
-    run_stage,
-)
+from rayjobs.driver import (AssetErrors, JobContext, Plan, StageReport, TaskContext, columns,
+                            map_actors, map_tasks, run_stage)
 from rayjobs.streams import RenderedAssetsStage, keep_rows
 
 STAGE = "label"
@@ -143,10 +129,10 @@ def aggregate_write_batch(batch: dict[str, Any], task: TaskContext,
         ok.append({"asset_id": asset_id, "status": "ok"})
     shard = shard_name(ids)
     if points_rows:
-        task.root().write_shard_set(shard, {LABEL_BOXES.name: make_table(concatenated(boxes_rows)),
-                                            LABEL_MASKS.name: make_table(concatenated(masks_rows)),
-                                            LABEL_POINTS.name: make_table(concatenated(points_rows))},
-                                    commit_table=LABEL_POINTS.name)
+        LABEL_OUTPUT.write_shard(task.root(), shard, {
+            LABEL_BOXES.name: make_table(concatenated(boxes_rows)),
+            LABEL_MASKS.name: make_table(concatenated(masks_rows)),
+            LABEL_POINTS.name: make_table(concatenated(points_rows))})
     errors.write(shard)
     return columns(ok)
 

@@ -24,17 +24,8 @@ from operators.store.ids import seed_for
 from operators.store.storage import concatenated, make_table, shard_name
 from operators.store.tables import FEATURE_POINTS, FEATURE_VIEWS, LIFT_OUTPUT
 from rayjobs.config import LiftConfig, LiftJob, StepResources
-from rayjobs.driver import (
-    AssetErrors,
-    JobContext,
-    Plan,
-    StageReport,
-    TaskContext,
-    columns,
-    map_actors,
-    map_tasks,
-    run_stage,
-)
+from rayjobs.driver import (AssetErrors, JobContext, Plan, StageReport, TaskContext, columns,
+                            map_actors, map_tasks, run_stage)
 from rayjobs.streams import RenderedAssetsStage, keep_rows
 
 STAGE = "lift"
@@ -103,9 +94,9 @@ def lift_write_batch(batch: dict[str, Any], task: TaskContext, cfg: LiftConfig) 
     shard = shard_name(ids)
     if points:
         tables = {FEATURE_POINTS.name: make_table(concatenated(points))}
-        if views:
-            tables = {FEATURE_VIEWS.name: make_table(concatenated(views)), **tables}
-        task.root().write_shard_set(shard, tables, commit_table=FEATURE_POINTS.name)
+        if views:  # the per-view cache is optional (lift.cache_view_features)
+            tables[FEATURE_VIEWS.name] = make_table(concatenated(views))
+        LIFT_OUTPUT.write_shard(task.root(), shard, tables)
     errors.write(shard)
     return columns(ok)
 

@@ -19,27 +19,13 @@ from operators.store.readers import read_manifest, shard_index
 from operators.store.storage import RunRoot
 from operators.store.tables import ASSETS, POINTS, RENDER_OUTPUT, VIEWS
 from rayjobs.config import PipelineJob
-from rayjobs.driver import (
-    JobContext,
-    Plan,
-    Stage,
-    StageReport,
-    TaskContext,
-    items_dataset,
-    map_tasks,
-    run_stage,
-)
+from rayjobs.driver import (JobContext, Plan, Stage, StageReport, TaskContext, items_dataset,
+                            map_tasks, run_stage)
 from rayjobs.label_job import LabelStage
 from rayjobs.lift_job import LiftStage
 from rayjobs.render_job import RENDER_FIELDS, RenderStage, render_and_write
-from rayjobs.streams import (
-    STREAM_FIELDS,
-    RenderedAssets,
-    RenderedAssetsStage,
-    asset_row,
-    load_stream,
-    stacked_columns,
-)
+from rayjobs.streams import (STREAM_FIELDS, RenderedAssets, RenderedAssetsStage, asset_row,
+                             load_stream, stacked_columns)
 
 SINGLE_STAGES: dict[str, Stage[Any]] = {"render": RenderStage(), "label": LabelStage(),
                                         "lift": LiftStage()}

@@ -23,18 +23,8 @@ from operators.store.readers import read_manifest
 from operators.store.storage import RunRoot, concatenated, make_table, shard_name
 from operators.store.tables import ASSETS, POINTS, RENDER_OUTPUT, VIEW_ARRAYS, VIEWS
 from rayjobs.config import RenderJob
-from rayjobs.driver import (
-    AssetErrors,
-    JobContext,
-    Plan,
-    Stage,
-    StageReport,
-    TaskContext,
-    columns,
-    items_dataset,
-    map_tasks,
-    run_stage,
-)
+from rayjobs.driver import (AssetErrors, JobContext, Plan, Stage, StageReport, TaskContext, columns,
+                            items_dataset, map_tasks, run_stage)
 
 STAGE = "render"
 RENDER_FIELDS = ("uri", "face_part", "up_axis")  # manifest fields a render task reads
@@ -98,9 +88,8 @@ def render_and_write(batch: dict[str, Any], task: TaskContext, settings: RenderS
                        **{name: getattr(rendered, name) for name in VIEW_ARRAYS}})
     shard = shard_name(ids)
     if points:
-        root.write_shard_set(shard, {VIEWS.name: make_table(concatenated(views)),
-                                     POINTS.name: make_table(concatenated(points))},
-                             commit_table=POINTS.name)
+        RENDER_OUTPUT.write_shard(root, shard, {VIEWS.name: make_table(concatenated(views)),
+                                                POINTS.name: make_table(concatenated(points))})
     errors.write(shard, root)
     return RenderedBatch([a["asset_id"] for a in assets], assets)
 

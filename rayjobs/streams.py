@@ -19,15 +19,8 @@ from operators.store.readers import TableReader, read_manifest, shard_index
 from operators.store.storage import RunRoot
 from operators.store.tables import POINTS, VIEW_ARRAYS, VIEWS
 from rayjobs.config import StepResources
-from rayjobs.driver import (
-    AssetErrors,
-    JobContext,
-    Plan,
-    Stage,
-    TaskContext,
-    items_dataset,
-    map_tasks,
-)
+from rayjobs.driver import (AssetErrors, JobContext, Plan, Stage, TaskContext, items_dataset,
+                            map_tasks)
 
 # What flows from loading/rendering to the model and CPU steps, one row per asset.
 STACKED_COLUMNS = (*VIEW_ARRAYS, "xyz")

@@ -56,15 +56,8 @@ import torch.nn.functional as F
 
 from operators.data.taxonomy import load_taxonomy
 from operators.models.loading import load_pretrained, resolve_dtype
-from operators.models.registry import (
-    TINY_TEXT_MAX_TOKENS,
-    BackboneNotFoundError,
-    BackboneSpec,
-    Family,
-    _not_found_message,
-    get_spec,
-    minilm_package_dir,
-)
+from operators.models.registry import (TINY_TEXT_MAX_TOKENS, BackboneNotFoundError, BackboneSpec,
+                                       Family, _not_found_message, get_spec, minilm_package_dir)
 
 Combine = Literal["concat", "mean"]
 

@@ -38,22 +38,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from operators.models.grounding import (
-    PROMPT_TEMPLATES,
-    Box,
-    GroundingBackend,
-    GroundingOutputError,
-    OracleBackend,
-    OracleNoise,
-    _finish_box,
-    parse_vlm_boxes,
-)
-from operators.models.loading import (
-    ModelNotFoundError,
-    load_pretrained,
-    resolve_device,
-    resolve_dtype,
-)
+from operators.models.grounding import (PROMPT_TEMPLATES, Box, GroundingBackend,
+                                        GroundingOutputError, OracleBackend, OracleNoise,
+                                        _finish_box, parse_vlm_boxes)
+from operators.models.loading import (ModelNotFoundError, load_pretrained, resolve_device,
+                                      resolve_dtype)
 from operators.models.registry import GROUNDING_BACKENDS
 
 JsonFrame = Literal["model", "view", "norm1000"]

@@ -14,13 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from operators.data.taxonomy import Taxonomy
-from operators.geometry.aggregate import (
-    boxes_from_crop,
-    consensus_boxes,
-    masks_from_scores,
-    vote_scores,
-    zoom_crop,
-)
+from operators.geometry.aggregate import (boxes_from_crop, consensus_boxes, masks_from_scores,
+                                          vote_scores, zoom_crop)
 from operators.geometry.cameras import project_points, visibility
 from operators.models.grounding import Box, GroundingBackend, format_prompt
 from operators.settings import LabelSettings

@@ -22,17 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from operators.store.storage import RunRoot, table_columns
-from operators.store.tables import (
-    ASSETS,
-    FEATURE_POINTS,
-    FEATURE_VIEWS,
-    LABEL_MASKS,
-    LABEL_POINTS,
-    POINTS,
-    VIEW_ARRAYS,
-    VIEWS,
-    Table,
-)
+from operators.store.tables import (ASSETS, FEATURE_POINTS, FEATURE_VIEWS, LABEL_MASKS,
+                                    LABEL_POINTS, POINTS, VIEW_ARRAYS, VIEWS, Table)
 
 
 class ShardReadError(OSError):

@@ -11,7 +11,10 @@ shards of the other tables without a commit counterpart are leftovers of a kille
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+
+import pyarrow as pa
 
 from operators.store.storage import RunRoot
 
@@ -86,6 +89,16 @@ class StageOutput:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.tables)
+
+    def write_shard(self, root: RunRoot, shard: str, data: Mapping[str, pa.Table]) -> None:
+        """Write one shard of this stage into the tables given (by name), in the declared order,
+        the commit table last; a table the stage writes only sometimes may be left out."""
+        unknown = sorted(set(data) - set(self.names))
+        if unknown or self.commit.name not in data:
+            raise ValueError(f"{self.stage}: a shard needs {self.commit.name} and only "
+                             f"{', '.join(self.names)}; got {', '.join(sorted(data))}")
+        root.write_shard_set(shard, {t.name: data[t.name] for t in self.tables if t.name in data},
+                             commit_table=self.commit.name)
 
     def done(self, root: RunRoot) -> set[str]:
         """Asset ids the commit table holds."""

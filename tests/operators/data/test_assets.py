@@ -12,14 +12,8 @@ import open3d as o3d
 import pyarrow.fs as pafs
 import pytest
 
-from operators.data.assets import (
-    category_for,
-    inspect_mesh_file,
-    load_category_sidecar,
-    mesh_from_open3d,
-    mesh_to_ply_bytes,
-    read_mesh_file,
-)
+from operators.data.assets import (category_for, inspect_mesh_file, load_category_sidecar,
+                                   mesh_from_open3d, mesh_to_ply_bytes, read_mesh_file)
 from operators.geometry.mesh import MeshError
 from operators.store.ids import content_asset_id
 

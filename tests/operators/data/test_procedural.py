@@ -7,14 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from operators.data.procedural import (
-    FRAME_KIND,
-    PROCEDURAL_CATEGORIES,
-    ProceduralAsset,
-    align_to,
-    make_asset,
-    make_collection,
-)
+from operators.data.procedural import (FRAME_KIND, PROCEDURAL_CATEGORIES, ProceduralAsset, align_to,
+                                       make_asset, make_collection)
 from operators.data.taxonomy import load_taxonomy
 from operators.geometry.mesh import validate_mesh
 

@@ -7,13 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from operators.data.taxonomy import (
-    DEFAULT_TAXONOMY_PATH,
-    Taxonomy,
-    TaxonomyError,
-    UnknownNameError,
-    load_taxonomy,
-)
+from operators.data.taxonomy import (DEFAULT_TAXONOMY_PATH, Taxonomy, TaxonomyError,
+                                     UnknownNameError, load_taxonomy)
 
 TABLE_6_FUNCTIONS = {
     "pour-with", "cut-with", "scoop-with", "pound-with", "pierce-with", "poke-with", "mix-with",

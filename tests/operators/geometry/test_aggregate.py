@@ -5,19 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from operators.geometry.aggregate import (
-    CropTransform,
-    box_iou,
-    boxes_from_crop,
-    boxes_to_mask,
-    consensus_boxes,
-    masks_from_scores,
-    normalise_scores,
-    otsu_threshold,
-    vote_counts,
-    vote_scores,
-    zoom_crop,
-)
+from operators.geometry.aggregate import (CropTransform, box_iou, boxes_from_crop, boxes_to_mask,
+                                          consensus_boxes, masks_from_scores, normalise_scores,
+                                          otsu_threshold, vote_counts, vote_scores, zoom_crop)
 from operators.geometry.cameras import project_points, visibility
 from operators.metrics.segmentation import mask_iou
 from operators.models.grounding import Box

@@ -6,12 +6,7 @@ import numpy as np
 import pytest
 
 from operators.data.procedural import make_asset
-from operators.geometry.lift import (
-    lift_features,
-    pca_colors,
-    sample_patch_grid,
-    subsample_points,
-)
+from operators.geometry.lift import lift_features, pca_colors, sample_patch_grid, subsample_points
 from operators.geometry.render import render_asset
 from operators.models.backbones import load_backbone
 from operators.settings import RenderSettings

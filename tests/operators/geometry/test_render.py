@@ -10,12 +10,7 @@ import pytest
 
 from operators.geometry.cameras import camera_poses, intrinsics, view_angles
 from operators.geometry.mesh import Mesh, MeshError
-from operators.geometry.render import (
-    render_asset,
-    render_cameras,
-    render_views,
-    sample_surface,
-)
+from operators.geometry.render import render_asset, render_cameras, render_views, sample_surface
 from operators.settings import RenderSettings
 
 SMALL = RenderSettings(views=5, width=48, height=40, n_points=500)

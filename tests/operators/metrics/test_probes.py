@@ -5,14 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from operators.metrics.probes import (
-    accuracies,
-    knn_predict,
-    majority_predict,
-    ridge_fit,
-    ridge_predict,
-    standardise,
-)
+from operators.metrics.probes import (accuracies, knn_predict, majority_predict, ridge_fit,
+                                      ridge_predict, standardise)
 
 
 def test_accuracy_and_balanced_accuracy_by_hand() -> None:

@@ -5,20 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from operators.models.grounding import (
-    NO_NOISE,
-    PROMPT_TEMPLATES,
-    Box,
-    GroundingBackend,
-    GroundingOutputError,
-    OracleBackend,
-    OracleNoise,
-    boxes_from_array,
-    boxes_to_array,
-    format_prompt,
-    oracle_boxes,
-    parse_vlm_boxes,
-)
+from operators.models.grounding import (NO_NOISE, PROMPT_TEMPLATES, Box, GroundingBackend,
+                                        GroundingOutputError, OracleBackend, OracleNoise,
+                                        boxes_from_array, boxes_to_array, format_prompt,
+                                        oracle_boxes, parse_vlm_boxes)
 
 SQUARE = (1000, 1000)  # 0-1000 frame == pixels: easy hand numbers
 

@@ -24,19 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from operators.models.grounding import (  # noqa: E402
-    Box,
-    GroundingBackend,
-    GroundingOutputError,
-    OracleBackend,
-)
-from operators.models.grounding_backends import (
-    GroundingEndpointError,
-    HFVLMBackend,
-    HFZeroShotBackend,
-    OpenAIBackend,
-    make_backend,
-)
+from operators.models.grounding import Box, GroundingBackend, GroundingOutputError, OracleBackend  # noqa: E402
+from operators.models.grounding_backends import (GroundingEndpointError, HFVLMBackend,
+                                                 HFZeroShotBackend, OpenAIBackend, make_backend)
 from operators.models.loading import ModelNotFoundError
 
 # A NON-square view (H=48, W=64): a swapped axis or a square-frame mistake shows up in the boxes.

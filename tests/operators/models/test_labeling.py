@@ -13,13 +13,8 @@ from operators.data.taxonomy import UnknownNameError, load_taxonomy
 from operators.geometry.render import render_asset
 from operators.metrics.segmentation import mask_iou
 from operators.models.grounding import NO_NOISE, Box, OracleBackend
-from operators.models.labeling import (
-    GroundTruthParts,
-    aggregate_asset,
-    ground_asset,
-    label_asset,
-    prompts_for,
-)
+from operators.models.labeling import (GroundTruthParts, aggregate_asset, ground_asset, label_asset,
+                                       prompts_for)
 from operators.settings import LabelSettings, RenderSettings
 
 TAXONOMY = load_taxonomy()

@@ -7,14 +7,8 @@ import pyarrow as pa
 import pytest
 
 from operators.store.ids import InvalidIdError, content_asset_id, validate_id
-from operators.store.storage import (
-    RunRoot,
-    StorageError,
-    StorageOptions,
-    make_table,
-    shard_name,
-    table_columns,
-)
+from operators.store.storage import (RunRoot, StorageError, StorageOptions, make_table, shard_name,
+                                     table_columns)
 
 
 def _views_table(ids: list[str]) -> pa.Table:

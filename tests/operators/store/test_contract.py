@@ -116,7 +116,8 @@ def test_job_record_is_written_beside_every_output(tmp_path: Path) -> None:
     data = root.read_json("labels/_job.json")
     assert data["counts"] == {"input": 5, "skipped_done": 1, "processed": 4, "ok": 3,
                               "failed": 1, "views": 57}
-    assert data["seconds"] == 2.5 and data["name"] == "run-a" and data["stage"] == "render"
+    assert (data["started"], data["ended"]) == ("1970-01-01T00:00:00+00:00", "1970-01-01T00:00:02+00:00")
+    assert data["name"] == "run-a" and data["stage"] == "render"
     assert data["errors"]["by_type"] == {"MeshError": 1}
     # a job without assets (training, a sweep) has no counts block
     plain = JobRecord(stage="train", job_id="train-1-aaaaaa", root=root.display(), config={},

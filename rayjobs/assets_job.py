@@ -24,10 +24,10 @@ from operators.settings import ConfigError
 from operators.store.ids import content_asset_id
 from operators.store.readers import read_manifest
 from operators.store.storage import (RunRoot, StorageOptions, make_table, resolve_filesystem,
-                                     shard_name)
+                                     rows_to_columns, shard_name)
 from operators.store.tables import ASSETS, ASSETS_OUTPUT
 from rayjobs.config import AssetsJob
-from rayjobs.driver import (AssetErrors, JobContext, Plan, Stage, StageReport, TaskContext, columns,
+from rayjobs.driver import (AssetErrors, JobContext, Plan, Stage, StageReport, TaskContext,
                             items_dataset, map_tasks, run_stage)
 
 MESH_DIR = "meshes/procedural"
@@ -53,7 +53,7 @@ def _records(keys: list[str], make: Any) -> dict[str, list]:
             rows.append(_summary(key, make(key)))
         except Exception as err:  # row-level: the driver records it in errors/
             rows.append(_summary(key, err=err))
-    return columns(rows)
+    return rows_to_columns(rows)
 
 
 def make_procedural_batch(batch: dict[str, np.ndarray], task: TaskContext,
@@ -150,7 +150,7 @@ class ManifestWriter:
     def _flush(self, pending: list[dict]) -> None:
         if pending:
             self.root.write_shard(ASSETS.name, shard_name(r["asset_id"] for r in pending),
-                                  make_table(columns(pending)))
+                                  make_table(rows_to_columns(pending)))
             self.written += len(pending)
             pending.clear()
 

@@ -20,6 +20,7 @@ from operators.models.registry import GROUNDING_BACKENDS
 from operators.store.ids import InvalidIdError
 from operators.store.readers import ShardReadError
 from operators.store.storage import StorageError
+from rayjobs import api
 from rayjobs.config import DEFAULT_ROOT, JOB_MODELS, ConfigError, load_config
 from rayjobs.errors import JobFailedError
 
@@ -40,7 +41,8 @@ def common_options(func: Callable) -> Callable:
     @click.option("--overwrite", is_flag=True, default=None,
                   help="Redo everything instead of resuming (deletes this stage's outputs first).")
     @click.option("--address", default=None,
-                  help="Ray cluster address (e.g. ray://host:10001 or auto); default: a local Ray.")
+                  help="Ray cluster address (e.g. ray://host:10001 or auto) [default: RAY_ADDRESS "
+                       "when set, as inside a submitted Ray Job, else a private local Ray].")
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         return func(*args, **kwargs)
@@ -95,8 +97,7 @@ def assets_make(n: int | None, seed: int | None, **common: Any) -> None:
     --overwrite rebuilds the whole manifest (scanned rows included).
     """
     config = build_config("assets", **common, assets__n=n, assets__seed=seed)
-    from rayjobs.assets_job import run_assets_make
-    run_assets_make(config)
+    api.assets_make(config)
 
 
 @assets.command("scan")
@@ -113,8 +114,7 @@ def assets_scan(input_uri: str | None, **common: Any) -> None:
     --overwrite rebuilds the whole manifest (procedural rows included).
     """
     config = build_config("assets", **common, assets__input=input_uri)
-    from rayjobs.assets_job import run_assets_scan
-    run_assets_scan(config)
+    api.assets_scan(config)
 
 
 @main.command()
@@ -132,8 +132,7 @@ def render(**common: Any) -> None:
     and shard].
     """
     config = build_config("render", **common)
-    from rayjobs.render_job import run_render
-    run_render(config)
+    api.render(config)
 
 
 @main.command()
@@ -162,8 +161,7 @@ def label(backend: str | None, **common: Any) -> None:
     [30 s], max_retries [3], max_concurrency [4 requests per actor].
     """
     config = build_config("label", **common, label__backend=backend)
-    from rayjobs.label_job import run_label
-    run_label(config)
+    api.label(config)
 
 
 @main.command()
@@ -185,8 +183,7 @@ def lift(backbone: str | None, **common: Any) -> None:
     [false]), n_last_blocks [1], n_points [2048], resources.backbone.num_gpus / concurrency.
     """
     config = build_config("lift", **common, lift__backbone=backbone)
-    from rayjobs.lift_job import run_lift
-    run_lift(config)
+    api.lift(config)
 
 
 @main.group()
@@ -243,8 +240,7 @@ def run_cmd(pipeline: str | None, **common: Any) -> None:
     if pipeline:
         common["configs"] = (pipeline, *common["configs"])
     config = build_config("run", **common)
-    from rayjobs.pipeline_job import run_pipeline
-    run_pipeline(config)
+    api.run(config)
 
 
 @main.command()
@@ -257,8 +253,7 @@ def demo(n: int | None, **common: Any) -> None:
     is installed; else a NOT pretrained tiny ViT). Prints a summary per stage and writes
     contact_sheet.png, label_sheet.png and features_sheet.png under <root>/demo/."""
     config = build_config("demo", **common, assets__n=n)
-    from rayjobs.demo import run_demo
-    run_demo(config)
+    api.demo(config)
 
 
 @main.command()
@@ -272,8 +267,7 @@ def demo(n: int | None, **common: Any) -> None:
 def status(root: str, configs: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Row counts of every table under a run root and the last job of each stage."""
     config = load_config(configs, overrides, model=JOB_MODELS["status"], root=root)
-    from rayjobs.status import print_status
-    print_status(config)
+    api.status(config)
 
 
 if __name__ == "__main__":

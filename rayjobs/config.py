@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import (BaseModel, Field, SecretStr, ValidationError, create_model, field_validator,
-                      model_validator)
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from operators.models.registry import BackboneOptions, grounding_choice
+from operators.models.registry import GROUNDING_BACKENDS, BackboneOptions, grounding_choice
 from operators.settings import ConfigError, LabelSettings, RenderSettings, Section
 from operators.store.records import REDACTED, redact, redact_url
 from operators.store.storage import StorageOptions
@@ -270,6 +269,10 @@ class DemoJob(AssetsJob, RenderJob, LabelJob, LiftJob):
     """The demo runs every data stage: its model holds every stage section."""
 
 
+class ProjectConfig(AssetsJob, PipelineJob):
+    """Every section of every command: what a project file may hold."""
+
+
 JOB_MODELS: dict[str, type[Section]] = {
     "assets": AssetsJob, "render": RenderJob, "label": LabelJob, "lift": LiftJob,
     "run": PipelineJob, "demo": DemoJob, "status": StatusJob}
@@ -316,26 +319,50 @@ def renamed_key(dotted: str) -> str | None:
 # ----------------------------------------------------------------------------- loading
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        child = node.get(key)
-        if isinstance(child, str):  # a registry choice by name, now given options too
-            child = node[key] = {"name": child}
-        node = node.setdefault(key, {}) if child is None else child
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {dotted}: '{key}' is not a section")
-    _assign(node, keys[-1], value)
+def _section(value: Any) -> Any:
+    """A registry choice may be given by its name alone: "openai" is {name: openai}."""
+    return {"name": value} if isinstance(value, str) else value
+
+
+def _switched_options(old: dict, name: str) -> dict:
+    """`old` (a chosen grounding backend's options) when another backend is named: the options
+    only the previous backend takes are dropped (a project file's oracle noise does not stop
+    `--backend hf-zero-shot`); anything else stays, so a typo is still an error."""
+    before, after = GROUNDING_BACKENDS.get(old.get("name", "")), GROUNDING_BACKENDS.get(name)
+    if before is None or after is None or before is after:
+        return {**old, "name": name}
+    only_before = set(before.model_fields) - set(after.model_fields)
+    return {**{k: v for k, v in old.items() if k not in only_before}, "name": name}
 
 
 def _assign(node: dict, key: str, value: Any) -> None:
     """node[key] = value, except that a name given for a section that already holds options
     chooses the name and keeps the options (`label.backend=openai` after its base_url)."""
     if isinstance(value, str) and isinstance(node.get(key), dict):
-        node[key] = {**node[key], "name": value}
+        node[key] = _switched_options(node[key], value)
     else:
         node[key] = value
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node[key] = _section(node.get(key, {}))
+        node = node[key]
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is not a section")
+    _assign(node, keys[-1], value)
+
+
+def _merge(base: dict, extra: Mapping) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(_section(out.get(key)), dict):
+            out[key] = _merge(_section(out[key]), value)
+        else:
+            _assign(out, key, value)
+    return out
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -348,18 +375,6 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         raise ConfigError(f"--set {key.strip()}: the value is not valid YAML") from None
     return key.strip(), value
-
-
-def _merge(base: dict, extra: Mapping) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), str):
-            out[key] = {"name": out[key]}  # a name from an earlier file, options from this one
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            _assign(out, key, value)
-    return out
 
 
 def _union_members(annotation: Any) -> dict[str, type[BaseModel]]:
@@ -419,11 +434,7 @@ def _describe_error(model: type[BaseModel], error: Mapping[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         new = renamed_key(loc)
         if new is not None:
-            return f"config key '{loc}' was renamed: use '{new}'"
-        if len(parts) == 1 and loc in _sections_of_other_jobs(model):
-            users = ", ".join(_sections_of_other_jobs(model)[loc])
-            return (f"'{loc}.*' configures other commands ({users}), not this one "
-                    f"(valid here: {', '.join(sorted(model.model_fields))})")
+            return f"config key '{loc}' was renamed: use '{new}'" + _backend_option_note(new)
         valid = ", ".join(sorted(holder.model_fields)) if holder is not None else ""
         return f"unknown config key '{loc}'" + (f" (valid here: {valid})" if valid else "")
     if error["type"] == "missing":
@@ -438,14 +449,15 @@ def _describe_error(model: type[BaseModel], error: Mapping[str, Any]) -> str:
     return f"{loc}: {message}"  # a whole section: its values are not echoed
 
 
-def _sections_of_other_jobs(model: type[BaseModel]) -> dict[str, list[str]]:
-    """Top-level sections other jobs have and `model` lacks -> the commands that take them."""
-    users: dict[str, list[str]] = {}
-    for command, other in JOB_MODELS.items():
-        for section in other.model_fields:
-            if section not in model.model_fields:
-                users.setdefault(section, []).append(command)
-    return users
+def _backend_option_note(key: str) -> str:
+    """For a grounding option: which backends take it (an option of one backend only is
+    rejected while another one is chosen)."""
+    if not key.startswith("label.backend.") or key.count(".") != 2:
+        return ""
+    option = key.rsplit(".", 1)[1]
+    takers = sorted(name for name, cls in GROUNDING_BACKENDS.items() if option in cls.model_fields)
+    return f" (an option of the {', '.join(takers)} backend{'s' if len(takers) > 1 else ''})" \
+        if takers and len(takers) < len(GROUNDING_BACKENDS) else ""
 
 
 def _shown_override(model: type[BaseModel], text: str) -> str:
@@ -457,27 +469,22 @@ def _shown_override(model: type[BaseModel], text: str) -> str:
     return f"--set {key}={redact_url(text.split('=', 1)[1])}" if "=" in text else f"--set {text}"
 
 
-def _belongs_elsewhere(model: type[BaseModel], key: str) -> bool:
-    return key not in model.model_fields and key in _sections_of_other_jobs(model)
-
-
-def _other_sections(model: type[BaseModel], tree: dict, keep: set[str]) -> list[type[Section]]:
-    """One checking model per section of `tree` that belongs to other commands (not set on the
-    command line: those stay, so `model` rejects them)."""
-    checks = []
-    for name in tree:
-        if _belongs_elsewhere(model, name) and name not in keep:
-            owner = next(job for job in JOB_MODELS.values() if name in job.model_fields)
-            checks.append(create_model(f"{owner.__name__}Section", __base__=Section,
-                                       **{name: (owner.model_fields[name].annotation, ...)}))
-    return checks
+def describe(model: type[BaseModel], err: ValidationError, sources: str) -> ConfigError:
+    """A config error for people: each problem on a line, keys dotted, old keys renamed, values
+    of unknown or secret keys never echoed."""
+    lines = [_describe_error(model, e) for e in err.errors()]
+    return ConfigError(f"invalid configuration from {sources}:\n  " + "\n  ".join(lines))
 
 
 def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (), *,
                 model: type[Section] = DemoJob, **explicit: Any) -> Any:
     """Merge YAML files (in order), then `--set` overrides, then explicit CLI values (non-None;
     `a__b=v` sets a.b), and validate them as `model` (default: the demo's, which holds every data
-    stage's section)."""
+    stage's section).
+
+    Files and overrides may hold the sections of every command (one project file, one list of
+    settings for every command): all of them are checked, and the command keeps its own.
+    `status` checks only its own (root, storage)."""
     tree: dict = {}
     for file in files:
         path = Path(file)
@@ -490,29 +497,23 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = (),
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping")
         tree = _merge(tree, loaded)
-    targeted: set[str] = set()  # top-level keys set on the command line
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
-        targeted.add(key.split(".", 1)[0])
     for dotted, value in explicit.items():
         if value is not None:
             _set_dotted(tree, dotted.replace("__", "."), value)
-            targeted.add(dotted.split("__", 1)[0])
-    checked = model
+    checked: type[BaseModel] = model if model is StatusJob else ProjectConfig
+    own = {k: v for k, v in tree.items() if k in model.model_fields
+           or k not in ProjectConfig.model_fields}  # unknown top-level keys stay: an error
     try:
-        # A project file may hold the sections of every command: those of other commands are
-        # checked (a typo there is still an error) and left out of this job's config.
-        for checked in _other_sections(model, tree, keep=targeted):
-            checked.model_validate({k: tree[k] for k in checked.model_fields})
+        if checked is ProjectConfig:
+            ProjectConfig.model_validate(tree)
         checked = model
-        return model.model_validate({k: v for k, v in tree.items()
-                                     if k in model.model_fields or k in targeted
-                                     or not _belongs_elsewhere(model, k)})
+        return model.model_validate(own)
     except ValidationError as err:
-        shown = [_shown_override(model, o) for o in overrides]
+        shown = [_shown_override(checked, o) for o in overrides]
         flags = [f"command-line option for {k.replace('__', '.')}={v!r}"
                  for k, v in explicit.items() if v is not None]
         sources = ", ".join([str(f) for f in files] + shown + flags) or "defaults"
-        lines = [_describe_error(checked, e) for e in err.errors()]
-        raise ConfigError(f"invalid configuration from {sources}:\n  " + "\n  ".join(lines)) from None
+        raise describe(checked, err, sources) from None

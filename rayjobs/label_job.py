@@ -24,11 +24,11 @@ from operators.models.labeling import (GroundTruthParts, PartPrompt, aggregate_a
 from operators.models.loading import resolve_device
 from operators.settings import LabelSettings
 from operators.store.ids import seed_for
-from operators.store.storage import concatenated, make_table, shard_name
+from operators.store.storage import concatenated, make_table, rows_to_columns, shard_name
 from operators.store.tables import LABEL_BOXES, LABEL_MASKS, LABEL_OUTPUT, LABEL_POINTS
 from rayjobs.config import LabelConfig, LabelJob, StepResources
-from rayjobs.driver import (AssetErrors, JobContext, Plan, StageReport, TaskContext, columns,
-                            map_actors, map_tasks, run_stage)
+from rayjobs.driver import (AssetErrors, JobContext, Plan, StageReport, TaskContext, map_actors,
+                            map_tasks, run_stage)
 from rayjobs.streams import RenderedAssetsStage, keep_rows
 
 STAGE = "label"
@@ -134,7 +134,7 @@ def aggregate_write_batch(batch: dict[str, Any], task: TaskContext,
             LABEL_MASKS.name: make_table(concatenated(masks_rows)),
             LABEL_POINTS.name: make_table(concatenated(points_rows))})
     errors.write(shard)
-    return columns(ok)
+    return rows_to_columns(ok)
 
 
 class LabelStage(RenderedAssetsStage):

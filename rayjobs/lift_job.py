@@ -21,11 +21,11 @@ from operators.geometry.lift import lift_features, subsample_points
 from operators.models.loading import resolve_device, resolve_dtype
 from operators.settings import ConfigError
 from operators.store.ids import seed_for
-from operators.store.storage import concatenated, make_table, shard_name
+from operators.store.storage import concatenated, make_table, rows_to_columns, shard_name
 from operators.store.tables import FEATURE_POINTS, FEATURE_VIEWS, LIFT_OUTPUT
 from rayjobs.config import LiftConfig, LiftJob, StepResources
-from rayjobs.driver import (AssetErrors, JobContext, Plan, StageReport, TaskContext, columns,
-                            map_actors, map_tasks, run_stage)
+from rayjobs.driver import (AssetErrors, JobContext, Plan, StageReport, TaskContext, map_actors,
+                            map_tasks, run_stage)
 from rayjobs.streams import RenderedAssetsStage, keep_rows
 
 STAGE = "lift"
@@ -98,7 +98,7 @@ def lift_write_batch(batch: dict[str, Any], task: TaskContext, cfg: LiftConfig) 
             tables[FEATURE_VIEWS.name] = make_table(concatenated(views))
         LIFT_OUTPUT.write_shard(task.root(), shard, tables)
     errors.write(shard)
-    return columns(ok)
+    return rows_to_columns(ok)
 
 
 class LiftStage(RenderedAssetsStage):

@@ -20,10 +20,10 @@ from operators.geometry.render import render_asset
 from operators.settings import RenderSettings
 from operators.store.ids import seed_for
 from operators.store.readers import read_manifest
-from operators.store.storage import RunRoot, concatenated, make_table, shard_name
+from operators.store.storage import RunRoot, concatenated, make_table, rows_to_columns, shard_name
 from operators.store.tables import ASSETS, POINTS, RENDER_OUTPUT, VIEW_ARRAYS, VIEWS
 from rayjobs.config import RenderJob
-from rayjobs.driver import (AssetErrors, JobContext, Plan, Stage, StageReport, TaskContext, columns,
+from rayjobs.driver import (AssetErrors, JobContext, Plan, Stage, StageReport, TaskContext,
                             items_dataset, map_tasks, run_stage)
 
 STAGE = "render"
@@ -98,7 +98,7 @@ def render_batch(batch: dict[str, Any], task: TaskContext, settings: RenderSetti
                  seed: int) -> dict[str, list]:
     """Ray Data task of the render stage: one summary row per asset that rendered."""
     result = render_and_write(batch, task, settings, seed)
-    return columns([{"asset_id": a, "status": "ok"} for a in result.ok])
+    return rows_to_columns([{"asset_id": a, "status": "ok"} for a in result.ok])
 
 
 class RenderStage(Stage[list[dict[str, Any]]]):

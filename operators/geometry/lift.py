@@ -4,9 +4,9 @@ CMAT §3.1 renders V views, encodes each with a frozen 2D foundation model and "
 interpolates" the feature maps onto the point cloud; §4 (Stage 1) lifts by inverse projection and
 fills with nearest neighbours. Here:
 
-1. every point is projected into every view (`operators.geometry.aggregate.project_points`);
+1. every point is projected into every view (`operators.geometry.cameras.project_points`);
 2. a point is seen by a view when its depth agrees with the rendered depth of its pixel
-   (`operators.geometry.aggregate.visibility`, the same test the label aggregation uses);
+   (`operators.geometry.cameras.visibility`, the same test the label aggregation uses);
 3. the view's patch grid is sampled bilinearly at the projected pixel. The ONE grid convention:
    a (h, w) grid over an (H, W) image has strides sx = W / w, sy = H / h, and patch (i, j) is
    centred at pixel (u, v) = ((j + 0.5) * sx, (i + 0.5) * sy) of the continuous pixel frame
@@ -104,7 +104,7 @@ def lift_features(
     xyz (N, 3) world points; view_features (V, h, w, C) (float16/32); K (V, 3, 3);
     cam_to_world (V, 4, 4); depth (V, H, W) rendered camera-z (0 = miss); image_size (H, W) of
     the views the features were computed from. rel_tol / abs_tol: the depth-test tolerances of
-    `operators.geometry.aggregate.visibility`.
+    `operators.geometry.cameras.visibility`.
 
     Returns features (N, C) float32 and n_views_seen (N,) int16, the number of views whose
     features were averaged (0: the point got its nearest seen neighbour's feature).

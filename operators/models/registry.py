@@ -10,6 +10,7 @@ registry's entries and the loading order).
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -270,9 +271,10 @@ class GroundingOptions(Section):
         raise NotImplementedError
 
     def build(self, *, device: str, seed: int = 0, template: str | None = None) -> Any:
-        from operators.models.grounding_backends import make_backend
-        return make_backend(self.name, **self.factory_kwargs(
-            device=device, seed=seed, template=template or self.default_template()))
+        module, attribute = self.factory.split(":")
+        factory = getattr(importlib.import_module(module), attribute)
+        return factory(**self.factory_kwargs(device=device, seed=seed,
+                                             template=template or self.default_template()))
 
 
 GROUNDING_BACKENDS: dict[str, type[GroundingOptions]] = {}

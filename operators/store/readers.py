@@ -120,15 +120,13 @@ class RootReader:
     """Per-asset reads across the tables of one run root (one `TableReader` per table, created
     on first use)."""
 
-    def __init__(self, root: RunRoot, indexes: Mapping[str, Mapping[str, str]] | None = None) -> None:
+    def __init__(self, root: RunRoot) -> None:
         self.root = root
-        self._indexes = dict(indexes or {})
         self._readers: dict[str, TableReader] = {}
 
     def table(self, table: Table) -> TableReader:
         if table.name not in self._readers:
-            self._readers[table.name] = TableReader(self.root, table,
-                                                    self._indexes.get(table.name))
+            self._readers[table.name] = TableReader(self.root, table)
         return self._readers[table.name]
 
     def manifest(self, columns: Sequence[str] | None = None) -> list[dict[str, Any]]:

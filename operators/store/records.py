@@ -25,7 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pyarrow.compute as pc
 from pydantic import BaseModel, SecretStr
 
-from operators.store.storage import RunRoot, make_table
+from operators.store.storage import RunRoot, make_table, rows_to_columns
 from operators.store.tables import ERRORS, JOB_RECORD
 
 REDACTED = "***"
@@ -202,8 +202,8 @@ def write_errors(root: RunRoot, stage: str, job_id: str, shard: str,
                  rows: Sequence[Mapping[str, Any]]) -> None:
     """Row-level failures go to the `errors/` table (one shard per failing batch and job)."""
     if rows:
-        columns = {k: [r[k] for r in rows] for k in rows[0]}
-        root.write_shard(ERRORS.name, error_shard(stage, shard, job_id), make_table(columns))
+        root.write_shard(ERRORS.name, error_shard(stage, shard, job_id),
+                         make_table(rows_to_columns(rows)))
 
 
 def job_errors(root: RunRoot, job_id: str) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ import os
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -140,6 +141,11 @@ def make_table(columns: Mapping[str, np.ndarray | Sequence]) -> pa.Table:
             fields.append(pa.field(name, array.type))
         arrays.append(array)
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def rows_to_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Row dicts -> columns (a Ray Data batch, or `make_table`'s input); {} for no rows."""
+    return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
 
 
 def concatenated(parts: Mapping[str, Sequence]) -> dict[str, np.ndarray | Sequence]:

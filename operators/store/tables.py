@@ -28,42 +28,47 @@ class Table:
     name: str
     keys: tuple[str, ...]
     columns: tuple[str, ...]
-    description: str
 
     @property
     def all_columns(self) -> tuple[str, ...]:
         return self.keys + self.columns
 
 
-ASSETS = Table("assets", ("asset_id",),
+TABLES: dict[str, Table] = {}  # every table of a run root, by name, in declaration order
+
+
+def table(name: str, keys: tuple[str, ...], columns: tuple[str, ...]) -> Table:
+    """Declare a table (the one place a table is named)."""
+    if name in TABLES:
+        raise ValueError(f"table {name} is declared twice")
+    TABLES[name] = Table(name, keys, columns)
+    return TABLES[name]
+
+
+# The manifest: mesh URI, category, functions, bbox, vertex and face counts, source; procedural
+# assets add part names, functions, frames and per-face parts.
+ASSETS = table("assets", ("asset_id",),
                ("uri", "category", "functions", "bbox", "n_vertices", "n_faces", "source",
                 "source_key", "up_axis", "part_names", "part_functions", "part_frames",
-                "face_part"),
-               "the manifest: mesh URI, category, functions, bbox, vertex and face counts, "
-               "source; procedural assets add part names, functions, frames, per-face parts")
-VIEWS = Table("views", ("asset_id", "view_id"),
-              ("rgb", "depth", "mask", "face_id", "K", "cam_to_world", "normal"),
-              "rendered views: uint8 rgb, float32 depth (0 = background), bool mask, int32 "
-              "face ids, K, OpenCV cam_to_world, float16 normals")
-POINTS = Table("points", ("asset_id",), ("xyz", "normal", "face_id", "part"),
-               "surface samples per asset at a fixed N (part = procedural part index, -1 else)")
-LABEL_BOXES = Table("labels/boxes", ("asset_id", "view_id", "function", "part", "trial"),
-                    ("boxes", "scores"), "grounding boxes of every prompt, view and trial")
-LABEL_MASKS = Table("labels/masks", ("asset_id", "view_id", "function", "part"), ("mask",),
-                    "per-view pseudo-label masks (3D-aggregated)")
-LABEL_POINTS = Table("labels/points", ("asset_id", "function", "part"), ("score",),
-                     "per-point pseudo-label scores 0-1 (float16)")
-FEATURE_VIEWS = Table("features/views", ("asset_id", "view_id"), ("features",),
-                      "cached backbone patch grids per view (float16)")
-FEATURE_POINTS = Table("features/points", ("asset_id",),
-                       ("point_index", "xyz", "features", "n_views_seen"),
-                       "lifted per-point features (float16) of a point subsample")
-ERRORS = Table("errors", ("stage", "job_id", "asset_id", "view_id"),
-               ("error_type", "message", "time"), "row-level failures of every job")
-
-TABLES: dict[str, Table] = {t.name: t for t in (ASSETS, VIEWS, POINTS, LABEL_BOXES, LABEL_MASKS,
-                                                LABEL_POINTS, FEATURE_VIEWS, FEATURE_POINTS,
-                                                ERRORS)}
+                "face_part"))
+# Rendered views: rgb, depth (0 = background), mask, face ids, K, OpenCV cam_to_world, normals.
+VIEWS = table("views", ("asset_id", "view_id"),
+              ("rgb", "depth", "mask", "face_id", "K", "cam_to_world", "normal"))
+# Surface samples per asset at a fixed N (part = procedural part index, -1 else).
+POINTS = table("points", ("asset_id",), ("xyz", "normal", "face_id", "part"))
+# Pseudo-labels: boxes of every prompt, view and trial; 3D-aggregated per-view masks; per-point
+# scores 0-1.
+LABEL_BOXES = table("labels/boxes", ("asset_id", "view_id", "function", "part", "trial"),
+                    ("boxes", "scores"))
+LABEL_MASKS = table("labels/masks", ("asset_id", "view_id", "function", "part"), ("mask",))
+LABEL_POINTS = table("labels/points", ("asset_id", "function", "part"), ("score",))
+# Lifted features: the per-view patch grids (the training cache) and per-point features.
+FEATURE_VIEWS = table("features/views", ("asset_id", "view_id"), ("features",))
+FEATURE_POINTS = table("features/points", ("asset_id",),
+                       ("point_index", "xyz", "features", "n_views_seen"))
+# Row-level failures of every job.
+ERRORS = table("errors", ("stage", "job_id", "asset_id", "view_id"),
+               ("error_type", "message", "time"))
 
 # Per-view arrays a downstream stage reads (normals stay in the table only).
 VIEW_ARRAYS = ("rgb", "depth", "mask", "face_id", "K", "cam_to_world")

@@ -87,8 +87,7 @@ def test_killed_render_completes_on_rerun_with_exact_rows(tmp_path: Path) -> Non
     cli = [sys.executable, "-m", "rayjobs.cli"]
     small = ["--set", "render.views=6", "--set", "render.n_points=2000",
              "--set", "render.resources.render.batch_size=1", "--set", "ray.num_cpus=1"]
-    subprocess.run([*cli, "assets", "make", "--n", "12", "--root", str(root_dir),
-                    "--set", "ray.num_cpus=1"],
+    subprocess.run([*cli, "assets", "make", "--n", "12", "--root", str(root_dir), *small],
                    check=True, capture_output=True)
     proc = subprocess.Popen([*cli, "render", "--root", str(root_dir), *small],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -73,7 +73,8 @@ def make_procedural_batch(batch: dict[str, np.ndarray], task: TaskContext,
             root.write_bytes(relpath, data)
         frames = np.stack([np.vstack([f.origin[None], f.axes]) for f in asset.part_frames])
         functions = sorted({fn for fns in asset.part_functions for fn in fns})
-        return AssetRecord(asset_id=asset_id, uri=root.display(relpath), category=category,
+        # relative to the root: the root can be moved or synced (RunRoot.resolve)
+        return AssetRecord(asset_id=asset_id, uri=relpath, category=category,
                            functions=tuple(functions), bbox=asset.mesh.bbox(),
                            n_vertices=asset.mesh.n_vertices, n_faces=asset.mesh.n_faces,
                            source="procedural", source_key=key, part_names=asset.part_names,
@@ -122,7 +123,7 @@ class ManifestWriter:
     """Driver side: writes new records as they arrive, a shard every MANIFEST_ROWS_PER_SHARD; of
     files with identical bytes (one asset_id) the first in input order (sorted URIs) is kept."""
 
-    root: RunRoot
+    task: TaskContext
     errors: AssetErrors
     known_ids: set[str]
     written: int = 0
@@ -145,12 +146,13 @@ class ManifestWriter:
             if len(pending) >= MANIFEST_ROWS_PER_SHARD:
                 self._flush(pending)
         self._flush(pending)
-        self.errors.write(root=self.root)
+        self.errors.write()
 
     def _flush(self, pending: list[dict]) -> None:
         if pending:
-            self.root.write_shard(ASSETS.name, shard_name(r["asset_id"] for r in pending),
-                                  make_table(rows_to_columns(pending)))
+            ids = [r["asset_id"] for r in pending]
+            self.task.commit(ASSETS_OUTPUT, shard_name(ids),
+                             {ASSETS.name: make_table(rows_to_columns(pending))}, assets=ids)
             self.written += len(pending)
             pending.clear()
 
@@ -161,12 +163,13 @@ class ManifestStage(Stage[list[dict[str, Any]]]):
     outputs = (ASSETS_OUTPUT,)
     creates_root = True
 
-    def plan(self, ctx: JobContext, source: list[dict[str, Any]], done: set[str]) -> Plan:
+    def plan(self, ctx: JobContext, source: list[dict[str, Any]]) -> Plan:
         keys = {r["source_key"] for r in read_manifest(ctx.root, ["source_key"])}
         items = [item for item in source if item["source_key"] not in keys]
+        writer = ManifestWriter(ctx.task, AssetErrors(self.name, ctx.task),
+                                known_ids=set(ctx.outputs["assets"].by_asset))
         return Plan(items, input_count=len(source), skipped_done=len(source) - len(items),
-                    extra={"writer": ManifestWriter(ctx.root, AssetErrors(self.name, ctx.task),
-                                                    known_ids=set(done))})
+                    extra={"writer": writer})
 
     def tasks(self, ctx: JobContext, items: list[dict[str, Any]]) -> Any:
         raise NotImplementedError

@@ -39,7 +39,11 @@ def common_options(func: Callable) -> Callable:
     @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                   help="Override one config value, e.g. --set render.views=19 (repeatable).")
     @click.option("--overwrite", is_flag=True, default=None,
-                  help="Redo everything instead of resuming (deletes this stage's outputs first).")
+                  help="Redo everything instead of resuming (deletes this stage's outputs first; "
+                       "also the way to change the settings of a stage's output).")
+    @click.option("--force", is_flag=True, default=None,
+                  help="Break another job's lease on this stage and root (only when that job is "
+                       "surely not running; a rerun with the same job.name takes over anyway).")
     @click.option("--address", default=None,
                   help="Ray cluster address (e.g. ray://host:10001 or auto) [default: RAY_ADDRESS "
                        "when set, as inside a submitted Ray Job, else a private local Ray].")
@@ -50,11 +54,11 @@ def common_options(func: Callable) -> Callable:
 
 
 def build_config(command: str, root: str | None, configs: tuple[str, ...],
-                 overrides: tuple[str, ...], overwrite: bool | None, address: str | None,
-                 **extra: Any) -> Any:
+                 overrides: tuple[str, ...], overwrite: bool | None, force: bool | None,
+                 address: str | None, **extra: Any) -> Any:
     """The config of `command` (its model in JOB_MODELS) from files, overrides and flags."""
     return load_config(configs, overrides, model=JOB_MODELS[command], root=root,
-                       job__overwrite=overwrite, ray__address=address, **extra)
+                       job__overwrite=overwrite, job__force=force, ray__address=address, **extra)
 
 
 def report_user_errors(func: Callable) -> Callable:

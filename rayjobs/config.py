@@ -75,7 +75,9 @@ class StepResources(Section):
 class JobConfig(Section):
     overwrite: bool = Field(False, description="redo everything instead of resuming")
     max_error_fraction: float = Field(0.1, ge=0, le=1, description="fail the job above this failed/input fraction")
-    name: str | None = Field(None, description="run name recorded in _job.json")
+    name: str | None = Field(None, description="run name, recorded in _job.json and in the stage's lease (a rerun with the same name takes over the lease of a run that is gone)")
+    force: bool = Field(False, description="break another job's lease on the stage (only when it is surely not running)")
+    lease_timeout_s: float = Field(120.0, gt=0, description="a lease not renewed for this long is stale and may be taken over, seconds")
 
 
 # ----------------------------------------------------------------------------- stage sections
@@ -130,6 +132,10 @@ class RenderConfig(Section):
     def settings(self) -> RenderSettings:
         return _settings(RenderSettings, self, "render")
 
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that shape views/ and points/ (not how the tasks are scheduled)."""
+        return _fingerprint("render", self, exclude={"resources"})
+
 
 class LabelResources(Section):
     load: StepResources = Field(StepResources(batch_size=2), description="read views and points back from storage")
@@ -171,6 +177,14 @@ class LabelConfig(Section):
         template = self.template or self.backend.default_template()
         return _settings(LabelSettings, self, "label", template=template)
 
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that shape labels/ (the backend and its weights, prompts, trials,
+        aggregation; not the device or the scheduling)."""
+        return {**_fingerprint("label", self, exclude={"resources", "device", "backend",
+                                                        "template"}),
+                "label.template": self.settings().template,
+                **self.backend.fingerprint("label.backend")}
+
 
 class LiftResources(Section):
     load: StepResources = Field(StepResources(batch_size=2), description="read views and points back from storage")
@@ -189,6 +203,12 @@ class LiftConfig(Section):
     visibility_rel_tol: float = Field(0.01, ge=0, description="depth-test tolerance, fraction of depth")
     visibility_abs_tol: float = Field(0.002, ge=0, description="depth-test tolerance, metres")
     resources: LiftResources = LiftResources()
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that shape features/ (backbone, weights, blocks, points; not the device
+        or the scheduling)."""
+        return {**_fingerprint("lift", self, exclude={"resources", "backbone"}),
+                **self.backbone.fingerprint("lift.backbone")}
 
     @model_validator(mode="after")
     def _image_backbone(self) -> "LiftConfig":
@@ -210,6 +230,10 @@ class PipelineConfig(Section):
         if not value or value != [s for s in order if s in value]:
             raise ValueError(f"stages must be a non-empty sub-sequence of {order}, in that order")
         return value
+
+
+def _fingerprint(name: str, section: Section, exclude: set[str]) -> dict[str, Any]:
+    return {f"{name}.{k}": v for k, v in section.model_dump(mode="json").items() if k not in exclude}
 
 
 def _settings(cls: type, section: Section, name: str, **extra: Any) -> Any:

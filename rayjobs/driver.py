@@ -26,6 +26,11 @@ from typing import Any, Generic, TypeVar
 import ray
 import ray.data
 
+from operators.store.commits import (OutputState, ShardCommit, outputs_downstream_of,
+                                     prepare_output, read_output, settings_hash, write_shard_set)
+from operators.store.integrity import (check_root_format, check_stage_settings,
+                                       record_stage_settings)
+from operators.store.lease import hold
 from operators.store.records import (AssetCounts, ErrorSummary, JobRecord, error_row, job_errors,
                                      new_job_id, write_errors, write_job_record)
 from operators.store.storage import RunRoot, StorageOptions, shard_name
@@ -73,14 +78,23 @@ def ensure_ray(cfg: RayConfig) -> None:
 
 @dataclass(frozen=True)
 class TaskContext:
-    """What a Ray task or actor of a job needs to reach the root and report (picklable)."""
+    """What a Ray task or actor of a job needs to reach the root, commit its shard sets and
+    report (picklable). `fingerprints`: stage -> the settings hash its commits record."""
 
     root_uri: str
     storage: StorageOptions
     job_id: str
+    fingerprints: Mapping[str, str] = field(default_factory=dict)
 
     def root(self) -> RunRoot:
         return RunRoot(self.root_uri, self.storage)
+
+    def commit(self, output: StageOutput, shard: str, data: Mapping[str, Any],
+               assets: Iterable[str], upstream: Mapping[str, str] | None = None) -> ShardCommit:
+        """Write one shard set of `output` and its commit record."""
+        return write_shard_set(self.root(), output, shard, data, job_id=self.job_id,
+                               fingerprint=self.fingerprints[output.stage], assets=assets,
+                               upstream=upstream)
 
 
 class AssetErrors:
@@ -141,26 +155,33 @@ def map_actors(ds: ray.data.Dataset, cls: type, resources: StepResources,
 
 @dataclass(frozen=True)
 class JobContext:
-    """One run of a stage: its config, root, job id and clock."""
+    """One run of a stage: its config, root, job id, clock, settings fingerprints and the state
+    of its outputs after they were prepared (stage -> OutputState)."""
 
     config: JobBase
     root: RunRoot
     job_id: str
     started: float
+    fingerprints: Mapping[str, str]
+    outputs: Mapping[str, OutputState]
 
     @property
     def task(self) -> TaskContext:
-        return TaskContext(self.config.root, self.config.storage.options(), self.job_id)
+        return TaskContext(self.config.root, self.config.storage.options(), self.job_id,
+                           dict(self.fingerprints))
 
 
 @dataclass
 class Plan:
     """The work of one run: `items` (one dict per asset or file to process now), how many
-    inputs there are in all, and how many of those are already done."""
+    inputs there are in all, how many of those are already done, how many wait for an upstream
+    stage, and notes for the summary (what is redone and why)."""
 
     items: list[dict[str, Any]]
     input_count: int
     skipped_done: int
+    waiting: int = 0
+    notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -180,7 +201,12 @@ class Stage(Generic[T]):
         """The stage's input, read before Ray starts; FileNotFoundError when there is none."""
         raise NotImplementedError
 
-    def plan(self, ctx: JobContext, source: T, done: set[str]) -> Plan:
+    def settings(self, config: Any) -> dict[str, dict[str, Any]]:
+        """Per output stage, the settings that shape its rows (its fingerprint)."""
+        return {output.stage: {} for output in self.outputs}
+
+    def plan(self, ctx: JobContext, source: T) -> Plan:
+        """The work left, from the input and `ctx.outputs` (what the outputs hold)."""
         raise NotImplementedError
 
     def execute(self, ctx: JobContext, plan: Plan) -> Iterable[dict[str, Any]]:
@@ -202,7 +228,7 @@ class StageReport:
     printed as the summary."""
 
     record: JobRecord
-    removed_uncommitted: list[str]
+    notes: list[str]
 
     stage = property(lambda self: self.record.stage)
     job_id = property(lambda self: self.record.job_id)
@@ -218,7 +244,10 @@ class StageReport:
         rate = lambda n: f"{n / self.seconds:.2f}/s" if self.seconds > 0 and n else "-"  # noqa: E731
         errors_at = f"{self.record.root.rstrip('/')}/{ERRORS.name}/"
         rows = [("stage", self.stage), ("input assets", str(self.counts.input)),
-                ("already done (skipped)", str(self.skipped_done)),
+                ("already done (skipped)", str(self.skipped_done))]
+        if self.counts.waiting:
+            rows.append(("waiting for an upstream stage", str(self.counts.waiting)))
+        rows += [
                 ("processed ok", f"{self.ok}  ({rate(self.ok)})"),
                 ("failed", f"{self.failed}" + (f"  -> {errors_at}" if self.failed else ""))]
         rows += [(name, f"{n}  ({rate(n)})") for name, n in self.units.items()]
@@ -226,7 +255,8 @@ class StageReport:
         rows += [(f"output {k}", v) for k, v in self.outputs.items()]
         if self.counts.processed == 0:
             rows.append(("note", "nothing to do: every input is already done (use --overwrite "
-                                 "to redo)"))
+                                 "to redo)" if not self.counts.waiting else
+                         "nothing to do yet: the rest waits for an upstream stage"))
         width = max(len(k) for k, _ in rows)
         return [f"  {k.ljust(width)}  {v}" for k, v in rows]
 
@@ -238,27 +268,57 @@ def run_stage(config: JobBase, stage: Stage[Any], *, check: bool = True) -> Stag
         stage.check(config)
     root = RunRoot(config.root, config.storage.options())
     root.check_reachable(create=stage.creates_root)
+    check_root_format(root, mark=False)
     source = stage.read_input(root, config)
-    ensure_ray(config.ray)  # before the clock: throughput excludes cluster start-up
-    ctx = JobContext(config, root, new_job_id(stage.id_prefix or stage.name), time.time())
-    done: set[str] = set()
-    removed: list[str] = []
-    for output in stage.outputs:  # the last output's done set is the stage's
-        done, removed_here = output.prepare(root, config.job.overwrite)
-        removed += removed_here
-    plan = stage.plan(ctx, source, done)
-    ok = sum(1 for s in stage.execute(ctx, plan) if s["status"] == "ok") if plan.items else 0
+    settings = stage.settings(config)
+    overwrite = config.job.overwrite
+    if not overwrite:  # one table never mixes two settings
+        for output in stage.outputs:
+            check_stage_settings(root, output, settings[output.stage], stage.name)
+    job_id = new_job_id(stage.id_prefix or stage.name)
+    with hold(root, [o.stage for o in stage.outputs], config.job.name or job_id,
+              timeout_s=config.job.lease_timeout_s, force=config.job.force):
+        check_root_format(root, mark=True)
+        ensure_ray(config.ray)  # before the clock: throughput excludes cluster start-up
+        started = time.time()
+        states, notes = {}, []
+        for output in stage.outputs:
+            if overwrite:
+                notes += stale_downstream(root, output)
+            states[output.stage], removed = prepare_output(root, output, overwrite)
+            notes += removed
+            record_stage_settings(root, output, settings[output.stage], job_id)
+        ctx = JobContext(config, root, job_id, started,
+                         {stage_: settings_hash(s) for stage_, s in settings.items()}, states)
+        plan = stage.plan(ctx, source)
+        notes += plan.notes
+        for note in notes:
+            print(f"note: {note}")
+        ok = sum(1 for s in stage.execute(ctx, plan) if s["status"] == "ok") if plan.items else 0
     failures = job_errors(root, ctx.job_id)
     counts = AssetCounts(input=plan.input_count, skipped_done=plan.skipped_done, ok=ok,
-                         failed=len({f["asset_id"] for f in failures}),
+                         failed=len({f["asset_id"] for f in failures}), waiting=plan.waiting,
                          units=stage.units(ctx, plan, ok))
     record = JobRecord(
         stage=stage.name, job_id=ctx.job_id, root=root.display(), config=config.redacted(),
         inputs=stage.inputs(ctx),
         outputs={t.name: root.display(t.name) + "/" for o in stage.outputs for t in o.tables},
         started=ctx.started, ended=time.time(), name=config.job.name, counts=counts,
-        errors=ErrorSummary.of(failures), extra={"removed_uncommitted_shards": removed})
-    return finish(root, config, StageReport(record, removed), [o.record_dir for o in stage.outputs])
+        errors=ErrorSummary.of(failures),
+        extra={"notes": notes, "settings": {k: settings_hash(v) for k, v in settings.items()}})
+    return finish(root, config, StageReport(record, notes), [o.record_dir for o in stage.outputs])
+
+
+def stale_downstream(root: RunRoot, output: StageOutput) -> list[str]:
+    """What redoing `output` makes stale: the outputs made from it, with how many assets."""
+    notes = []
+    for downstream in outputs_downstream_of(output.stage):
+        held = len(read_output(root, downstream).by_asset)
+        if held:
+            notes.append(f"{downstream.record_dir}/ holds {held} assets made from the "
+                         f"{output.stage} output this run replaces: the next "
+                         f"`partlift {downstream.stage}` redoes them")
+    return notes
 
 
 def finish(root: RunRoot, config: JobBase, report: StageReport,

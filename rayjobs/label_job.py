@@ -83,7 +83,7 @@ class GroundingActor:
         if not done:
             return {}
         out = keep_rows(batch, [i for i, _ in done],
-                        ("asset_id", "xyz", "depth", "mask", "K", "cam_to_world"))
+                        ("asset_id", "render_commit", "xyz", "depth", "mask", "K", "cam_to_world"))
         out["prompts_json"] = [prompts for _, prompts in done]
         return out
 
@@ -126,15 +126,17 @@ def aggregate_write_batch(batch: dict[str, Any], task: TaskContext,
             points_rows["function"].append(prompt["function"])
             points_rows["part"].append(prompt["part"])
             points_rows["score"].append(scores[p][None].astype(np.float16))
-        ok.append({"asset_id": asset_id, "status": "ok"})
+        ok.append({"asset_id": asset_id, "status": "ok",
+                   "render_commit": str(batch["render_commit"][i])})
     shard = shard_name(ids)
     if points_rows:
-        LABEL_OUTPUT.write_shard(task.root(), shard, {
-            LABEL_BOXES.name: make_table(concatenated(boxes_rows)),
-            LABEL_MASKS.name: make_table(concatenated(masks_rows)),
-            LABEL_POINTS.name: make_table(concatenated(points_rows))})
+        task.commit(LABEL_OUTPUT, shard, {LABEL_BOXES.name: make_table(concatenated(boxes_rows)),
+                                          LABEL_MASKS.name: make_table(concatenated(masks_rows)),
+                                          LABEL_POINTS.name: make_table(concatenated(points_rows))},
+                    assets=[r["asset_id"] for r in ok],
+                    upstream={r["asset_id"]: r["render_commit"] for r in ok})
     errors.write(shard)
-    return rows_to_columns(ok)
+    return rows_to_columns([{"asset_id": r["asset_id"], "status": "ok"} for r in ok])
 
 
 class LabelStage(RenderedAssetsStage):
@@ -144,6 +146,9 @@ class LabelStage(RenderedAssetsStage):
     def check(self, config: LabelJob) -> None:
         config.label.backend.check()
         config.label.settings()
+
+    def settings(self, config: LabelJob) -> dict[str, dict[str, Any]]:
+        return {STAGE: config.label.fingerprint()}
 
     def load_resources(self, config: LabelJob) -> StepResources:
         return config.label.resources.load

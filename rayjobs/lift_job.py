@@ -54,7 +54,8 @@ class BackboneActor:
         errors.write()
         if not done:
             return {}
-        out = keep_rows(batch, [i for i, _ in done], ("asset_id", "xyz", "depth", "K", "cam_to_world"))
+        out = keep_rows(batch, [i for i, _ in done],
+                        ("asset_id", "render_commit", "xyz", "depth", "K", "cam_to_world"))
         out["view_features"] = np.stack([grids for _, grids in done])
         return out
 
@@ -90,15 +91,17 @@ def lift_write_batch(batch: dict[str, Any], task: TaskContext, cfg: LiftConfig) 
             views["asset_id"] += [ids[i]] * grids.shape[0]
             views["view_id"].append(np.arange(grids.shape[0], dtype=np.int32))
             views["features"].append(np.asarray(grids, np.float16))
-        ok.append({"asset_id": ids[i], "status": "ok"})
+        ok.append({"asset_id": ids[i], "status": "ok",
+                   "render_commit": str(batch["render_commit"][i])})
     shard = shard_name(ids)
     if points:
         tables = {FEATURE_POINTS.name: make_table(concatenated(points))}
         if views:  # the per-view cache is optional (lift.cache_view_features)
             tables[FEATURE_VIEWS.name] = make_table(concatenated(views))
-        LIFT_OUTPUT.write_shard(task.root(), shard, tables)
+        task.commit(LIFT_OUTPUT, shard, tables, assets=[r["asset_id"] for r in ok],
+                    upstream={r["asset_id"]: r["render_commit"] for r in ok})
     errors.write(shard)
-    return rows_to_columns(ok)
+    return rows_to_columns([{"asset_id": r["asset_id"], "status": "ok"} for r in ok])
 
 
 class LiftStage(RenderedAssetsStage):
@@ -115,6 +118,9 @@ class LiftStage(RenderedAssetsStage):
         if blocks is not None and cfg.n_last_blocks > blocks:
             raise ConfigError(f"lift.n_last_blocks={cfg.n_last_blocks}: {cfg.backbone.name} has "
                               f"{blocks} blocks")
+
+    def settings(self, config: LiftJob) -> dict[str, dict[str, Any]]:
+        return {STAGE: config.lift.fingerprint()}
 
     def load_resources(self, config: LiftJob) -> StepResources:
         return config.lift.resources.load

@@ -15,7 +15,7 @@ from typing import Any
 import ray.data
 
 from operators.settings import RenderSettings
-from operators.store.readers import read_manifest, shard_index
+from operators.store.readers import read_manifest
 from operators.store.storage import RunRoot
 from operators.store.tables import ASSETS, POINTS, RENDER_OUTPUT, VIEWS
 from rayjobs.config import PipelineJob
@@ -25,6 +25,7 @@ from rayjobs.label_job import LabelStage
 from rayjobs.lift_job import LiftStage
 from rayjobs.render_job import RENDER_FIELDS, RenderStage, render_and_write
 from rayjobs.streams import (STREAM_FIELDS, RenderedAssets, RenderedAssetsStage, asset_row,
+                             downstream_plan,
                              load_stream, stacked_columns)
 
 SINGLE_STAGES: dict[str, Stage[Any]] = {"render": RenderStage(), "label": LabelStage(),
@@ -37,7 +38,8 @@ def render_emit_batch(batch: dict[str, Any], task: TaskContext, settings: Render
     arrays on instead of a summary."""
     result = render_and_write(batch, task, settings, seed)
     position = {str(a): i for i, a in enumerate(batch["asset_id"])}
-    return stacked_columns([asset_row(batch, position[a["asset_id"]], a) for a in result.assets])
+    return stacked_columns([asset_row(batch, position[a["asset_id"]], a, result.commit)
+                            for a in result.assets])
 
 
 class RenderThen(Stage[list[dict[str, Any]]]):
@@ -55,6 +57,9 @@ class RenderThen(Stage[list[dict[str, Any]]]):
         RenderStage().check(config)
         self.downstream.check(config)
 
+    def settings(self, config: PipelineJob) -> dict[str, dict[str, Any]]:
+        return {**RenderStage().settings(config), **self.downstream.settings(config)}
+
     def read_input(self, root: RunRoot, config: PipelineJob) -> list[dict[str, Any]]:
         manifest = read_manifest(root, [*STREAM_FIELDS, *RENDER_FIELDS])  # render reads the files
         if not manifest:
@@ -62,15 +67,17 @@ class RenderThen(Stage[list[dict[str, Any]]]):
                                     "`partlift assets make` or `partlift assets scan` first")
         return manifest
 
-    def plan(self, ctx: JobContext, manifest: list[dict[str, Any]], done: set[str]) -> Plan:
-        # After the render outputs were prepared (uncommitted shards removed): what is rendered.
-        source = RenderedAssets(manifest, shard_index(ctx.root, VIEWS), shard_index(ctx.root, POINTS))
-        todo = [r for r in source.manifest if r["asset_id"] not in done]
-        to_render = sorted((r for r in todo if r["asset_id"] not in source.points_index),
+    def plan(self, ctx: JobContext, manifest: list[dict[str, Any]]) -> Plan:
+        # What is rendered after the render output was prepared; the rest is rendered here.
+        downstream = downstream_plan(ctx, self.downstream.outputs[0],
+                                     RenderedAssets(manifest, ctx.outputs["render"]))
+        rendered = ctx.outputs["render"].by_asset
+        to_render = sorted((r for r in manifest if r["asset_id"] not in rendered),
                            key=lambda r: r["asset_id"])
-        to_load = source.with_shards(r for r in todo if r["asset_id"] in source.points_index)
-        return Plan(to_render + to_load, input_count=len(source.manifest),
-                    skipped_done=len(source.manifest) - len(todo),
+        to_load = downstream.items
+        notes = [n for n in downstream.notes if "have no renders yet" not in n]
+        return Plan(to_render + to_load, input_count=len(manifest),
+                    skipped_done=len(manifest) - len(to_render) - len(to_load), notes=notes,
                     extra={"to_render": to_render, "to_load": to_load})
 
     def execute(self, ctx: JobContext, plan: Plan) -> Iterable[dict[str, Any]]:

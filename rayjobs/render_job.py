@@ -45,10 +45,11 @@ def _part_labels(face_part: np.ndarray | list | None, face_id: np.ndarray, n_fac
 @dataclass
 class RenderedBatch:
     """What rendering a batch produced: the ids that worked and their arrays (kept in memory for
-    a downstream stage in a streaming pipeline)."""
+    a downstream stage in a streaming pipeline), and the id of the shard set that holds them."""
 
     ok: list[str]
     assets: list[dict[str, Any]]  # asset_id, views arrays (V, ...), xyz
+    commit: str = ""
 
 
 def render_and_write(batch: dict[str, Any], task: TaskContext, settings: RenderSettings,
@@ -60,7 +61,7 @@ def render_and_write(batch: dict[str, Any], task: TaskContext, settings: RenderS
     errors = AssetErrors(STAGE, task)
 
     def render(i: int) -> tuple[Any, Any, np.ndarray]:
-        uri = str(batch["uri"][i])
+        uri = root.resolve(str(batch["uri"][i]))
         mesh = to_y_up(read_mesh_file(uri, task.storage)[0], str(batch["up_axis"][i]))
         rendered, samples = render_asset(mesh, settings, seed_for(seed, ids[i]), name=uri)
         return rendered, samples, _part_labels(batch["face_part"][i], samples.face_id,
@@ -87,11 +88,14 @@ def render_and_write(batch: dict[str, Any], task: TaskContext, settings: RenderS
         assets.append({"asset_id": ids[i], "xyz": samples.xyz,
                        **{name: getattr(rendered, name) for name in VIEW_ARRAYS}})
     shard = shard_name(ids)
+    commit = ""
     if points:
-        RENDER_OUTPUT.write_shard(root, shard, {VIEWS.name: make_table(concatenated(views)),
-                                                POINTS.name: make_table(concatenated(points))})
+        ok = [a["asset_id"] for a in assets]
+        commit = task.commit(RENDER_OUTPUT, shard, {VIEWS.name: make_table(concatenated(views)),
+                                                    POINTS.name: make_table(concatenated(points))},
+                             assets=ok).id
     errors.write(shard, root)
-    return RenderedBatch([a["asset_id"] for a in assets], assets)
+    return RenderedBatch([a["asset_id"] for a in assets], assets, commit)
 
 
 def render_batch(batch: dict[str, Any], task: TaskContext, settings: RenderSettings,
@@ -108,6 +112,9 @@ class RenderStage(Stage[list[dict[str, Any]]]):
     def check(self, config: RenderJob) -> None:
         config.render.settings()
 
+    def settings(self, config: RenderJob) -> dict[str, dict[str, Any]]:
+        return {STAGE: config.render.fingerprint()}
+
     def read_input(self, root: RunRoot, config: RenderJob) -> list[dict[str, Any]]:
         manifest = read_manifest(root, RENDER_FIELDS)
         if not manifest:
@@ -115,7 +122,8 @@ class RenderStage(Stage[list[dict[str, Any]]]):
                                     "run `partlift assets make` or `partlift assets scan` first")
         return manifest
 
-    def plan(self, ctx: JobContext, source: list[dict[str, Any]], done: set[str]) -> Plan:
+    def plan(self, ctx: JobContext, source: list[dict[str, Any]]) -> Plan:
+        done = ctx.outputs[STAGE].by_asset
         items = sorted((r for r in source if r["asset_id"] not in done),
                        key=lambda r: r["asset_id"])
         return Plan(items, input_count=len(source), skipped_done=len(source) - len(items))

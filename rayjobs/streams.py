@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import ray.data
 
-from operators.store.readers import TableReader, read_manifest, shard_index
+from operators.store.commits import OutputState, drop_shard_sets, read_output
+from operators.store.readers import TableReader, read_manifest
 from operators.store.storage import RunRoot
-from operators.store.tables import POINTS, VIEW_ARRAYS, VIEWS
+from operators.store.tables import POINTS, RENDER_OUTPUT, VIEW_ARRAYS, VIEWS, StageOutput
 from rayjobs.config import StepResources
 from rayjobs.driver import (AssetErrors, JobContext, Plan, Stage, TaskContext, items_dataset,
                             map_tasks)
@@ -38,18 +39,22 @@ def load_views_batch(batch: dict[str, np.ndarray], task: TaskContext, stage: str
 
     def load(i: int) -> dict[str, Any]:
         arrays = views.arrays(ids[i], VIEW_ARRAYS)
-        return asset_row(batch, i, {**arrays, "xyz": points.arrays(ids[i], ["xyz"])["xyz"][0]})
+        xyz = points.arrays(ids[i], ["xyz"])["xyz"][0]
+        return asset_row(batch, i, {**arrays, "xyz": xyz}, str(batch["render_commit"][i]))
 
     rows = [row for _, row in errors.attempt(range(len(ids)), load, asset_of=ids.__getitem__)]
     errors.write(root=root)
     return stacked_columns(rows)
 
 
-def asset_row(batch: dict[str, Any], i: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The stream row of asset i of a manifest batch."""
+def asset_row(batch: dict[str, Any], i: int, arrays: dict[str, np.ndarray],
+              render_commit: str) -> dict[str, Any]:
+    """The stream row of asset i of a manifest batch; `render_commit` names the render shard
+    set its arrays come from (what the downstream shard records as its lineage)."""
     return {"asset_id": str(batch["asset_id"][i]), "category": str(batch["category"][i]),
             "part_names": [str(p) for p in batch["part_names"][i]],
-            "face_part": np.asarray(batch["face_part"][i], dtype=np.int16), **arrays}
+            "face_part": np.asarray(batch["face_part"][i], dtype=np.int16),
+            "render_commit": render_commit, **arrays}
 
 
 def stacked_columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -67,40 +72,62 @@ def keep_rows(batch: dict[str, Any], keep: list[int], names: Iterable[str]) -> d
 
 @dataclass(frozen=True)
 class RenderedAssets:
-    """The rendered assets of a root: manifest rows (stream fields) and where their views and
-    points shards are."""
+    """The manifest (stream fields) and what the render output holds (its prepared state)."""
 
     manifest: list[dict[str, Any]]
-    views_index: dict[str, str]
-    points_index: dict[str, str]
+    render: OutputState
 
-    def with_shards(self, rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Load items for `rows`, sorted by views shard so each shard is read once per task."""
-        return sorted(({**r, "points_shard": self.points_index[r["asset_id"]],
-                        "views_shard": self.views_index[r["asset_id"]]} for r in rows),
+    def load_items(self, rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Load items for rendered `rows`, sorted by shard so each is read once per task."""
+        by_asset = self.render.by_asset
+        return sorted(({**r, "views_shard": by_asset[r["asset_id"]].shard,
+                        "points_shard": by_asset[r["asset_id"]].shard,
+                        "render_commit": by_asset[r["asset_id"]].id} for r in rows),
                       key=lambda r: (r["views_shard"], r["asset_id"]))
 
-    def rendered(self) -> list[dict[str, Any]]:
-        return [r for r in self.manifest
-                if r["asset_id"] in self.points_index and r["asset_id"] in self.views_index]
+
+def downstream_plan(ctx: JobContext, output: StageOutput, source: RenderedAssets) -> Plan:
+    """What a stage over rendered assets (label, lift) has left to do, by lineage: an asset is
+    done when the output holds it made from its current render; shard sets made from renders
+    that changed since (re-rendered, or gone) are removed and their assets redone. Assets not
+    rendered wait (counted, named in a note)."""
+    held, root = ctx.outputs[output.stage], ctx.root
+    current = {asset: commit.id for asset, commit in source.render.by_asset.items()}
+    stale = sorted(shard for shard, commit in held.commits.items()
+                   if any(commit.upstream.get(a) != current.get(a) for a in commit.assets))
+    notes = []
+    if stale:
+        redo = sum(len(held.commits[s].assets) for s in stale)
+        notes.append(f"{redo} assets of {output.record_dir}/ are redone: their renders changed "
+                     f"since (re-rendered or removed), in {len(stale)} shard sets")
+        drop_shard_sets(root, output, stale)
+    done = {a for shard, c in held.commits.items() if shard not in stale for a in c.assets}
+    rendered = [r for r in source.manifest if r["asset_id"] in current]
+    items = source.load_items(r for r in rendered if r["asset_id"] not in done)
+    waiting = len(source.manifest) - len(rendered)
+    if waiting:
+        notes.append(f"{waiting} assets of the manifest have no renders yet: run `partlift render`"
+                     + "".join(f"; {why}" for why in source.render.broken.values()))
+    return Plan(items, input_count=len(source.manifest), skipped_done=len(rendered) - len(items),
+                waiting=waiting, notes=notes)
 
 
 def read_rendered(root: RunRoot, extra: tuple[str, ...] = ()) -> RenderedAssets:
-    """Manifest rows (stream fields + `extra`) and the views/points shard indexes."""
-    manifest = read_manifest(root, [*STREAM_FIELDS, *extra])
-    return RenderedAssets(manifest, shard_index(root, VIEWS), shard_index(root, POINTS))
+    """Manifest rows (stream fields + `extra`) and the state of the render output."""
+    return RenderedAssets(read_manifest(root, [*STREAM_FIELDS, *extra]),
+                          read_output(root, RENDER_OUTPUT))
 
 
 def load_stream(items: list[dict[str, Any]], task: TaskContext, stage: str,
                 resources: StepResources) -> ray.data.Dataset:
-    """Stream rows read back from storage for load items (`RenderedAssets.with_shards`)."""
+    """Stream rows read back from storage for load items (`RenderedAssets.load_items`)."""
     return map_tasks(items_dataset(items, resources.batch_size), load_views_batch, resources,
                      task=task, stage=stage)
 
 
 class RenderedAssetsStage(Stage[RenderedAssets]):
-    """A stage over every rendered asset its output does not hold yet: load views and points
-    (CPU tasks), then the stage's own steps (`add_steps`)."""
+    """A stage over every rendered asset its output does not hold yet (made from its current
+    render): load views and points (CPU tasks), then the stage's own steps (`add_steps`)."""
 
     def load_resources(self, config: Any) -> StepResources:
         raise NotImplementedError
@@ -111,15 +138,13 @@ class RenderedAssetsStage(Stage[RenderedAssets]):
 
     def read_input(self, root: RunRoot, config: Any) -> RenderedAssets:
         source = read_rendered(root)
-        if not source.manifest or not source.points_index:
+        if not source.manifest or not source.render.by_asset:
             raise FileNotFoundError(f"{self.name}: no rendered assets under "
                                     f"{root.display(POINTS.name)}/; run `partlift render` first")
         return source
 
-    def plan(self, ctx: JobContext, source: RenderedAssets, done: set[str]) -> Plan:
-        rendered = source.rendered()
-        items = source.with_shards(r for r in rendered if r["asset_id"] not in done)
-        return Plan(items, input_count=len(rendered), skipped_done=len(rendered) - len(items))
+    def plan(self, ctx: JobContext, source: RenderedAssets) -> Plan:
+        return downstream_plan(ctx, self.outputs[0], source)
 
     def execute(self, ctx: JobContext, plan: Plan) -> Iterable[dict[str, Any]]:
         stream = load_stream(plan.items, ctx.task, self.name, self.load_resources(ctx.config))
@@ -128,4 +153,3 @@ class RenderedAssetsStage(Stage[RenderedAssets]):
     def inputs(self, ctx: JobContext) -> dict[str, str]:
         return {VIEWS.name: ctx.root.display(VIEWS.name) + "/",
                 POINTS.name: ctx.root.display(POINTS.name) + "/"}
-

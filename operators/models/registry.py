@@ -10,6 +10,7 @@ registry's entries and the loading order).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -178,6 +179,36 @@ def minilm_package_dir() -> Path:
 
 
 
+def weights_digest(model_path: str | None, hub_id: str | None = None) -> str:
+    """What identifies a model's weights without reading them: for a directory, a hash of its
+    config.json and the names and sizes of its files (a moved copy keeps its digest); for a hub
+    id, the id and the cached revision."""
+    if model_path is not None:
+        folder = Path(model_path).expanduser()
+        if not folder.is_dir():
+            return f"missing:{model_path}"
+        digest = hashlib.sha256()
+        config = folder / "config.json"
+        if config.is_file():
+            digest.update(config.read_bytes())
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            digest.update(f"{path.relative_to(folder).as_posix()}:{path.stat().st_size}\n".encode())
+        return f"sha256:{digest.hexdigest()[:16]}"
+    if hub_id is None:
+        return "none"
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(hub_id, "config.json")
+    except ImportError:
+        cached = None
+    revision = Path(cached).parent.name if isinstance(cached, str) else "not cached"
+    return f"hub:{hub_id}@{revision}"
+
+
+def _prefixed(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}.{k}": v for k, v in values.items()}
+
+
 # ----------------------------------------------------------------------------- options sections
 
 def _named(value: Any) -> Any:
@@ -227,6 +258,15 @@ class BackboneOptions(Section):
     def spec(self) -> BackboneSpec:
         return get_spec(self.name)
 
+    def fingerprint(self, prefix: str) -> dict[str, Any]:
+        """What shapes this backbone's features: name, weights, stride and dtype (not where
+        the weights are, the device or whether they may download)."""
+        spec = self.spec
+        weights = (weights_digest(self.model_path, spec.hub_id) if spec.pretrained
+                   else "random-tiny (seed 0)")
+        return _prefixed(prefix, {"name": self.name, "weights": weights,
+                                  "stride": self.stride or spec.patch_size, "dtype": self.dtype})
+
     def check_available(self) -> None:
         """Pre-flight without loading weights: BackboneNotFoundError names where it looked."""
         if self.spec.pretrained and not self.allow_download:
@@ -259,6 +299,15 @@ class GroundingOptions(Section):
     factory: ClassVar[str]
     # Built per asset with the asset's seed (the oracle's noise), not once per worker.
     per_asset: ClassVar[bool] = False
+    # Options that do not change the boxes (where and how a model is reached), left out of the
+    # settings fingerprint; a model_path is replaced by the digest of its weights.
+    runtime_options: ClassVar[frozenset[str]] = frozenset()
+
+    def fingerprint(self, prefix: str) -> dict[str, Any]:
+        values = {k: v for k, v in self.model_dump().items() if k not in self.runtime_options}
+        if "model_path" in values:
+            values["weights"] = weights_digest(values.pop("model_path"))
+        return _prefixed(prefix, values)
 
     def default_template(self) -> str:
         """The PROMPT_TEMPLATES key this backend reads best when label.template is unset."""
@@ -382,6 +431,8 @@ class OpenAIOptions(_VLMAnswers):
     max_retries: int = Field(3, ge=0, description="retries with exponential backoff")
     max_concurrency: int = Field(4, ge=1, description="parallel requests per actor")
     factory: ClassVar[str] = "operators.models.grounding_backends:OpenAIBackend"
+    runtime_options: ClassVar[frozenset[str]] = frozenset(
+        {"base_url", "api_key_env", "timeout_s", "max_retries", "max_concurrency"})
 
     @field_validator("json_frame")
     @classmethod

@@ -21,9 +21,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from operators.store.commits import read_output
 from operators.store.storage import RunRoot, table_columns
-from operators.store.tables import (ASSETS, FEATURE_POINTS, FEATURE_VIEWS, LABEL_MASKS,
-                                    LABEL_POINTS, POINTS, VIEW_ARRAYS, VIEWS, Table)
+from operators.store.tables import (ASSETS, ASSETS_OUTPUT, FEATURE_POINTS, FEATURE_VIEWS,
+                                    LABEL_MASKS, LABEL_POINTS, POINTS, STAGE_OUTPUTS, VIEW_ARRAYS,
+                                    VIEWS, StageOutput, Table)
 
 
 class ShardReadError(OSError):
@@ -37,8 +39,18 @@ class AssetNotFoundError(KeyError):
         return str(self.args[0])
 
 
+def output_of(table: Table | str) -> StageOutput | None:
+    """The stage output a table belongs to (None for errors/)."""
+    name = table.name if isinstance(table, Table) else table
+    return next((o for o in STAGE_OUTPUTS.values() if name in o.names), None)
+
+
 def shard_index(root: RunRoot, table: Table | str) -> dict[str, str]:
-    """asset_id -> the shard of `table` that holds it (reads only the asset_id column)."""
+    """asset_id -> the committed shard of `table` that holds it, from the commit records (no
+    shard is opened; an asset in two shards, in roots from before leases, maps to the last)."""
+    output = output_of(table)
+    if output is not None:
+        return {asset: commit.shard for asset, commit in read_output(root, output).by_asset.items()}
     name = table.name if isinstance(table, Table) else table
     index: dict[str, str] = {}
     for shard in root.list_shards(name):
@@ -48,11 +60,15 @@ def shard_index(root: RunRoot, table: Table | str) -> dict[str, str]:
 
 
 def read_manifest(root: RunRoot, columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """The manifest rows (all columns, or `columns` plus asset_id), one dict per asset; [] when
-    the root has no manifest."""
+    """The manifest rows (all columns, or `columns` plus asset_id) of its committed shards, one
+    dict per asset; [] when the root has no manifest."""
     wanted = None if columns is None else list(dict.fromkeys(["asset_id", *columns]))
-    table = root.read_table(ASSETS.name, columns=wanted)
-    return [] if table is None else table.to_pylist()
+    commits = read_output(root, ASSETS_OUTPUT).commits
+    rows: dict[str, dict[str, Any]] = {}
+    for shard in sorted(commits):
+        for row in _read(root, ASSETS.name, shard, wanted).to_pylist():
+            rows[row["asset_id"]] = row  # one row per asset, whatever an old root holds
+    return list(rows.values())
 
 
 def _read(root: RunRoot, table: str, shard: str, columns: Sequence[str] | None) -> pa.Table:

@@ -100,13 +100,14 @@ def iso_time(ts: float) -> str:
 @dataclass(frozen=True)
 class AssetCounts:
     """Per-asset accounting of a job over assets: ok + failed = processed, and processed +
-    skipped_done = input. `units` adds named counts (views, points, ...)."""
+    skipped_done + waiting = input. `units` adds named counts (views, points, ...)."""
 
     input: int
     skipped_done: int
     ok: int
     failed: int
     units: Mapping[str, int] = field(default_factory=dict)
+    waiting: int = 0  # inputs an upstream stage has not made yet (e.g. assets not rendered)
 
     @property
     def processed(self) -> int:
@@ -114,8 +115,8 @@ class AssetCounts:
 
     def to_json(self) -> dict[str, int]:
         return {"input": self.input, "skipped_done": self.skipped_done,
-                "processed": self.processed, "ok": self.ok, "failed": self.failed,
-                **dict(self.units)}
+                "waiting_upstream": self.waiting, "processed": self.processed, "ok": self.ok,
+                "failed": self.failed, **dict(self.units)}
 
 
 @dataclass(frozen=True)
@@ -192,10 +193,14 @@ def error_row(stage: str, job_id: str, asset_id: str, err: BaseException | str,
             "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
+# errors/ shards start with the stage that wrote them (so --overwrite finds a stage's rows).
+ERRORS_STAGE_PREFIX = "{stage}-"
+
+
 def error_shard(stage: str, shard: str, job_id: str) -> str:
-    """Name of an `errors/` shard: the stage first (so `--overwrite` finds a stage's rows), the
-    job's suffix last (so a job's rows are found without reading other jobs')."""
-    return f"{stage}-{shard}-{job_id[-6:]}"
+    """Name of an `errors/` shard: the stage first, the job's suffix last (so a job's rows are
+    found without reading other jobs')."""
+    return f"{ERRORS_STAGE_PREFIX.format(stage=stage)}{shard}-{job_id[-6:]}"
 
 
 def write_errors(root: RunRoot, stage: str, job_id: str, shard: str,

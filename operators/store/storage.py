@@ -25,6 +25,10 @@ import pyarrow.parquet as pq
 from operators.store.ids import validate_id
 
 PARQUET_SUFFIX = ".parquet"
+# Version of the layout of a run root (tables, records, paths); stored in every shard's Parquet
+# metadata, every _job.json and `_partlift.json` (operators.store.integrity says what changed).
+FORMAT_VERSION = 2
+FORMAT_KEY = b"partlift.format_version"
 
 
 class StorageError(OSError):
@@ -98,6 +102,23 @@ def resolve_filesystem(uri: str, opts: StorageOptions | None = None) -> tuple[pa
     except (ImportError, ValueError) as err:
         raise StorageError(f"{uri}: no filesystem for scheme '{scheme}': {err}") from err
     return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec_fs)), path
+
+
+def _s3fs(opts: StorageOptions) -> Any:
+    """An s3fs filesystem on the same endpoint and credentials as `_s3_filesystem` (s3fs can
+    send conditional PUTs, which pyarrow's S3 filesystem cannot)."""
+    import s3fs
+    endpoint = _endpoint(opts)
+    region = opts.region or os.environ.get("AWS_REGION") or os.environ.get(
+        "AWS_DEFAULT_REGION") or "us-east-1"
+    if opts.access_key_id or opts.secret_access_key:
+        key, secret, token = opts.access_key_id, opts.secret_access_key, opts.session_token
+    else:
+        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+        token = os.environ.get("AWS_SESSION_TOKEN")
+    client = {"region_name": region, **({"endpoint_url": endpoint} if endpoint else {})}
+    return s3fs.S3FileSystem(key=key, secret=secret, token=token, client_kwargs=client,
+                             skip_instance_cache=True)
 
 
 def describe_endpoint(uri: str, opts: StorageOptions | None) -> str:
@@ -197,6 +218,13 @@ class RunRoot:
         """Where a user finds something: the URI form, not the filesystem-internal path."""
         return "/".join([self.uri.rstrip("/"), *[p.strip("/") for p in parts if p]])
 
+    def resolve(self, uri: str) -> str:
+        """A file URI as recorded in a table: relative means inside this root (so a root can be
+        moved or synced), anything else (absolute path, scheme://) is used as is."""
+        if "://" in uri or os.path.isabs(uri):
+            return uri
+        return self.display(uri)
+
     def check_reachable(self, create: bool = True) -> None:
         """Fail fast with a clear message when storage is unreachable or the bucket is missing;
         a local root that does not exist is created, or (create=False) an error."""
@@ -236,17 +264,38 @@ class RunRoot:
         return sorted(i.base_name[: -len(PARQUET_SUFFIX)] for i in infos
                       if i.type == pafs.FileType.File and i.base_name.endswith(PARQUET_SUFFIX))
 
-    def write_shard(self, table: str, shard: str, data: pa.Table) -> str:
+    def shard_sizes(self, table: str) -> dict[str, int]:
+        """Shard name -> size in bytes, from one listing (no shard is opened)."""
+        return {name[: -len(PARQUET_SUFFIX)]: size
+                for name, size in self.list_files(table, PARQUET_SUFFIX).items()}
+
+    def list_files(self, relpath: str, suffix: str = "") -> dict[str, int]:
+        """Names -> sizes of the files directly under `relpath` ending with `suffix` (hidden
+        temporary files excluded)."""
+        selector = pafs.FileSelector(self.path(relpath), allow_not_found=True, recursive=False)
+        try:
+            infos = self.fs.get_file_info(selector)
+        except OSError as err:
+            raise StorageError(f"cannot list {self.display(relpath)}: {_first_line(err)}") from err
+        return {i.base_name: int(i.size or 0) for i in infos
+                if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
+                and not i.base_name.startswith(".")}
+
+    def write_shard(self, table: str, shard: str, data: pa.Table) -> int:
+        """Write one shard (zstd Parquet, the format version in its metadata) so that it appears
+        whole or not at all; returns its size in bytes."""
         validate_id(shard, what="shard name")
         final = self.path(table, shard + PARQUET_SUFFIX)
         self._ensure_dir(self.path(table))
+        data = data.replace_schema_metadata({**(data.schema.metadata or {}),
+                                             FORMAT_KEY: str(FORMAT_VERSION).encode()})
         if isinstance(self.fs, pafs.LocalFileSystem):
             tmp = self.path(table, f".{shard}.{uuid.uuid4().hex}.tmp")
             pq.write_table(data, tmp, filesystem=self.fs, compression="zstd")
             self.fs.move(tmp, final)  # atomic rename on one filesystem
         else:  # object stores: the object becomes visible only when the upload completes
             pq.write_table(data, final, filesystem=self.fs, compression="zstd")
-        return self.display(table, shard + PARQUET_SUFFIX)
+        return int(self.fs.get_file_info(final).size or 0)
 
     def read_shard(self, table: str, shard: str, columns: Sequence[str] | None = None) -> pa.Table:
         return pq.read_table(self.path(table, shard + PARQUET_SUFFIX), columns=columns,
@@ -279,36 +328,13 @@ class RunRoot:
         if self.fs.get_file_info(path).type == pafs.FileType.Directory:
             self.fs.delete_dir(path)
 
-    # -- multi-table shards: the commit protocol ---------------------------------------------
-    def write_shard_set(self, shard: str, tables: Mapping[str, pa.Table], commit_table: str) -> None:
-        """Write one shard into several tables; `commit_table` goes last and marks the shard done.
-
-        A crash between the writes leaves shards without a commit counterpart;
-        `remove_uncommitted` deletes them before the next run, so nothing is duplicated.
-        """
-        for table, data in tables.items():
-            if table != commit_table:
-                self.write_shard(table, shard, data)
-        self.write_shard(commit_table, shard, tables[commit_table])
-
-    def remove_uncommitted(self, tables: Iterable[str], commit_table: str) -> list[str]:
-        """Delete shards without a commit counterpart and leftover temporary files of killed
-        local writes; returns what was removed (table/shard)."""
-        committed = set(self.list_shards(commit_table))
-        removed = []
-        for table in tables:
-            if isinstance(self.fs, pafs.LocalFileSystem):
-                selector = pafs.FileSelector(self.path(table), allow_not_found=True)
-                for info in self.fs.get_file_info(selector):
-                    if info.base_name.startswith(".") and info.base_name.endswith(".tmp"):
-                        self.fs.delete_file(info.path)
-            if table == commit_table:
-                continue
-            for shard in self.list_shards(table):
-                if shard not in committed:
-                    self.delete_shard(table, shard)
-                    removed.append(f"{table}/{shard}")
-        return removed
+    def remove_temporary(self, table: str) -> None:
+        """Delete leftover temporary files of killed local writes."""
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            selector = pafs.FileSelector(self.path(table), allow_not_found=True)
+            for info in self.fs.get_file_info(selector):
+                if info.base_name.startswith(".") and info.base_name.endswith(".tmp"):
+                    self.fs.delete_file(info.path)
 
     # -- JSON records and raw files ------------------------------------------------------------
     def write_json(self, relpath: str, record: Mapping) -> str:
@@ -320,10 +346,45 @@ class RunRoot:
         return json.loads(self.read_bytes(relpath))
 
     def write_bytes(self, relpath: str, data: bytes) -> None:
+        """Write a file whole or not at all (local: temporary name + rename; object stores: one
+        PUT that appears when complete)."""
         path = self.path(relpath)
         self._ensure_dir(path.rsplit("/", 1)[0])
-        with self.fs.open_output_stream(path) as out:
-            out.write(data)
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            folder, name = path.rsplit("/", 1)
+            tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
+            with self.fs.open_output_stream(tmp) as out:
+                out.write(data)
+            self.fs.move(tmp, path)
+        else:
+            with self.fs.open_output_stream(path) as out:
+                out.write(data)
+
+    def create_exclusive(self, relpath: str, data: bytes) -> bool:
+        """Create a file only if it does not exist; False when it does. Atomic locally
+        (O_EXCL) and on S3 (a conditional PUT, If-None-Match: *)."""
+        path = self.path(relpath)
+        self._ensure_dir(path.rsplit("/", 1)[0])
+        try:
+            if isinstance(self.fs, pafs.LocalFileSystem):
+                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                with os.fdopen(descriptor, "wb") as out:
+                    out.write(data)
+            elif isinstance(self.fs, pafs.S3FileSystem):
+                _s3fs(self.options).pipe_file(path, data, mode="create")
+            else:
+                raise StorageError(f"{self.display(relpath)}: exclusive create needs a local or "
+                                   "S3 run root")
+        except FileExistsError:
+            return False
+        return True
+
+    def delete(self, relpath: str) -> None:
+        """Delete a file; a missing one is fine."""
+        try:
+            self.fs.delete_file(self.path(relpath))
+        except FileNotFoundError:
+            pass
 
     def read_bytes(self, relpath: str) -> bytes:
         return read_uri_bytes(self.fs, self.path(relpath), self.display(relpath))

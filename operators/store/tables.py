@@ -1,22 +1,15 @@
 """The data contract: every table a run root holds, its keys and columns, and which stage writes
 it (DESIGN §3). Jobs write these tables, trainers and the scorer read them, `partlift status`
-lists them; all of them take the names from here. A table added later is one `Table` here (and
-one `StageOutput` when a new stage writes it).
+lists them; all of them take the names from here. A table added later is one `table(...)` here
+(and one `StageOutput` when a new stage writes it).
 
-A stage writes one shard per batch into each of its tables under the same shard name, the commit
-table last (`RunRoot.write_shard_set`): an asset is done when the commit table holds it, and
-shards of the other tables without a commit counterpart are leftovers of a killed run that
-`StageOutput.prepare` removes before the next one.
+A stage writes one shard set per batch: a shard in each of its tables under the same name, then
+a commit record (`operators.store.commits`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-
-import pyarrow as pa
-
-from operators.store.storage import RunRoot
 
 JOB_RECORD = "_job.json"
 
@@ -76,12 +69,14 @@ VIEW_ARRAYS = ("rgb", "depth", "mask", "face_id", "K", "cam_to_world")
 
 @dataclass(frozen=True)
 class StageOutput:
-    """The tables one stage writes, in write order: the last is the commit table. The stage's
-    `_job.json` lives in `record_dir`."""
+    """The tables one stage writes, in write order (the last is its commit table), where its
+    records live (`_job.json`, settings, commit records), and the stage whose output it is made
+    from (lineage)."""
 
     stage: str
     tables: tuple[Table, ...]
     record_dir: str
+    upstream: str | None = None
 
     @property
     def commit(self) -> Table:
@@ -95,35 +90,12 @@ class StageOutput:
     def names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.tables)
 
-    def write_shard(self, root: RunRoot, shard: str, data: Mapping[str, pa.Table]) -> None:
-        """Write one shard of this stage into the tables given (by name), in the declared order,
-        the commit table last; a table the stage writes only sometimes may be left out."""
-        unknown = sorted(set(data) - set(self.names))
-        if unknown or self.commit.name not in data:
-            raise ValueError(f"{self.stage}: a shard needs {self.commit.name} and only "
-                             f"{', '.join(self.names)}; got {', '.join(sorted(data))}")
-        root.write_shard_set(shard, {t.name: data[t.name] for t in self.tables if t.name in data},
-                             commit_table=self.commit.name)
-
-    def done(self, root: RunRoot) -> set[str]:
-        """Asset ids the commit table holds."""
-        return root.ids_in(self.commit.name)
-
-    def prepare(self, root: RunRoot, overwrite: bool) -> tuple[set[str], list[str]]:
-        """Asset ids already done and the uncommitted shards removed; with `overwrite`, delete
-        the tables and this stage's errors/ rows and start from nothing."""
-        if overwrite:
-            for table in self.tables:
-                root.delete_table(table.name)
-            root.delete_shards(ERRORS.name, f"{self.stage}-")
-            return set(), []
-        removed = root.remove_uncommitted(self.names, self.commit.name)
-        return self.done(root), removed
-
 
 ASSETS_OUTPUT = StageOutput("assets", (ASSETS,), record_dir="assets")
 RENDER_OUTPUT = StageOutput("render", (VIEWS, POINTS), record_dir="views")
-LABEL_OUTPUT = StageOutput("label", (LABEL_BOXES, LABEL_MASKS, LABEL_POINTS), record_dir="labels")
-LIFT_OUTPUT = StageOutput("lift", (FEATURE_VIEWS, FEATURE_POINTS), record_dir="features")
+LABEL_OUTPUT = StageOutput("label", (LABEL_BOXES, LABEL_MASKS, LABEL_POINTS), record_dir="labels",
+                           upstream="render")
+LIFT_OUTPUT = StageOutput("lift", (FEATURE_VIEWS, FEATURE_POINTS), record_dir="features",
+                          upstream="render")
 STAGE_OUTPUTS: dict[str, StageOutput] = {o.stage: o for o in (ASSETS_OUTPUT, RENDER_OUTPUT,
                                                               LABEL_OUTPUT, LIFT_OUTPUT)}

@@ -75,17 +75,20 @@ def test_make_render_resume_add_and_overwrite(tmp_path: Path) -> None:
 
 
 def test_interrupted_render_leaves_no_duplicates(tmp_path: Path) -> None:
-    """A crash between the views and points writes leaves an uncommitted views shard; the next
-    run removes it and completes with exactly the expected rows."""
+    """A crash before a shard set's commit record leaves uncommitted shards; the next run
+    removes them, names them, and completes with exactly the expected rows."""
     uri = str(tmp_path / "run")
     root = RunRoot(uri)
     run_assets_make(small_config(uri, "assets.n=4"))
     run_render(small_config(uri))
     victim = root.list_shards("points")[0]
-    root.delete_shard("points", victim)  # as if killed after writing its views shard
-    assert counts(root)["views"] == 16 and counts(root)["points"] == 2  # 2 assets per shard
+    (tmp_path / "run" / "views" / "_commits" / f"{victim}.json").unlink()  # killed before it
+    assert counts(root)["views"] == 16 and counts(root)["points"] == 4  # 2 assets per shard
     report = run_render(small_config(uri))
-    assert report.ok == 2 and report.removed_uncommitted == [f"views/{victim}"]
+    assert report.ok == 2
+    assert [n for n in report.notes if victim in n] == [
+        f"points/{victim}.parquet had no commit record (an interrupted run): removed",
+        f"views/{victim}.parquet had no commit record (an interrupted run): removed"]
     assert counts(root) == {"assets": 4, "views": 16, "points": 4}
 
 

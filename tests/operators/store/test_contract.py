@@ -14,9 +14,10 @@ from operators.store.readers import (AssetNotFoundError, RootReader, ShardReadEr
                                      read_manifest, shard_index)
 from operators.store.records import (AssetCounts, ErrorSummary, JobRecord, error_row, job_errors,
                                      redact, redact_url, write_errors, write_job_record)
+from operators.store.commits import prepare_output, write_shard_set
 from operators.store.storage import RunRoot, make_table
-from operators.store.tables import (ASSETS, LABEL_MASKS, POINTS, STAGE_OUTPUTS, TABLES, VIEWS,
-                                    StageOutput)
+from operators.store.tables import (ASSETS, ASSETS_OUTPUT, LABEL_MASKS, LABEL_OUTPUT, POINTS,
+                                    RENDER_OUTPUT, STAGE_OUTPUTS, TABLES, VIEWS)
 
 
 def test_every_stage_output_commits_last_and_tables_are_declared_once() -> None:
@@ -37,10 +38,17 @@ def _views(asset_ids: list[str], n_views: int) -> dict:
             "depth": np.stack([np.full((2, 3), float(v), np.float32) for _, v in rows])}
 
 
+def _commit_views(root: RunRoot, shard: str, views: dict, assets: list[str]) -> None:
+    points = make_table({"asset_id": assets})
+    write_shard_set(root, RENDER_OUTPUT, shard, {"views": make_table(views), "points": points},
+                    job_id="render-1-aaaaaa", fingerprint="f", assets=assets)
+
+
 def test_table_reader_reads_an_asset_sorted_by_its_keys(tmp_path: Path) -> None:
     root = RunRoot(str(tmp_path))
-    root.write_shard("views", "part-a", make_table(_views(["x", "y"], 3)))
-    root.write_shard("views", "part-b", make_table(_views(["z"], 2)))
+    _commit_views(root, "part-a", _views(["x", "y"], 3), ["x", "y"])
+    _commit_views(root, "part-b", _views(["z"], 2), ["z"])
+    root.write_shard("views", "part-c", make_table(_views(["w"], 1)))  # not committed: unseen
     assert shard_index(root, VIEWS) == {"x": "part-a", "y": "part-a", "z": "part-b"}
     reader = TableReader(root, VIEWS)
     arrays = reader.arrays("y", ["view_id", "rgb"])
@@ -55,7 +63,7 @@ def test_table_reader_reads_an_asset_sorted_by_its_keys(tmp_path: Path) -> None:
 
 def test_a_damaged_shard_is_named(tmp_path: Path) -> None:
     root = RunRoot(str(tmp_path))
-    root.write_shard("views", "part-a", make_table(_views(["x"], 2)))
+    _commit_views(root, "part-a", _views(["x"], 2), ["x"])
     path = tmp_path / "views" / "part-a.parquet"
     path.write_bytes(path.read_bytes()[:100])  # truncated
     with pytest.raises(ShardReadError, match="views/part-a.parquet: cannot read it"):
@@ -69,7 +77,9 @@ def test_label_masks_of_one_function_and_part(tmp_path: Path) -> None:
             "function": ["pour-with", "pour-with", "cut-with", "cut-with"],
             "part": ["spout", "spout", "blade", "blade"],
             "mask": np.stack([np.full((2, 2), i % 2 == 0) for i in range(n)])}
-    root.write_shard(LABEL_MASKS.name, "part-a", make_table(rows))
+    write_shard_set(root, LABEL_OUTPUT, "part-a", {LABEL_MASKS.name: make_table(rows),
+                                                   "labels/points": make_table({"asset_id": ["x"]})},
+                    job_id="label-1-aaaaaa", fingerprint="f", assets=["x"])
     masks = RootReader(root).label_masks("x", "pour-with", "spout")
     assert masks["view_id"].tolist() == [0, 1]
     assert masks["mask"].dtype == np.bool_ and masks["mask"][1].all() and not masks["mask"][0].any()
@@ -78,8 +88,9 @@ def test_label_masks_of_one_function_and_part(tmp_path: Path) -> None:
 def test_manifest_reader_keeps_columns_once(tmp_path: Path) -> None:
     root = RunRoot(str(tmp_path))
     assert read_manifest(root) == []
-    root.write_shard(ASSETS.name, "part-a", make_table({"asset_id": ["a"], "uri": ["u"],
-                                                        "category": ["mug"]}))
+    write_shard_set(root, ASSETS_OUTPUT, "part-a", {ASSETS.name: make_table(
+        {"asset_id": ["a"], "uri": ["u"], "category": ["mug"]})}, job_id="j", fingerprint="f",
+        assets=["a"])
     assert read_manifest(root, ["uri", "uri", "asset_id"]) == [{"asset_id": "a", "uri": "u"}]
 
 
@@ -114,8 +125,8 @@ def test_job_record_is_written_beside_every_output(tmp_path: Path) -> None:
     assert [Path(p).relative_to(tmp_path).as_posix() for p in places] == [
         "views/_job.json", "labels/_job.json", "_jobs/render-1-abcdef.json"]
     data = root.read_json("labels/_job.json")
-    assert data["counts"] == {"input": 5, "skipped_done": 1, "processed": 4, "ok": 3,
-                              "failed": 1, "views": 57}
+    assert data["counts"] == {"input": 5, "skipped_done": 1, "waiting_upstream": 0,
+                              "processed": 4, "ok": 3, "failed": 1, "views": 57}
     assert (data["started"], data["ended"]) == ("1970-01-01T00:00:00+00:00", "1970-01-01T00:00:02+00:00")
     assert data["name"] == "run-a" and data["stage"] == "render"
     assert data["errors"]["by_type"] == {"MeshError": 1}
@@ -137,14 +148,15 @@ def test_a_jobs_errors_are_found_by_its_id(tmp_path: Path) -> None:
 
 def test_overwrite_clears_the_stage_and_its_errors_only(tmp_path: Path) -> None:
     root = RunRoot(str(tmp_path))
-    output = StageOutput("render", (VIEWS, POINTS), record_dir="views")
-    root.write_shard_set("part-a", {"views": make_table(_views(["x"], 1)),
-                                    "points": make_table({"asset_id": ["x"]})}, commit_table="points")
+    _commit_views(root, "part-a", _views(["x"], 1), ["x"])
     root.write_shard("views", "part-b", make_table(_views(["y"], 1)))  # killed before its commit
     write_errors(root, "render", "render-1-aaaaaa", "s", [error_row("render", "j", "y", "boom")])
     write_errors(root, "label", "label-1-bbbbbb", "s", [error_row("label", "j", "x", "boom")])
-    done, removed = output.prepare(root, overwrite=False)
-    assert done == {"x"} and removed == ["views/part-b"]
-    assert output.prepare(root, overwrite=True) == (set(), [])
+    state, removed = prepare_output(root, RENDER_OUTPUT, overwrite=False)
+    assert set(state.by_asset) == {"x"} and removed == [
+        "views/part-b.parquet had no commit record (an interrupted run): removed"]
+    state, removed = prepare_output(root, RENDER_OUTPUT, overwrite=True)
+    assert (state.by_asset, removed) == ({}, [])
     assert root.list_shards("views") == [] and root.list_shards("points") == []
+    assert not (tmp_path / "views" / "_commits").exists()
     assert [s.split("-")[0] for s in root.list_shards("errors")] == ["label"]

@@ -6,9 +6,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from operators.store.commits import prepare_output, read_output, write_shard_set
 from operators.store.ids import InvalidIdError, content_asset_id, validate_id
 from operators.store.storage import (RunRoot, StorageError, StorageOptions, make_table, shard_name,
                                      table_columns)
+from operators.store.tables import RENDER_OUTPUT
 
 
 def _views_table(ids: list[str]) -> pa.Table:
@@ -49,11 +51,13 @@ def test_written_shards_are_zstd_parquet_under_deterministic_names(tmp_path) -> 
 
 def test_uncommitted_shards_are_removed_before_resume(tmp_path) -> None:
     root = RunRoot(str(tmp_path))
-    root.write_shard_set("part-1", {"views": _views_table(["a"]), "points": _views_table(["a"])},
-                         commit_table="points")
-    root.write_shard("views", "part-2", _views_table(["b"]))  # crash before its points shard
-    assert root.remove_uncommitted(["views", "points"], "points") == ["views/part-2"]
-    assert root.list_shards("views") == ["part-1"] and root.ids_in("points") == {"a"}
+    write_shard_set(root, RENDER_OUTPUT, "part-1", {"views": _views_table(["a"]),
+                                                    "points": _views_table(["a"])},
+                    job_id="j", fingerprint="f", assets=["a"])
+    root.write_shard("views", "part-2", _views_table(["b"]))  # crash before its commit record
+    state, notes = prepare_output(root, RENDER_OUTPUT, overwrite=False)
+    assert notes == ["views/part-2.parquet had no commit record (an interrupted run): removed"]
+    assert root.list_shards("views") == ["part-1"] and set(state.by_asset) == {"a"}
 
 
 def test_missing_table_reads_as_none_and_empty_ids(tmp_path) -> None:
@@ -77,11 +81,15 @@ def test_s3_round_trip_and_json_over_http(s3_root) -> None:
     uri, options = s3_root
     root = RunRoot(uri, options)
     root.check_reachable()
-    root.write_shard_set("part-1", {"views": _views_table(["a", "b"]),
-                                    "points": _views_table(["a", "b"])}, commit_table="points")
+    write_shard_set(root, RENDER_OUTPUT, "part-1", {"views": _views_table(["a", "b"]),
+                                                    "points": _views_table(["a", "b"])},
+                    job_id="j", fingerprint="f", assets=["a", "b"])
     root.write_json("views/_job.json", {"counts": {"ok": 2}})
     assert root.list_shards("views") == ["part-1"]
-    assert root.ids_in("points") == {"a", "b"}
+    assert set(read_output(root, RENDER_OUTPUT).by_asset) == {"a", "b"}
+    assert root.create_exclusive("_leases/x.json", b"1") and not root.create_exclusive(
+        "_leases/x.json", b"2")  # a conditional PUT
+    assert root.read_bytes("_leases/x.json") == b"1"
     assert root.read_json("views/_job.json")["counts"]["ok"] == 2
     assert table_columns(root.read_table("views"))["rgb"].shape == (2, 6, 5, 3)
     assert root.display("views") == f"{uri}/views"
@@ -134,5 +142,5 @@ def test_leftover_temporary_files_of_killed_writes_are_removed(tmp_path) -> None
     root = RunRoot(str(tmp_path))
     root.write_shard("views", "part-1", _views_table(["a"]))
     (tmp_path / "views" / ".part-2.abc.tmp").write_bytes(b"half a shard")
-    root.remove_uncommitted(["views", "points"], "points")
+    prepare_output(root, RENDER_OUTPUT, overwrite=False)
     assert sorted(p.name for p in (tmp_path / "views").iterdir()) == []  # part-1 uncommitted too

@@ -1,0 +1,191 @@
+"""The commit protocol: shard sets that verify.
+
+A stage writes each batch as one shard set: one shard per table of its `StageOutput`, all under
+the same name, then a **commit record** `<record_dir>/_commits/<shard>.json` naming the shards'
+tables and byte sizes, the assets they hold, the stage's settings fingerprint and, per asset,
+the upstream shard set it was made from (lineage). The record is written last and appears whole
+(temporary name + rename locally, one PUT on S3): a shard set without one was interrupted.
+
+What a stage's output holds is read from listings and commit records only (`read_output`), so
+planning stays cheap (no shard is opened): an asset is done when its commit record is there and
+every shard it names is listed with the recorded size. A missing, truncated or replaced shard
+breaks its set; `prepare_output` removes broken and uncommitted sets (naming them) so their
+assets are redone, and nothing is ever duplicated. Full reads are for `status --verify`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from operators.store.records import ERRORS_STAGE_PREFIX
+from operators.store.storage import FORMAT_VERSION, RunRoot
+from operators.store.tables import ERRORS, STAGE_OUTPUTS, StageOutput
+
+COMMITS_DIR = "_commits"
+
+
+def settings_hash(fingerprint: Mapping[str, Any]) -> str:
+    """A short stable hash of a stage's settings fingerprint (canonical JSON)."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ShardCommit:
+    """The record that commits one shard set (see the module docstring)."""
+
+    stage: str
+    shard: str
+    job_id: str
+    fingerprint: str                   # settings_hash of the stage's settings
+    assets: tuple[str, ...]
+    tables: Mapping[str, int]          # table name -> shard size in bytes
+    upstream: Mapping[str, str] = field(default_factory=dict)  # asset -> upstream commit id
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def id(self) -> str:
+        """Identifies this shard set: a redo of the same assets gets a new id (lineage)."""
+        return f"{self.stage}/{self.shard}/{self.job_id}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": self.stage, "shard": self.shard, "job_id": self.job_id,
+                "fingerprint": self.fingerprint, "assets": list(self.assets),
+                "tables": dict(self.tables), "upstream": dict(self.upstream),
+                "format_version": self.format_version,
+                "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ShardCommit":
+        return cls(stage=str(data["stage"]), shard=str(data["shard"]), job_id=str(data["job_id"]),
+                   fingerprint=str(data["fingerprint"]), assets=tuple(data["assets"]),
+                   tables={str(k): int(v) for k, v in data["tables"].items()},
+                   upstream={str(k): str(v) for k, v in data.get("upstream", {}).items()},
+                   format_version=int(data.get("format_version", 0)))
+
+
+def commit_path(output: StageOutput, shard: str) -> str:
+    return f"{output.record_dir}/{COMMITS_DIR}/{shard}.json"
+
+
+def write_shard_set(root: RunRoot, output: StageOutput, shard: str, data: Mapping[str, pa.Table],
+                    *, job_id: str, fingerprint: str, assets: Iterable[str],
+                    upstream: Mapping[str, str] | None = None) -> ShardCommit:
+    """Write one shard set: the tables given (by name; a table the stage writes only sometimes
+    may be left out, its commit table may not), in declared order, then the commit record."""
+    unknown = sorted(set(data) - set(output.names))
+    if unknown or output.commit.name not in data:
+        raise ValueError(f"{output.stage}: a shard set needs {output.commit.name} and only "
+                         f"{', '.join(output.names)}; got {', '.join(sorted(data))}")
+    sizes = {t.name: root.write_shard(t.name, shard, data[t.name])
+             for t in output.tables if t.name in data}
+    commit = ShardCommit(output.stage, shard, job_id, fingerprint, tuple(dict.fromkeys(assets)),
+                         sizes, dict(upstream or {}))
+    root.write_json(commit_path(output, shard), commit.to_json())
+    return commit
+
+
+@dataclass
+class OutputState:
+    """What a stage's output holds, from listings and commit records (see the module docstring)."""
+
+    output: StageOutput
+    commits: dict[str, ShardCommit]             # shard -> its valid commit record
+    broken: dict[str, str]                      # shard -> why its set is not valid
+    uncommitted: list[str]                      # "table/shard" without a commit record
+    duplicates: dict[str, list[str]]            # asset -> every valid shard that holds it
+
+    @property
+    def by_asset(self) -> dict[str, ShardCommit]:
+        """asset -> the shard set that holds it (of duplicates, the last in shard order)."""
+        return {a: c for _, c in sorted(self.commits.items()) for a in c.assets}
+
+    @property
+    def fingerprints(self) -> set[str]:
+        return {c.fingerprint for c in self.commits.values()}
+
+
+def read_output(root: RunRoot, output: StageOutput) -> OutputState:
+    """The state of a stage's output from one listing per table and its commit records."""
+    listed = {t.name: root.shard_sizes(t.name) for t in output.tables}
+    records = root.list_files(f"{output.record_dir}/{COMMITS_DIR}", ".json")
+    commits: dict[str, ShardCommit] = {}
+    broken: dict[str, str] = {}
+    for name in sorted(records):
+        shard = name[: -len(".json")]
+        try:
+            commit = ShardCommit.from_json(root.read_json(commit_path(output, shard)))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            broken[shard] = f"its commit record cannot be read ({type(err).__name__})"
+            continue
+        problems = []
+        for table, size in commit.tables.items():
+            found = listed.get(table, {}).get(shard)
+            where = f"{table}/{shard}.parquet"
+            if found is None:
+                problems.append(f"{where} is missing")
+            elif found != size:
+                problems.append(f"{where} has {found} bytes, its commit recorded {size} "
+                                "(truncated or replaced)")
+        if problems:
+            broken[shard] = "; ".join(problems)
+        else:
+            commits[shard] = commit
+    recorded = {name[: -len(".json")] for name in records}
+    uncommitted = sorted(f"{table}/{shard}" for table, shards in listed.items()
+                         for shard in shards if shard not in recorded)
+    holders: dict[str, list[str]] = {}
+    for shard, commit in sorted(commits.items()):
+        for asset in commit.assets:
+            holders.setdefault(asset, []).append(shard)
+    duplicates = {a: s for a, s in holders.items() if len(s) > 1}
+    return OutputState(output, commits, broken, uncommitted, duplicates)
+
+
+def drop_shard_sets(root: RunRoot, output: StageOutput, shards: Iterable[str]) -> None:
+    """Delete shard sets: the commit record first (the set stops counting), then its shards."""
+    for shard in shards:
+        root.delete(commit_path(output, shard))
+        for table in output.tables:
+            root.delete(f"{table.name}/{shard}.parquet")
+
+
+def clear_output(root: RunRoot, output: StageOutput) -> None:
+    """Delete a stage's tables, its commit records and its errors/ rows (--overwrite)."""
+    for table in output.tables:
+        root.delete_table(table.name)
+    root.delete_table(f"{output.record_dir}/{COMMITS_DIR}")
+    root.delete_shards(ERRORS.name, ERRORS_STAGE_PREFIX.format(stage=output.stage))
+
+
+def prepare_output(root: RunRoot, output: StageOutput, overwrite: bool) -> tuple[OutputState, list[str]]:
+    """Before a run: with `overwrite`, clear the output; else remove broken and uncommitted
+    shard sets (and leftover temporary files). Returns the state and what was removed, in
+    words for the summary."""
+    if overwrite:
+        clear_output(root, output)
+        return OutputState(output, {}, {}, [], {}), []
+    state = read_output(root, output)
+    for table in output.tables:
+        root.remove_temporary(table.name)
+    notes = [f"{output.record_dir}/{COMMITS_DIR}/{shard}.json: {why}; its assets are redone"
+             for shard, why in state.broken.items()]
+    drop_shard_sets(root, output, state.broken)
+    for item in state.uncommitted:
+        root.delete(f"{item}.parquet")
+    notes += [f"{item}.parquet had no commit record (an interrupted run): removed"
+              for item in state.uncommitted]
+    state.broken, state.uncommitted = {}, []
+    return state, notes
+
+
+def outputs_downstream_of(stage: str) -> list[StageOutput]:
+    """The outputs made from `stage`'s output (lineage), e.g. labels and features of render."""
+    return [o for o in STAGE_OUTPUTS.values() if o.upstream == stage]
+

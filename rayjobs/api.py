@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AssetsJob", "RenderJob", "LabelJob", "LiftJob", "PipelineJob", "DemoJob",
            "StatusJob", "load_config", "assets_make", "assets_scan", "render", "label", "lift",
-           "run", "demo", "status"]
+           "run", "demo", "status", "migrate"]
 
 
 def assets_make(config: AssetsJob) -> "StageReport":
@@ -69,7 +69,13 @@ def demo(config: DemoJob) -> list["StageReport"]:
     return run_demo(config)
 
 
-def status(config: StatusJob) -> None:
-    """Print what a run root holds (`partlift status`)."""
+def migrate(config: StatusJob) -> list[str]:
+    """Upgrade a run root of an older format in place (`partlift migrate`); what it did."""
+    from rayjobs.migrate import migrate as run_migrate
+    return run_migrate(config)
+
+
+def status(config: StatusJob, verify: bool = False) -> None:
+    """Print what a run root holds (`partlift status`; `verify` reads every shard)."""
     from rayjobs.status import print_status
-    print_status(config)
+    print_status(config, check_all=verify)

@@ -18,6 +18,7 @@ from operators.data.taxonomy import UnknownNameError
 from operators.geometry.mesh import MeshError
 from operators.models.registry import GROUNDING_BACKENDS
 from operators.store.ids import InvalidIdError
+from operators.store.lease import LeaseHeldError
 from operators.store.readers import ShardReadError
 from operators.store.storage import StorageError
 from rayjobs import api
@@ -27,7 +28,7 @@ from rayjobs.errors import JobFailedError
 # float32 conversions of the same graph agree to ~1e-5; anything near 1e-3 is a mapping error.
 VERIFY_TOLERANCE = 1e-3
 USER_ERRORS = (ConfigError, StorageError, FileNotFoundError, JobFailedError, InvalidIdError,
-               MeshError, UnknownNameError, ShardReadError)
+               MeshError, UnknownNameError, ShardReadError, LeaseHeldError)
 
 
 def common_options(func: Callable) -> Callable:
@@ -267,11 +268,33 @@ def demo(n: int | None, **common: Any) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Config override; only storage.* matters here, e.g. "
                    "--set storage.endpoint_url=http://127.0.0.1:9000.")
+@click.option("--verify", is_flag=True, default=False,
+              help="Also read every committed shard and check it against its commit record "
+                   "(exit 1 when a problem is found).")
 @report_user_errors
-def status(root: str, configs: tuple[str, ...], overrides: tuple[str, ...]) -> None:
-    """Row counts of every table under a run root and the last job of each stage."""
+def status(root: str, configs: tuple[str, ...], overrides: tuple[str, ...], verify: bool) -> None:
+    """What a run root holds: rows per table; per stage the assets held, coverage of the
+    manifest, missing, stale, duplicated, broken and uncommitted shard sets (named), its
+    settings and last job; errors still current and those resolved by a later success. Damaged
+    files are named, never a traceback."""
     config = load_config(configs, overrides, model=JOB_MODELS["status"], root=root)
-    api.status(config)
+    api.status(config, verify=verify)
+
+
+@main.command()
+@click.option("--root", default=DEFAULT_ROOT, show_default=True, help="Run root to upgrade in place.")
+@click.option("-c", "--config", "configs", multiple=True, type=click.Path(dir_okay=False),
+              help="YAML config file(s); only storage.* matters here.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Config override; only storage.* matters here.")
+@report_user_errors
+def migrate(root: str, configs: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+    """Upgrade a run root written by an older partlift to this format, in place: mesh paths
+    inside the root become relative to it, committed shard sets get commit records, each stage
+    gets its settings fingerprint (from its last _job.json). Safe to rerun."""
+    config = load_config(configs, overrides, model=JOB_MODELS["status"], root=root)
+    for line in api.migrate(config):
+        click.echo(line)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,8 @@ def aggregate_write_batch(batch: dict[str, Any], task: TaskContext,
         ok.append({"asset_id": asset_id, "status": "ok",
                    "render_commit": str(batch["render_commit"][i])})
     shard = shard_name(ids)
+    for key in ("view_id", "trial"):  # key columns are int32 in every table
+        boxes_rows[key] = np.asarray(boxes_rows[key], np.int32)
     if points_rows:
         task.commit(LABEL_OUTPUT, shard, {LABEL_BOXES.name: make_table(concatenated(boxes_rows)),
                                           LABEL_MASKS.name: make_table(concatenated(masks_rows)),

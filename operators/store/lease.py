@@ -21,13 +21,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
-from operators.settings import ConfigError
 from operators.store.storage import RunRoot
 
 LEASES_DIR = "_leases"
 
 
-class LeaseHeldError(ConfigError):
+class LeaseHeldError(RuntimeError):
     """Another job holds the lease; the message names it and the ways forward."""
 
 

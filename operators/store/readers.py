@@ -25,7 +25,7 @@ from operators.store.commits import read_output
 from operators.store.storage import RunRoot, table_columns
 from operators.store.tables import (ASSETS, ASSETS_OUTPUT, FEATURE_POINTS, FEATURE_VIEWS,
                                     LABEL_MASKS, LABEL_POINTS, POINTS, STAGE_OUTPUTS, VIEW_ARRAYS,
-                                    VIEWS, StageOutput, Table)
+                                    VIEWS, StageOutput, Table, TABLES)
 
 
 class ShardReadError(OSError):
@@ -69,6 +69,26 @@ def read_manifest(root: RunRoot, columns: Sequence[str] | None = None) -> list[d
         for row in _read(root, ASSETS.name, shard, wanted).to_pylist():
             rows[row["asset_id"]] = row  # one row per asset, whatever an old root holds
     return list(rows.values())
+
+
+def read_arrays(root: RunRoot | str, table: Table | str, columns: Sequence[str] | None = None,
+                asset_ids: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """A table (its committed shards; only the rows of `asset_ids` when given) as numpy: tensor
+    columns stacked and shaped (views' rgb: (n, H, W, 3)), other columns 1-D. For tables of
+    modest size; per asset, `TableReader`/`RootReader` read one shard at a time."""
+    root = RunRoot(root) if isinstance(root, str) else root
+    spec = table if isinstance(table, Table) else TABLES[table]
+    index = shard_index(root, spec)
+    wanted = set(index) if asset_ids is None else set(asset_ids)
+    names = None if columns is None else list(dict.fromkeys([*spec.keys, *columns]))
+    parts = []
+    for shard in sorted({index[a] for a in wanted if a in index}):
+        data = _read(root, spec.name, shard, names)
+        parts.append(data.filter(pc.is_in(data["asset_id"], pa.array(sorted(wanted)))))
+    if not parts:
+        return {}
+    data = pa.concat_tables(parts).sort_by([(k, "ascending") for k in spec.keys])
+    return table_columns(data, names)
 
 
 def _read(root: RunRoot, table: str, shard: str, columns: Sequence[str] | None) -> pa.Table:

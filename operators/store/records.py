@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
 import pyarrow.compute as pc
 from pydantic import BaseModel, SecretStr
 
@@ -207,8 +208,9 @@ def write_errors(root: RunRoot, stage: str, job_id: str, shard: str,
                  rows: Sequence[Mapping[str, Any]]) -> None:
     """Row-level failures go to the `errors/` table (one shard per failing batch and job)."""
     if rows:
-        root.write_shard(ERRORS.name, error_shard(stage, shard, job_id),
-                         make_table(rows_to_columns(rows)))
+        columns = rows_to_columns(rows)
+        columns["view_id"] = np.asarray(columns["view_id"], np.int32)  # as in every table
+        root.write_shard(ERRORS.name, error_shard(stage, shard, job_id), make_table(columns))
 
 
 def job_errors(root: RunRoot, job_id: str) -> list[dict[str, Any]]:

@@ -172,8 +172,8 @@ def rows_to_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
 def concatenated(parts: Mapping[str, Sequence]) -> dict[str, np.ndarray | Sequence]:
     """Columns collected in parts (per asset): lists of arrays are concatenated along the rows,
     lists of plain values stay as they are. Feed the result to `make_table`."""
-    return {k: (np.concatenate(v) if v and isinstance(v[0], np.ndarray) else v)
-            for k, v in parts.items()}
+    return {k: (np.concatenate(v) if isinstance(v, list) and v and isinstance(v[0], np.ndarray)
+                else v) for k, v in parts.items()}
 
 
 def column_to_numpy(column: pa.ChunkedArray | pa.Array, field: pa.Field | None = None) -> np.ndarray:

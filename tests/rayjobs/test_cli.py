@@ -74,6 +74,8 @@ def test_demo_writes_tables_summary_and_pictures(tmp_path: Path, ray_session, mo
         assert data is not None or table is ERRORS, f"the demo wrote no {table.name}/"
         if data is not None:
             assert sorted(data.schema.names) == sorted(table.all_columns), table.name
+            if "view_id" in table.keys:  # one dtype for a key column across tables
+                assert str(data.schema.field("view_id").type) == "int32", table.name
 
 
 @pytest.mark.ray

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow.compute as pc
 from pydantic import BaseModel, SecretStr
 
-from operators.store.storage import RunRoot, make_table, rows_to_columns
+from operators.store.storage import FORMAT_VERSION, RunRoot, make_table, rows_to_columns
 from operators.store.tables import ERRORS, JOB_RECORD
 
 REDACTED = "***"
@@ -160,7 +160,8 @@ class JobRecord:
     def to_json(self) -> dict[str, Any]:
         record: dict[str, Any] = {
             "stage": self.stage, "job_id": self.job_id, "name": self.name, "root": self.root,
-            "package_version": package_version(), "git_commit": git_commit(),
+            "format_version": FORMAT_VERSION, "package_version": package_version(),
+            "git_commit": git_commit(),
             "config": dict(self.config), "inputs": dict(self.inputs),
             "outputs": dict(self.outputs), "started": iso_time(self.started),
             "ended": iso_time(self.ended), "seconds": round(self.seconds, 3), **dict(self.extra)}

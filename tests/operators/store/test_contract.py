@@ -128,7 +128,7 @@ def test_job_record_is_written_beside_every_output(tmp_path: Path) -> None:
     assert data["counts"] == {"input": 5, "skipped_done": 1, "waiting_upstream": 0,
                               "processed": 4, "ok": 3, "failed": 1, "views": 57}
     assert (data["started"], data["ended"]) == ("1970-01-01T00:00:00+00:00", "1970-01-01T00:00:02+00:00")
-    assert data["name"] == "run-a" and data["stage"] == "render"
+    assert data["name"] == "run-a" and data["stage"] == "render" and data["format_version"] == 2
     assert data["errors"]["by_type"] == {"MeshError": 1}
     # a job without assets (training, a sweep) has no counts block
     plain = JobRecord(stage="train", job_id="train-1-aaaaaa", root=root.display(), config={},

@@ -21,6 +21,7 @@ import psutil
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from operators.store.commits import settings_hash  # noqa: E402
 from operators.store.readers import read_manifest  # noqa: E402
 from operators.store.storage import RunRoot  # noqa: E402
 from operators.store.tables import POINTS, VIEWS  # noqa: E402
@@ -38,7 +39,8 @@ def plain_loop(config, manifest_rows: list[dict]) -> None:
     """The single-process reference: the same per-batch function, called in a Python loop."""
     settings = config.render.settings()
     batch_size = config.render.resources.render.batch_size
-    task = TaskContext(config.root, config.storage.options(), "bench")
+    task = TaskContext(config.root, config.storage.options(), "bench",
+                       {"render": settings_hash(config.render.fingerprint())})
     for start in range(0, len(manifest_rows), batch_size):
         rows = manifest_rows[start:start + batch_size]
         batch = {"asset_id": np.array([r["asset_id"] for r in rows]),

@@ -24,8 +24,6 @@ from operators.settings import RenderSettings
 NEUTRAL_ALBEDO = 0.7
 # open3d's invalid id for a ray that hits nothing (uint32 max).
 _O3D_INVALID_ID = np.iinfo(np.uint32).max
-# o3d.utility.random.seed takes a signed 32-bit int.
-_O3D_MAX_SEED = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -196,24 +194,26 @@ def face_normals(mesh: Mesh) -> np.ndarray:
 def sample_surface(mesh: Mesh, n_points: int, seed: int) -> SurfaceSamples:
     """n_points points uniform by area on the surface (DFC A.4), deterministic for a seed.
 
-    open3d's sampler draws from a process-global generator that `o3d.utility.random.seed`
-    resets; it does not say which face a point came from, so the face is recovered as the
-    closest triangle (exact up to ties on shared edges, where either face is right).
+    A face is drawn with probability proportional to its area, then a point uniformly inside it
+    (barycentrics (1 - sqrt(r1), sqrt(r1) (1 - r2), sqrt(r1) r2)), so each point's face is known
+    exactly, without searching for the closest triangle afterwards.
     """
     if n_points < 1:
         raise ValueError(f"n_points must be >= 1, got {n_points}")
-    legacy = o3d.geometry.TriangleMesh(
-        o3d.utility.Vector3dVector(np.ascontiguousarray(mesh.vertices, dtype=np.float64)),
-        o3d.utility.Vector3iVector(np.ascontiguousarray(mesh.triangles, dtype=np.int32)))
-    o3d.utility.random.seed(int(np.random.default_rng(seed).integers(0, _O3D_MAX_SEED)))
-    points = np.asarray(legacy.sample_points_uniformly(number_of_points=int(n_points)).points)
-
-    origin = 0.5 * (mesh.vertices.min(axis=0) + mesh.vertices.max(axis=0))
-    closest = _scene(mesh, origin).compute_closest_points(
-        o3d.core.Tensor(np.ascontiguousarray(points - origin, dtype=np.float32)))
-    face_id = closest["primitive_ids"].numpy().astype(np.int32)
+    corners = mesh.vertices[mesh.triangles]  # (F, 3, 3)
+    areas = 0.5 * np.linalg.norm(np.cross(corners[:, 1] - corners[:, 0],
+                                          corners[:, 2] - corners[:, 0]), axis=1)
+    total = float(areas.sum())
+    if not total > 0.0:
+        raise MeshError("mesh has zero surface area: nothing to sample")
+    rng = np.random.default_rng(seed)
+    face_id = np.minimum(np.searchsorted(np.cumsum(areas) / total, rng.random(n_points),
+                                         side="right"), mesh.n_faces - 1).astype(np.int32)
+    sqrt_r1, r2 = np.sqrt(rng.random(n_points)), rng.random(n_points)
+    weights = np.stack([1.0 - sqrt_r1, sqrt_r1 * (1.0 - r2), sqrt_r1 * r2], axis=1)
+    xyz = np.einsum("nk,nkc->nc", weights, corners[face_id])
     return SurfaceSamples(
-        xyz=points.astype(np.float32),
+        xyz=xyz.astype(np.float32),
         normal=face_normals(mesh)[face_id].astype(np.float32),
         face_id=face_id,
     )

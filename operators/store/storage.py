@@ -289,12 +289,17 @@ class RunRoot:
         self._ensure_dir(self.path(table))
         data = data.replace_schema_metadata({**(data.schema.metadata or {}),
                                              FORMAT_KEY: str(FORMAT_VERSION).encode()})
+        # Dictionary encoding only where values repeat (ids, names): tried on the big tensor
+        # columns it costs most of the write time and makes larger files.
+        options = {"compression": "zstd", "use_dictionary": [
+            f.name for f in data.schema if pa.types.is_string(f.type) or
+            pa.types.is_large_string(f.type)]}
         if isinstance(self.fs, pafs.LocalFileSystem):
             tmp = self.path(table, f".{shard}.{uuid.uuid4().hex}.tmp")
-            pq.write_table(data, tmp, filesystem=self.fs, compression="zstd")
+            pq.write_table(data, tmp, filesystem=self.fs, **options)
             self.fs.move(tmp, final)  # atomic rename on one filesystem
         else:  # object stores: the object becomes visible only when the upload completes
-            pq.write_table(data, final, filesystem=self.fs, compression="zstd")
+            pq.write_table(data, final, filesystem=self.fs, **options)
         return int(self.fs.get_file_info(final).size or 0)
 
     def read_shard(self, table: str, shard: str, columns: Sequence[str] | None = None) -> pa.Table:

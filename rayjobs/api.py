@@ -75,7 +75,8 @@ def migrate(config: StatusJob) -> list[str]:
     return run_migrate(config)
 
 
-def status(config: StatusJob, verify: bool = False) -> None:
-    """Print what a run root holds (`partlift status`; `verify` reads every shard)."""
+def status(config: StatusJob, verify: bool = False, repair: bool = False) -> None:
+    """Print what a run root holds (`partlift status`; `verify` reads every shard, `repair`
+    also removes the shard sets that fail)."""
     from rayjobs.status import print_status
-    print_status(config, check_all=verify)
+    print_status(config, check_all=verify, repair=repair)

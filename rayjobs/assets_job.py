@@ -25,12 +25,11 @@ from operators.store.ids import content_asset_id
 from operators.store.readers import read_manifest
 from operators.store.storage import (RunRoot, StorageOptions, make_table, resolve_filesystem,
                                      rows_to_columns, shard_name)
-from operators.store.tables import ASSETS, ASSETS_OUTPUT
+from operators.store.tables import ASSETS, ASSETS_OUTPUT, MESH_DIR
 from rayjobs.config import AssetsJob
 from rayjobs.driver import (AssetErrors, JobContext, Plan, Stage, StageReport, TaskContext,
                             items_dataset, map_tasks, run_stage)
 
-MESH_DIR = "meshes/procedural"
 # The driver writes a manifest shard every this many new records: an interrupted scan keeps
 # what it has written, and a resumed one skips those files.
 MANIFEST_ROWS_PER_SHARD = 1000

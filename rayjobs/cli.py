@@ -18,7 +18,7 @@ from operators.data.taxonomy import UnknownNameError
 from operators.geometry.mesh import MeshError
 from operators.models.registry import GROUNDING_BACKENDS
 from operators.store.ids import InvalidIdError
-from operators.store.lease import LeaseHeldError
+from operators.store.lease import LeaseHeldError, LeaseLostError
 from operators.store.readers import ShardReadError
 from operators.store.storage import StorageError
 from rayjobs import api
@@ -28,7 +28,7 @@ from rayjobs.errors import JobFailedError
 # float32 conversions of the same graph agree to ~1e-5; anything near 1e-3 is a mapping error.
 VERIFY_TOLERANCE = 1e-3
 USER_ERRORS = (ConfigError, StorageError, FileNotFoundError, JobFailedError, InvalidIdError,
-               MeshError, UnknownNameError, ShardReadError, LeaseHeldError)
+               MeshError, UnknownNameError, ShardReadError, LeaseHeldError, LeaseLostError)
 
 
 def common_options(func: Callable) -> Callable:
@@ -271,14 +271,18 @@ def demo(n: int | None, **common: Any) -> None:
 @click.option("--verify", is_flag=True, default=False,
               help="Also read every committed shard and check it against its commit record "
                    "(exit 1 when a problem is found).")
+@click.option("--repair", is_flag=True, default=False,
+              help="Verify, and remove the shard sets that fail, so the next run of their stage "
+                   "redoes their assets.")
 @report_user_errors
-def status(root: str, configs: tuple[str, ...], overrides: tuple[str, ...], verify: bool) -> None:
+def status(root: str, configs: tuple[str, ...], overrides: tuple[str, ...], verify: bool,
+           repair: bool) -> None:
     """What a run root holds: rows per table; per stage the assets held, coverage of the
     manifest, missing, stale, duplicated, broken and uncommitted shard sets (named), its
     settings and last job; errors still current and those resolved by a later success. Damaged
     files are named, never a traceback."""
     config = load_config(configs, overrides, model=JOB_MODELS["status"], root=root)
-    api.status(config, verify=verify)
+    api.status(config, verify=verify, repair=repair)
 
 
 @main.command()

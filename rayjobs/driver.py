@@ -30,7 +30,7 @@ from operators.store.commits import (OutputState, ShardCommit, outputs_downstrea
                                      prepare_output, read_output, settings_hash, write_shard_set)
 from operators.store.integrity import (check_root_format, check_stage_settings,
                                        record_stage_settings)
-from operators.store.lease import hold
+from operators.store.lease import LeaseLostError, check_held, hold
 from operators.store.records import (AssetCounts, ErrorSummary, JobRecord, error_row, job_errors,
                                      new_job_id, write_errors, write_job_record)
 from operators.store.storage import RunRoot, StorageOptions, shard_name
@@ -85,16 +85,21 @@ class TaskContext:
     storage: StorageOptions
     job_id: str
     fingerprints: Mapping[str, str] = field(default_factory=dict)
+    leases: Mapping[str, str] = field(default_factory=dict)  # stage -> this job's lease token
 
     def root(self) -> RunRoot:
         return RunRoot(self.root_uri, self.storage)
 
     def commit(self, output: StageOutput, shard: str, data: Mapping[str, Any],
                assets: Iterable[str], upstream: Mapping[str, str] | None = None) -> ShardCommit:
-        """Write one shard set of `output` and its commit record."""
-        return write_shard_set(self.root(), output, shard, data, job_id=self.job_id,
+        """Write one shard set of `output` and its commit record, if this job still holds the
+        stage's lease (fencing: a job whose lease was taken over commits nothing more)."""
+        root = self.root()
+        token = self.leases.get(output.stage)
+        check = (lambda: check_held(root, output.stage, token)) if token else None
+        return write_shard_set(root, output, shard, data, job_id=self.job_id,
                                fingerprint=self.fingerprints[output.stage], assets=assets,
-                               upstream=upstream)
+                               upstream=upstream, before_commit=check)
 
 
 class AssetErrors:
@@ -164,11 +169,12 @@ class JobContext:
     started: float
     fingerprints: Mapping[str, str]
     outputs: Mapping[str, OutputState]
+    leases: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def task(self) -> TaskContext:
         return TaskContext(self.config.root, self.config.storage.options(), self.job_id,
-                           dict(self.fingerprints))
+                           dict(self.fingerprints), dict(self.leases))
 
 
 @dataclass
@@ -277,24 +283,38 @@ def run_stage(config: JobBase, stage: Stage[Any], *, check: bool = True) -> Stag
             check_stage_settings(root, output, settings[output.stage], stage.name)
     job_id = new_job_id(stage.id_prefix or stage.name)
     with hold(root, [o.stage for o in stage.outputs], config.job.name or job_id,
-              timeout_s=config.job.lease_timeout_s, force=config.job.force):
+              timeout_s=config.job.lease_timeout_s, force=config.job.force) as leases:
         check_root_format(root, mark=True)
+        if not overwrite:  # again under the lease: another job may have written meanwhile
+            for output in stage.outputs:
+                check_stage_settings(root, output, settings[output.stage], stage.name)
         ensure_ray(config.ray)  # before the clock: throughput excludes cluster start-up
         started = time.time()
         states, notes = {}, []
         for output in stage.outputs:
             if overwrite:
-                notes += stale_downstream(root, output)
+                notes += stale_downstream(root, output, also_redone=stage.outputs)
             states[output.stage], removed = prepare_output(root, output, overwrite)
             notes += removed
             record_stage_settings(root, output, settings[output.stage], job_id)
         ctx = JobContext(config, root, job_id, started,
-                         {stage_: settings_hash(s) for stage_, s in settings.items()}, states)
+                         {stage_: settings_hash(s) for stage_, s in settings.items()}, states,
+                         {lease.name: lease.holder.token for lease in leases})
         plan = stage.plan(ctx, source)
         notes += plan.notes
         for note in notes:
             print(f"note: {note}")
-        ok = sum(1 for s in stage.execute(ctx, plan) if s["status"] == "ok") if plan.items else 0
+        try:
+            ok = sum(1 for s in stage.execute(ctx, plan) if s["status"] == "ok") if plan.items else 0
+        except Exception as err:  # a lease lost in a worker: say so in one line
+            lost = _cause(err, LeaseLostError)
+            if lost is None:
+                raise
+            raise LeaseLostError(str(lost)) from None
+        lost_leases = [lease.name for lease in leases if lease.lost]
+        if lost_leases:
+            raise LeaseLostError(f"the lease of {', '.join(lost_leases)} on {root.display()} was "
+                                 "taken over while this job ran; see `partlift status`")
     failures = job_errors(root, ctx.job_id)
     counts = AssetCounts(input=plan.input_count, skipped_done=plan.skipped_done, ok=ok,
                          failed=len({f["asset_id"] for f in failures}), waiting=plan.waiting,
@@ -309,10 +329,26 @@ def run_stage(config: JobBase, stage: Stage[Any], *, check: bool = True) -> Stag
     return finish(root, config, StageReport(record, notes), [o.record_dir for o in stage.outputs])
 
 
-def stale_downstream(root: RunRoot, output: StageOutput) -> list[str]:
-    """What redoing `output` makes stale: the outputs made from it, with how many assets."""
+def _cause(err: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of `kind` in err's cause chain (Ray wraps a worker's exceptions)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or getattr(current, "cause", None) or current.__context__
+    return None
+
+
+def stale_downstream(root: RunRoot, output: StageOutput,
+                     also_redone: Sequence[StageOutput] = ()) -> list[str]:
+    """What redoing `output` makes stale: the outputs made from it (but those this job redoes
+    too), with how many assets."""
     notes = []
     for downstream in outputs_downstream_of(output.stage):
+        if downstream in also_redone:
+            continue
         held = len(read_output(root, downstream).by_asset)
         if held:
             notes.append(f"{downstream.record_dir}/ holds {held} assets made from the "

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from operators.models.registry import GROUNDING_BACKENDS
 from operators.settings import ConfigError
 from operators.store.commits import ShardCommit, commit_path, settings_hash
@@ -21,7 +23,8 @@ from operators.store.integrity import ROOT_MARKER, record_stage_settings, root_f
 from operators.store.lease import hold
 from operators.store.records import new_job_id
 from operators.store.storage import FORMAT_VERSION, RunRoot, make_table, rows_to_columns, shard_name
-from operators.store.tables import ASSETS, ASSETS_OUTPUT, RENDER_OUTPUT, STAGE_OUTPUTS, StageOutput
+from operators.store.tables import (ASSETS, ASSETS_OUTPUT, MESH_DIR, RENDER_OUTPUT, STAGE_OUTPUTS,
+                                    StageOutput)
 from rayjobs.config import JOB_MODELS, StatusJob, _set_dotted, renamed_key
 
 STAGE_SECTIONS = {"render": "render", "label": "label", "lift": "lift"}
@@ -49,9 +52,15 @@ def upgraded_settings(stage: str, recorded_config: dict[str, Any]) -> dict[str, 
     return getattr(job, section).fingerprint()
 
 
-def _relative(root: RunRoot, uri: str) -> str:
-    prefix = root.display().rstrip("/") + "/"
-    return uri[len(prefix):] if uri.startswith(prefix) else uri
+def _relative(root: RunRoot, row: dict[str, Any]) -> str:
+    """A mesh path inside the root, relative to it (procedural meshes live in the root, also
+    when the root was moved before migrating)."""
+    uri, prefix = row["uri"], root.display().rstrip("/") + "/"
+    if uri.startswith(prefix):
+        return uri[len(prefix):]
+    if row.get("source") == "procedural":
+        return f"{MESH_DIR}/{uri.rsplit('/', 1)[-1]}"
+    return uri
 
 
 def _migrate_manifest(root: RunRoot, job_id: str) -> int:
@@ -59,12 +68,12 @@ def _migrate_manifest(root: RunRoot, job_id: str) -> int:
     table = root.read_table(ASSETS.name)
     if table is None:
         return 0
-    rows = {r["asset_id"]: {**r, "uri": _relative(root, r["uri"])} for r in table.to_pylist()}
+    rows = {r["asset_id"]: {**r, "uri": _relative(root, r)} for r in table.to_pylist()}
     ids = sorted(rows)
     shard = shard_name(ids)
     size = root.write_shard(ASSETS.name, shard, make_table(rows_to_columns([rows[i] for i in ids])))
     commit = ShardCommit("assets", shard, job_id, settings_hash({}), tuple(ids),
-                         {ASSETS.name: size})
+                         {ASSETS.name: size}, rows={ASSETS.name: len(ids)})
     root.write_json(commit_path(ASSETS_OUTPUT, shard), commit.to_json())
     record_stage_settings(root, ASSETS_OUTPUT, {}, job_id)
     for name in old:
@@ -95,8 +104,11 @@ def _migrate_output(root: RunRoot, output: StageOutput, job_id: str,
         assets = tuple(dict.fromkeys(
             root.read_shard(output.commit.name, shard, ["asset_id"])["asset_id"].to_pylist()))
         upstream = {a: renders[a] for a in assets if a in renders} if output.upstream else {}
+        tables = [t for t, s in sizes.items() if shard in s]
+        rows = {t: pq.ParquetFile(root.path(t, shard + ".parquet"),
+                                  filesystem=root.fs).metadata.num_rows for t in tables}
         commit = ShardCommit(output.stage, shard, job_id, settings_hash(settings), assets,
-                             {t: s[shard] for t, s in sizes.items() if shard in s}, upstream)
+                             {t: sizes[t][shard] for t in tables}, upstream, rows)
         root.write_json(commit_path(output, shard), commit.to_json())
         ids.update({a: commit.id for a in assets})
     record_stage_settings(root, output, settings, job_id)

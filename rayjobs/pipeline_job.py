@@ -70,14 +70,15 @@ class RenderThen(Stage[list[dict[str, Any]]]):
     def plan(self, ctx: JobContext, manifest: list[dict[str, Any]]) -> Plan:
         # What is rendered after the render output was prepared; the rest is rendered here.
         downstream = downstream_plan(ctx, self.downstream.outputs[0],
-                                     RenderedAssets(manifest, ctx.outputs["render"]))
+                                     RenderedAssets(manifest, ctx.outputs["render"]),
+                                     renders_here=True)
         rendered = ctx.outputs["render"].by_asset
         to_render = sorted((r for r in manifest if r["asset_id"] not in rendered),
                            key=lambda r: r["asset_id"])
         to_load = downstream.items
-        notes = [n for n in downstream.notes if "have no renders yet" not in n]
         return Plan(to_render + to_load, input_count=len(manifest),
-                    skipped_done=len(manifest) - len(to_render) - len(to_load), notes=notes,
+                    skipped_done=len(manifest) - len(to_render) - len(to_load),
+                    notes=downstream.notes,
                     extra={"to_render": to_render, "to_load": to_load})
 
     def execute(self, ctx: JobContext, plan: Plan) -> Iterable[dict[str, Any]]:

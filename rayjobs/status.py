@@ -1,10 +1,12 @@
 """`partlift status`: what a run root holds, whether it is whole, and what is left to do.
 
-Per table: rows and shards (Parquet footers). Per stage output: assets held, coverage of the
-manifest, assets missing, stale (made from a render that changed since), duplicated, broken or
-uncommitted shard sets (named), the settings it was made with, its last job, and its errors
-(current, or resolved because the asset succeeded later). With `verify`, every committed shard
-is read and checked against its commit record. A damaged file is named, never a traceback.
+Per table: committed rows and shards (from the commit records: no shard is opened). Per stage
+output: assets held, coverage of the manifest, assets missing, stale (made from a render that
+changed since), duplicated, broken or uncommitted shard sets (named), the settings it was made
+with, its last job, and its errors (current, or resolved because the asset succeeded later).
+With `verify`, every committed shard is read and checked against its commit record; with
+`repair` too, the shard sets that fail are removed so the next run of their stage redoes them.
+A damaged file is named, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,9 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow.parquet as pq
-
-from operators.store.commits import OutputState, read_output
+from operators.store.commits import OutputState, drop_shard_sets, read_output
 from operators.store.integrity import SETTINGS_RECORD, root_format
 from operators.store.readers import read_manifest
 from operators.store.storage import FORMAT_VERSION, PARQUET_SUFFIX, RunRoot
@@ -36,22 +36,15 @@ class StageStatus:
     resolved_errors: int = 0
 
 
-def table_counts(root: RunRoot) -> dict[str, tuple[int, int, list[str]]]:
-    """table -> (shards, rows, unreadable shards), from Parquet footers only."""
-    counts = {}
-    for table in TABLES:
-        shards = root.list_shards(table)
-        if not shards:
-            continue
-        rows, damaged = 0, []
-        for shard in shards:
-            try:
-                rows += pq.ParquetFile(root.path(table, shard + PARQUET_SUFFIX),
-                                       filesystem=root.fs).metadata.num_rows
-            except Exception:  # a damaged footer is reported, not raised
-                damaged.append(f"{table}/{shard}{PARQUET_SUFFIX}")
-        counts[table] = (len(shards), rows, damaged)
-    return counts
+def table_counts(root: RunRoot, statuses: list[StageStatus]) -> dict[str, tuple[int, int]]:
+    """table -> (committed shards, committed rows), from the commit records."""
+    counts: dict[str, tuple[int, int]] = {}
+    for status in statuses:
+        for commit in (status.state.commits.values() if status.state is not None else ()):
+            for table in commit.tables:
+                shards, rows = counts.get(table, (0, 0))
+                counts[table] = (shards + 1, rows + commit.rows.get(table, 0))
+    return {name: counts[name] for name in TABLES if name in counts}
 
 
 def _read_json(root: RunRoot, relpath: str) -> tuple[dict[str, Any] | None, str]:
@@ -128,9 +121,10 @@ def _attach_errors(root: RunRoot, by_stage: dict[str, StageStatus], problems: li
             status.current_errors.append(error)
 
 
-def verify(root: RunRoot, statuses: list[StageStatus]) -> list[str]:
-    """Read every committed shard: each must parse and hold exactly its commit's assets."""
-    problems = []
+def verify(root: RunRoot, statuses: list[StageStatus]) -> dict[tuple[StageOutput, str], str]:
+    """Read every committed shard: each must parse and hold exactly its commit's assets and
+    rows. Returns (output, shard) -> the problem, for the shard sets that fail."""
+    failing: dict[tuple[StageOutput, str], str] = {}
     for status in statuses:
         if status.state is None:
             continue
@@ -138,36 +132,35 @@ def verify(root: RunRoot, statuses: list[StageStatus]) -> list[str]:
             for table in commit.tables:
                 where = f"{table}/{shard}{PARQUET_SUFFIX}"
                 try:
-                    ids = set(root.read_shard(table, shard, ["asset_id"])["asset_id"].to_pylist())
-                except Exception as err:
-                    problems.append(f"{where} cannot be read ({type(err).__name__})")
-                    continue
-                if ids != set(commit.assets):
-                    problems.append(f"{where} holds assets {sorted(ids)[:3]}... but its commit "
-                                    f"record names {sorted(commit.assets)[:3]}...")
-    return problems
+                    ids = root.read_shard(table, shard)["asset_id"].to_pylist()  # every page
+                except Exception as err:  # a damaged shard is named, not raised
+                    failing[(status.output, shard)] = f"{where} cannot be read ({type(err).__name__})"
+                    break
+                expected_rows = commit.rows.get(table, len(ids))
+                if set(ids) != set(commit.assets) or len(ids) != expected_rows:
+                    failing[(status.output, shard)] = (
+                        f"{where} holds {len(ids)} rows of {len(set(ids))} assets, its commit "
+                        f"record {expected_rows} rows of {len(commit.assets)} assets")
+                    break
+    return failing
 
 
-def print_status(config: StatusJob, check_all: bool = False) -> None:
+def print_status(config: StatusJob, check_all: bool = False, repair: bool = False) -> None:
     root = RunRoot(config.root, config.storage.options())
     root.check_reachable(create=False)  # a mistyped local root is an error, not "empty"
     version = root_format(root)
-    counts = table_counts(root)
     print(f"run root {root.display()}" + (f" (format {version})" if version else ""))
-    if not counts:
+    if version is None:
         print("  (empty: run `partlift assets make` or `partlift demo`)")
         return
-    if version is not None and version < FORMAT_VERSION:
+    if version < FORMAT_VERSION:
         print(f"  written by an older partlift (format {version}): `partlift migrate --root "
               f"{root.display()}` upgrades it in place; every job refuses it until then")
         return
-    problems: list[str] = []
-    print(f"  {'table':<16} {'rows':>9} {'shards':>7}")
-    for table, (shards, rows, damaged) in counts.items():
+    statuses, problems = stage_statuses(root)
+    print(f"  {'table':<16} {'rows':>9} {'shards':>7}   (committed)")
+    for table, (shards, rows) in table_counts(root, statuses).items():
         print(f"  {table:<16} {rows:>9} {shards:>7}")
-        problems += [f"{d}: the Parquet footer cannot be read" for d in damaged]
-    statuses, more = stage_statuses(root)
-    problems += more
     manifest = len(statuses[0].state.by_asset) if statuses[0].state is not None else 0
     print(f"\n  {'stage':<7} {'assets':>6} {'of manifest':>11} {'missing':>7} {'stale':>5} "
           f"{'duplicated':>10} {'broken':>6} {'uncommitted':>11}  settings          last job")
@@ -200,13 +193,20 @@ def print_status(config: StatusJob, check_all: bool = False) -> None:
                   + (f" ({', '.join(f'{k} {n}' for k, n in kinds.items())}; e.g. "
                      f"{first['asset_id']}: {str(first['message'])[:120]})" if first else "")
                   + f", {status.resolved_errors} resolved by a later success")
-    if check_all:
-        found = verify(root, statuses)
-        print(f"  verify: read every committed shard: {len(found)} problems")
-        problems += found
+    failing = verify(root, statuses) if check_all or repair else {}
+    if check_all or repair:
+        print(f"  verify: read every committed shard: {len(failing)} shard sets fail")
+        problems += [f"{output.record_dir}/_commits/{shard}.json: {why}"
+                     for (output, shard), why in failing.items()]
     for problem in problems:
         print(f"  problem: {problem}")
-    if check_all and problems:
-        raise JobFailedError(f"status --verify: {len(problems)} problems in {root.display()} "
-                             "(listed above); the next run of each stage redoes its broken shard "
-                             "sets")
+    if repair and failing:
+        for (output, shard), _ in failing.items():
+            drop_shard_sets(root, output, [shard])
+        print(f"  repair: removed the {len(failing)} shard sets that fail; the next run of "
+              f"{', '.join(sorted({o.stage for o, _ in failing}))} redoes their assets")
+    elif check_all and problems:
+        raise JobFailedError(
+            f"status --verify: {len(problems)} problems in {root.display()} (listed above). "
+            "Broken or uncommitted shard sets are redone by their stage's next run; shard sets "
+            "that only --verify finds are removed by `partlift status --repair`, then redone")

@@ -33,8 +33,8 @@ def load_views_batch(batch: dict[str, np.ndarray], task: TaskContext, stage: str
     views/points shard is read once per batch (the items come sorted by shard)."""
     root = task.root()
     ids = [str(a) for a in batch["asset_id"]]
-    views = TableReader(root, VIEWS, dict(zip(ids, batch["views_shard"].tolist())))
-    points = TableReader(root, POINTS, dict(zip(ids, batch["points_shard"].tolist())))
+    index = dict(zip(ids, batch["render_shard"].tolist()))  # one shard set: views + points
+    views, points = TableReader(root, VIEWS, index), TableReader(root, POINTS, index)
     errors = AssetErrors(stage, task)
 
     def load(i: int) -> dict[str, Any]:
@@ -80,31 +80,34 @@ class RenderedAssets:
     def load_items(self, rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         """Load items for rendered `rows`, sorted by shard so each is read once per task."""
         by_asset = self.render.by_asset
-        return sorted(({**r, "views_shard": by_asset[r["asset_id"]].shard,
-                        "points_shard": by_asset[r["asset_id"]].shard,
+        return sorted(({**r, "render_shard": by_asset[r["asset_id"]].shard,
                         "render_commit": by_asset[r["asset_id"]].id} for r in rows),
-                      key=lambda r: (r["views_shard"], r["asset_id"]))
+                      key=lambda r: (r["render_shard"], r["asset_id"]))
 
 
-def downstream_plan(ctx: JobContext, output: StageOutput, source: RenderedAssets) -> Plan:
+def downstream_plan(ctx: JobContext, output: StageOutput, source: RenderedAssets,
+                    renders_here: bool = False) -> Plan:
     """What a stage over rendered assets (label, lift) has left to do, by lineage: an asset is
-    done when the output holds it made from its current render; shard sets made from renders
-    that changed since (re-rendered, or gone) are removed and their assets redone. Assets not
-    rendered wait (counted, named in a note)."""
+    done when the output holds it made from its current render; a shard set holding an asset
+    whose render changed since is removed and its assets redone. Assets not rendered wait
+    (counted, named in a note) unless this job renders them (`renders_here`)."""
     held, root = ctx.outputs[output.stage], ctx.root
     current = {asset: commit.id for asset, commit in source.render.by_asset.items()}
-    stale = sorted(shard for shard, commit in held.commits.items()
-                   if any(commit.upstream.get(a) != current.get(a) for a in commit.assets))
+    changed = {a for c in held.commits.values() for a in c.assets
+               if c.upstream.get(a) != current.get(a)}
+    stale = sorted(shard for shard, c in held.commits.items() if changed & set(c.assets))
     notes = []
     if stale:
         redo = sum(len(held.commits[s].assets) for s in stale)
-        notes.append(f"{redo} assets of {output.record_dir}/ are redone: their renders changed "
-                     f"since (re-rendered or removed), in {len(stale)} shard sets")
+        notes.append(f"{redo} assets of {output.record_dir}/ are redone: {len(changed)} were "
+                     "re-rendered (or their render is gone) since"
+                     + (f", {redo - len(changed)} share a shard set with them" if redo > len(changed)
+                        else ""))
         drop_shard_sets(root, output, stale)
     done = {a for shard, c in held.commits.items() if shard not in stale for a in c.assets}
     rendered = [r for r in source.manifest if r["asset_id"] in current]
     items = source.load_items(r for r in rendered if r["asset_id"] not in done)
-    waiting = len(source.manifest) - len(rendered)
+    waiting = 0 if renders_here else len(source.manifest) - len(rendered)
     if waiting:
         notes.append(f"{waiting} assets of the manifest have no renders yet: run `partlift render`"
                      + "".join(f"; {why}" for why in source.render.broken.values()))

@@ -18,8 +18,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import pyarrow as pa
@@ -47,6 +48,7 @@ class ShardCommit:
     assets: tuple[str, ...]
     tables: Mapping[str, int]          # table name -> shard size in bytes
     upstream: Mapping[str, str] = field(default_factory=dict)  # asset -> upstream commit id
+    rows: Mapping[str, int] = field(default_factory=dict)      # table name -> rows
     format_version: int = FORMAT_VERSION
 
     @property
@@ -57,8 +59,8 @@ class ShardCommit:
     def to_json(self) -> dict[str, Any]:
         return {"stage": self.stage, "shard": self.shard, "job_id": self.job_id,
                 "fingerprint": self.fingerprint, "assets": list(self.assets),
-                "tables": dict(self.tables), "upstream": dict(self.upstream),
-                "format_version": self.format_version,
+                "tables": dict(self.tables), "rows": dict(self.rows),
+                "upstream": dict(self.upstream), "format_version": self.format_version,
                 "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
     @classmethod
@@ -67,6 +69,7 @@ class ShardCommit:
                    fingerprint=str(data["fingerprint"]), assets=tuple(data["assets"]),
                    tables={str(k): int(v) for k, v in data["tables"].items()},
                    upstream={str(k): str(v) for k, v in data.get("upstream", {}).items()},
+                   rows={str(k): int(v) for k, v in data.get("rows", {}).items()},
                    format_version=int(data.get("format_version", 0)))
 
 
@@ -76,9 +79,11 @@ def commit_path(output: StageOutput, shard: str) -> str:
 
 def write_shard_set(root: RunRoot, output: StageOutput, shard: str, data: Mapping[str, pa.Table],
                     *, job_id: str, fingerprint: str, assets: Iterable[str],
-                    upstream: Mapping[str, str] | None = None) -> ShardCommit:
+                    upstream: Mapping[str, str] | None = None,
+                    before_commit: Callable[[], None] | None = None) -> ShardCommit:
     """Write one shard set: the tables given (by name; a table the stage writes only sometimes
-    may be left out, its commit table may not), in declared order, then the commit record."""
+    may be left out, its commit table may not), in declared order, then the commit record
+    (`before_commit` runs just before it, e.g. to check the writer still holds its lease)."""
     unknown = sorted(set(data) - set(output.names))
     if unknown or output.commit.name not in data:
         raise ValueError(f"{output.stage}: a shard set needs {output.commit.name} and only "
@@ -86,7 +91,9 @@ def write_shard_set(root: RunRoot, output: StageOutput, shard: str, data: Mappin
     sizes = {t.name: root.write_shard(t.name, shard, data[t.name])
              for t in output.tables if t.name in data}
     commit = ShardCommit(output.stage, shard, job_id, fingerprint, tuple(dict.fromkeys(assets)),
-                         sizes, dict(upstream or {}))
+                         sizes, dict(upstream or {}), {name: data[name].num_rows for name in sizes})
+    if before_commit is not None:
+        before_commit()
     root.write_json(commit_path(output, shard), commit.to_json())
     return commit
 
@@ -101,14 +108,15 @@ class OutputState:
     uncommitted: list[str]                      # "table/shard" without a commit record
     duplicates: dict[str, list[str]]            # asset -> every valid shard that holds it
 
-    @property
+    @cached_property
     def by_asset(self) -> dict[str, ShardCommit]:
         """asset -> the shard set that holds it (of duplicates, the last in shard order)."""
         return {a: c for _, c in sorted(self.commits.items()) for a in c.assets}
 
-    @property
-    def fingerprints(self) -> set[str]:
-        return {c.fingerprint for c in self.commits.values()}
+    def holding(self, table: str) -> dict[str, ShardCommit]:
+        """by_asset, for the shard sets that have a shard of `table` (some tables are
+        optional, e.g. features/views)."""
+        return {a: c for a, c in self.by_asset.items() if table in c.tables}
 
 
 def read_output(root: RunRoot, output: StageOutput) -> OutputState:

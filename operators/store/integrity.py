@@ -43,7 +43,13 @@ def root_format(root: RunRoot) -> int | None:
     """The format version of a root: its marker's, 1 for a root with tables but no marker (made
     before versions were recorded), None for an empty root."""
     if root.exists(ROOT_MARKER):
-        return int(root.read_json(ROOT_MARKER).get("format_version", 1))
+        try:
+            return int(root.read_json(ROOT_MARKER).get("format_version", 1))
+        except (OSError, ValueError, TypeError, AttributeError) as err:
+            raise RootFormatError(f"{root.display(ROOT_MARKER)} cannot be read "
+                                  f"({type(err).__name__}): it records the root's format; "
+                                  f"restore it, or write {{\"format_version\": {FORMAT_VERSION}}} "
+                                  "if this partlift wrote the root") from None
     has_data = root.exists("assets") or any(root.exists(o.record_dir)
                                             for o in STAGE_OUTPUTS.values())
     return 1 if has_data else None
@@ -70,23 +76,37 @@ def check_root_format(root: RunRoot, mark: bool = True) -> None:
 
 
 def stage_settings(root: RunRoot, output: StageOutput) -> dict[str, Any] | None:
-    """The settings fingerprint recorded for a stage's output (None when nothing is recorded)."""
+    """The settings fingerprint recorded for a stage's output (None when nothing is recorded,
+    or the record cannot be read)."""
     path = f"{output.record_dir}/{SETTINGS_RECORD}"
-    return root.read_json(path)["settings"] if root.exists(path) else None
+    try:
+        return root.read_json(path)["settings"] if root.exists(path) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def check_stage_settings(root: RunRoot, output: StageOutput, settings: Mapping[str, Any],
                          command: str) -> None:
     """Refuse settings that differ from those the output's rows were made with (before any
-    work). An output without committed rows takes any settings."""
+    work). An output without committed rows takes any settings. The settings record names the
+    keys; without it, a commit record's settings hash still tells."""
+    records = root.list_files(f"{output.record_dir}/{COMMITS_DIR}", ".json")
+    if not records:
+        return
     recorded = stage_settings(root, output)
-    if recorded is None or settings_hash(recorded) == settings_hash(settings):
+    if recorded is None:
+        first = root.read_json(f"{output.record_dir}/{COMMITS_DIR}/{min(records)}")
+        if first.get("fingerprint") == settings_hash(settings):
+            return
+        differ = [f"settings hash {first.get('fingerprint')} in the root, "
+                  f"{settings_hash(settings)} now ({output.record_dir}/{SETTINGS_RECORD}, which "
+                  "names the keys, is missing or unreadable)"]
+    elif settings_hash(recorded) == settings_hash(settings):
         return
-    if not root.list_files(f"{output.record_dir}/{COMMITS_DIR}", ".json"):
-        return
-    keys = sorted(set(recorded) | set(settings))
-    differ = [f"{k}: {_shown(recorded.get(k))} in the root, {_shown(settings.get(k))} now"
-              for k in keys if recorded.get(k) != _jsonable(settings.get(k))]
+    else:
+        keys = sorted(set(recorded) | set(settings))
+        differ = [f"{k}: {_shown(recorded.get(k))} in the root, {_shown(settings.get(k))} now"
+                  for k in keys if recorded.get(k) != _jsonable(settings.get(k))]
     tables = ", ".join(f"{t.name}/" for t in output.tables)
     raise SettingsMismatchError(
         f"{command}: {tables} under {root.display()} were made with other settings:\n  "

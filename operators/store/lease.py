@@ -30,6 +30,11 @@ class LeaseHeldError(RuntimeError):
     """Another job holds the lease; the message names it and the ways forward."""
 
 
+class LeaseLostError(RuntimeError):
+    """This job's lease was taken over (or broken with --force) while it ran: it stops before
+    committing more, so two writers never both commit."""
+
+
 @dataclass(frozen=True)
 class Holder:
     run_name: str
@@ -68,6 +73,7 @@ class Lease:
     def __init__(self, root: RunRoot, name: str, holder: Holder, renew_s: float) -> None:
         self.root, self.name, self.holder = root, name, holder
         self.path = f"{LEASES_DIR}/{name}.json"
+        self.lost = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, args=(renew_s,), daemon=True,
                                         name=f"partlift-lease-{name}")
@@ -78,9 +84,11 @@ class Lease:
             try:
                 current = _read(self.root, self.path)
                 if current is None or current.token != self.holder.token:
-                    return  # broken by --force elsewhere: stop renewing, do not recreate
+                    self.lost = True  # taken over or broken elsewhere: never recreate it
+                    return
                 renewed = Holder(**{**asdict(self.holder), "renewed": time.time()})
-                self.root.write_bytes(self.path, json.dumps(asdict(renewed)).encode())
+                if not self._stop.is_set():
+                    self.root.write_bytes(self.path, json.dumps(asdict(renewed)).encode())
             except OSError:
                 continue  # storage hiccup: try again at the next tick
 
@@ -92,13 +100,34 @@ class Lease:
             self.root.delete(self.path)
 
 
-def _read(root: RunRoot, path: str) -> Holder | None:
+def _raw(root: RunRoot, path: str) -> bytes | None:
     try:
-        return Holder(**json.loads(root.read_bytes(path)))
+        return root.read_bytes(path)
     except FileNotFoundError:
         return None
-    except (ValueError, TypeError):
-        return Holder("unknown (unreadable lease)", "?", -1, "", "", 0.0, 0.0)
+
+
+def _parse(raw: bytes, path: str) -> Holder:
+    try:
+        return Holder(**json.loads(raw))
+    except (ValueError, TypeError):  # never written half (created whole): damaged by hand
+        now = time.time()
+        return Holder(f"unknown (the lease {path} cannot be read)", "?", -1, "", "", now, now)
+
+
+def _read(root: RunRoot, path: str) -> Holder | None:
+    raw = _raw(root, path)
+    return None if raw is None else _parse(raw, path)
+
+
+def check_held(root: RunRoot, stage: str, token: str) -> None:
+    """Fencing: raise LeaseLostError unless the lease of `stage` still holds `token` (called
+    before a shard set is committed)."""
+    current = _read(root, f"{LEASES_DIR}/{stage}.json")
+    if current is None or current.token != token:
+        holder = current.describe() if current is not None else "nobody (it was broken)"
+        raise LeaseLostError(f"the lease of stage '{stage}' on {root.display()} is now held by "
+                             f"{holder}: this job stopped before committing more")
 
 
 def acquire(root: RunRoot, name: str, run_name: str, *, timeout_s: float = 120.0,
@@ -111,9 +140,10 @@ def acquire(root: RunRoot, name: str, run_name: str, *, timeout_s: float = 120.0
     for _ in range(3):
         if root.create_exclusive(path, json.dumps(asdict(me)).encode()):
             return Lease(root, name, me, renew_s=max(1.0, timeout_s / 4))
-        current = _read(root, path)
-        if current is None:
+        raw = _raw(root, path)
+        if raw is None:
             continue  # released in between: try again
+        current = _parse(raw, path)
         gone = current.host == me.host and current.pid > 0 and not _process_alive(current.pid)
         stale = time.time() - current.renewed > timeout_s
         same_run = current.run_name == run_name and not (current.host == me.host
@@ -124,7 +154,7 @@ def acquire(root: RunRoot, name: str, run_name: str, *, timeout_s: float = 120.0
                 "One writer at a time: wait for it, or, if it is no longer running, rerun with "
                 f"the same run name (job.name) to take over, wait {timeout_s:.0f} s after its "
                 "last renewal, or break the lease with --force.")
-        if _read(root, path) == current:  # nobody took it meanwhile
+        if _raw(root, path) == raw:  # nobody took it meanwhile
             root.delete(path)
     raise LeaseHeldError(f"{what or name} on {root.display()}: could not take the lease "
                          "(others are taking it at the same time)")

@@ -49,9 +49,10 @@ def shard_index(root: RunRoot, table: Table | str) -> dict[str, str]:
     """asset_id -> the committed shard of `table` that holds it, from the commit records (no
     shard is opened; an asset in two shards, in roots from before leases, maps to the last)."""
     output = output_of(table)
-    if output is not None:
-        return {asset: commit.shard for asset, commit in read_output(root, output).by_asset.items()}
     name = table.name if isinstance(table, Table) else table
+    if output is not None:
+        return {asset: commit.shard
+                for asset, commit in read_output(root, output).holding(name).items()}
     index: dict[str, str] = {}
     for shard in root.list_shards(name):
         for asset_id in dict.fromkeys(_read(root, name, shard, ["asset_id"])["asset_id"].to_pylist()):
@@ -81,10 +82,13 @@ def read_arrays(root: RunRoot | str, table: Table | str, columns: Sequence[str] 
     index = shard_index(root, spec)
     wanted = set(index) if asset_ids is None else set(asset_ids)
     names = None if columns is None else list(dict.fromkeys([*spec.keys, *columns]))
+    by_shard: dict[str, list[str]] = {}
+    for asset in sorted(wanted & set(index)):
+        by_shard.setdefault(index[asset], []).append(asset)
     parts = []
-    for shard in sorted({index[a] for a in wanted if a in index}):
+    for shard, assets in sorted(by_shard.items()):  # each asset from the one shard it maps to
         data = _read(root, spec.name, shard, names)
-        parts.append(data.filter(pc.is_in(data["asset_id"], pa.array(sorted(wanted)))))
+        parts.append(data.filter(pc.is_in(data["asset_id"], pa.array(assets))))
     if not parts:
         return {}
     data = pa.concat_tables(parts).sort_by([(k, "ascending") for k in spec.keys])

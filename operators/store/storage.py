@@ -56,23 +56,29 @@ def _endpoint(opts: StorageOptions) -> str | None:
         "AWS_ENDPOINT_URL")
 
 
+def _region(opts: StorageOptions) -> str:
+    return opts.region or os.environ.get("AWS_REGION") or os.environ.get(
+        "AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def _credentials(opts: StorageOptions) -> tuple[str | None, str | None, str | None]:
+    """Key, secret, token from one source: the config, else the environment (never a mix, so a
+    configured key is not paired with another identity's session token)."""
+    if opts.access_key_id or opts.secret_access_key:
+        return opts.access_key_id, opts.secret_access_key, opts.session_token
+    return (os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            os.environ.get("AWS_SESSION_TOKEN"))
+
+
 def _s3_filesystem(opts: StorageOptions) -> tuple[pafs.S3FileSystem, str | None]:
     endpoint = _endpoint(opts)
-    region = opts.region or os.environ.get("AWS_REGION") or os.environ.get(
-        "AWS_DEFAULT_REGION") or "us-east-1"
     kwargs: dict = dict(
-        region=region,
+        region=_region(opts),
         connect_timeout=opts.connect_timeout_s,
         request_timeout=opts.request_timeout_s,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=opts.max_attempts),
     )
-    # Credentials come from one source: the config, else the environment (never a mix, so a
-    # configured key is not paired with another identity's session token).
-    if opts.access_key_id or opts.secret_access_key:
-        key, secret, token = opts.access_key_id, opts.secret_access_key, opts.session_token
-    else:
-        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-        token = os.environ.get("AWS_SESSION_TOKEN")
+    key, secret, token = _credentials(opts)
     if key and secret:
         kwargs.update(access_key=key, secret_key=secret)
         if token:
@@ -109,14 +115,8 @@ def _s3fs(opts: StorageOptions) -> Any:
     send conditional PUTs, which pyarrow's S3 filesystem cannot)."""
     import s3fs
     endpoint = _endpoint(opts)
-    region = opts.region or os.environ.get("AWS_REGION") or os.environ.get(
-        "AWS_DEFAULT_REGION") or "us-east-1"
-    if opts.access_key_id or opts.secret_access_key:
-        key, secret, token = opts.access_key_id, opts.secret_access_key, opts.session_token
-    else:
-        key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
-        token = os.environ.get("AWS_SESSION_TOKEN")
-    client = {"region_name": region, **({"endpoint_url": endpoint} if endpoint else {})}
+    key, secret, token = _credentials(opts)
+    client = {"region_name": _region(opts), **({"endpoint_url": endpoint} if endpoint else {})}
     return s3fs.S3FileSystem(key=key, secret=secret, token=token, client_kwargs=client,
                              skip_instance_cache=True)
 
@@ -255,14 +255,9 @@ class RunRoot:
 
     # -- tables ----------------------------------------------------------------------------
     def list_shards(self, table: str) -> list[str]:
-        """Names (without suffix) of the committed shards of a table, sorted."""
-        selector = pafs.FileSelector(self.path(table), allow_not_found=True, recursive=False)
-        try:
-            infos = self.fs.get_file_info(selector)
-        except OSError as err:
-            raise StorageError(f"cannot list {self.display(table)}: {_first_line(err)}") from err
-        return sorted(i.base_name[: -len(PARQUET_SUFFIX)] for i in infos
-                      if i.type == pafs.FileType.File and i.base_name.endswith(PARQUET_SUFFIX))
+        """Names (without suffix) of the shards of a table, sorted (committed or not: see
+        operators.store.commits for which count)."""
+        return sorted(self.shard_sizes(table))
 
     def shard_sizes(self, table: str) -> dict[str, int]:
         """Shard name -> size in bytes, from one listing (no shard is opened)."""
@@ -366,20 +361,33 @@ class RunRoot:
                 out.write(data)
 
     def create_exclusive(self, relpath: str, data: bytes) -> bool:
-        """Create a file only if it does not exist; False when it does. Atomic locally
-        (O_EXCL) and on S3 (a conditional PUT, If-None-Match: *)."""
+        """Create a file, whole, only if it does not exist; False when it does (or when another
+        writer is creating it at the same moment). Atomic locally (written aside, then a hard
+        link, which fails if the name exists) and on S3 (a conditional PUT, If-None-Match: *).
+        Other filesystems: check, then write (advisory only)."""
         path = self.path(relpath)
         self._ensure_dir(path.rsplit("/", 1)[0])
         try:
             if isinstance(self.fs, pafs.LocalFileSystem):
-                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                with os.fdopen(descriptor, "wb") as out:
+                folder, name = path.rsplit("/", 1)
+                tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
+                with open(tmp, "wb") as out:
                     out.write(data)
+                try:
+                    os.link(tmp, path)
+                finally:
+                    os.unlink(tmp)
             elif isinstance(self.fs, pafs.S3FileSystem):
-                _s3fs(self.options).pipe_file(path, data, mode="create")
+                try:
+                    _s3fs(self.options).pipe_file(path, data, mode="create")
+                except OSError as err:  # 409: another conditional write to the key under way
+                    if "ConditionalRequestConflict" in str(err) or "409" in str(err):
+                        return False
+                    raise
             else:
-                raise StorageError(f"{self.display(relpath)}: exclusive create needs a local or "
-                                   "S3 run root")
+                if self.exists(relpath):
+                    return False
+                self.write_bytes(relpath, data)
         except FileExistsError:
             return False
         return True

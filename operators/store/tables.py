@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 JOB_RECORD = "_job.json"
+MESH_DIR = "meshes/procedural"  # procedural meshes, inside the root (recorded relative to it)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from operators.store.storage import RunRoot, make_table, rows_to_columns
 from operators.store.tables import RENDER_OUTPUT
 from rayjobs.assets_job import run_assets_make
 from rayjobs.config import StatusJob
+from rayjobs.errors import JobFailedError
 from rayjobs.label_job import run_label
 from rayjobs.lift_job import run_lift
 from rayjobs.migrate import migrate
@@ -87,7 +88,8 @@ def test_2_redoing_a_stage_makes_what_was_made_from_it_stale(root: Path) -> None
     assert any(n.startswith("features/ holds 3 assets") for n in redo.notes)
     label = run_label(config(root))
     assert (label.ok, label.skipped_done) == (3, 0)  # not "nothing to do"
-    assert any("3 assets of labels/ are redone: their renders changed" in n for n in label.notes)
+    assert "3 assets of labels/ are redone: 3 were re-rendered (or their render is gone) since" \
+        in label.notes
     masks = RunRoot(str(root)).read_table("labels/masks", columns=["asset_id", "view_id"])
     prompts = rows(root, "labels/points")
     assert masks.num_rows == prompts * 4 and set(masks["view_id"].to_pylist()) == {0, 1, 2, 3}
@@ -112,7 +114,18 @@ def test_3_lost_or_damaged_shards_are_named_and_redone(root: Path, capsys) -> No
     assert rows(root, "views") == 9 and rows(root, "points") == 3
     label = run_label(config(root))
     assert label.ok == 3 and rows(root, "labels/points") == label.units["part labels (all runs)"]
-    assert "0 problems" in status_text(root, capsys, verify=True)
+    assert "0 shard sets fail" in status_text(root, capsys, verify=True)
+    # damage that keeps the size: only reading finds it; --repair removes the set to redo it
+    shard = sorted((root / "views").glob("part-*.parquet"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    shard.write_bytes(bytes(data))
+    assert run_render(config(root)).skipped_done == 3  # the listing cannot tell
+    with pytest.raises(JobFailedError, match="status --repair"):
+        status_text(root, capsys, verify=True)
+    print_status(StatusJob(root=str(root)), repair=True)
+    assert "removed the 1 shard sets that fail" in capsys.readouterr().out
+    assert run_render(config(root)).ok == 1
 
 
 def test_4_two_writers_on_one_stage_and_root(root: Path) -> None:

@@ -160,3 +160,20 @@ def test_overwrite_clears_the_stage_and_its_errors_only(tmp_path: Path) -> None:
     assert root.list_shards("views") == [] and root.list_shards("points") == []
     assert not (tmp_path / "views" / "_commits").exists()
     assert [s.split("-")[0] for s in root.list_shards("errors")] == ["label"]
+
+
+def test_read_arrays_gives_each_asset_once_and_skips_optional_tables(tmp_path: Path) -> None:
+    from operators.store.readers import read_arrays
+    from operators.store.tables import FEATURE_POINTS, LIFT_OUTPUT
+    root = RunRoot(str(tmp_path))
+    _commit_views(root, "part-a", _views(["x", "y"], 2), ["x", "y"])
+    _commit_views(root, "part-b", _views(["y"], 2), ["y"])  # y twice (a root from before leases)
+    arrays = read_arrays(root, "views", ["rgb"])
+    assert arrays["asset_id"].tolist() == ["x", "x", "y", "y"] and arrays["rgb"].shape == (4, 2, 3, 3)
+    assert read_arrays(root, "views", asset_ids=["y"])["view_id"].tolist() == [0, 1]
+    # lift.cache_view_features=false: a shard set without features/views
+    write_shard_set(root, LIFT_OUTPUT, "part-f", {FEATURE_POINTS.name: make_table({"asset_id": ["x"]})},
+                    job_id="lift-1-aaaaaa", fingerprint="f", assets=["x"])
+    assert read_arrays(root, "features/views") == {}
+    with pytest.raises(AssetNotFoundError):
+        RootReader(root).view_features("x")

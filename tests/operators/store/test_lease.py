@@ -65,3 +65,30 @@ def test_a_held_lease_is_renewed_and_hold_releases_in_order(tmp_path: Path) -> N
         assert sorted(p.name for p in (tmp_path / "_leases").iterdir()) == ["label.json",
                                                                             "render.json"]
     assert list((tmp_path / "_leases").iterdir()) == []
+
+
+def test_a_job_whose_lease_was_taken_over_commits_nothing_more(tmp_path: Path) -> None:
+    from operators.store.commits import read_output, write_shard_set
+    from operators.store.lease import LeaseLostError, check_held
+    from operators.store.storage import make_table
+    from operators.store.tables import ASSETS_OUTPUT
+    root = RunRoot(str(tmp_path))
+    mine = acquire(root, "assets", "run-a")
+    check_held(root, "assets", mine.holder.token)  # still mine
+    acquire(root, "assets", "run-b", force=True)  # broken and taken by another run
+    with pytest.raises(LeaseLostError, match="now held by run 'run-b'"):
+        write_shard_set(root, ASSETS_OUTPUT, "part-x", {"assets": make_table({"asset_id": ["a"]})},
+                        job_id="j", fingerprint="f", assets=["a"],
+                        before_commit=lambda: check_held(root, "assets", mine.holder.token))
+    assert read_output(root, ASSETS_OUTPUT).by_asset == {}  # its shard stays uncommitted
+    mine.release()  # does not delete the other run's lease
+    assert json.loads((tmp_path / "_leases" / "assets.json").read_text())["run_name"] == "run-b"
+
+
+def test_an_unreadable_lease_is_held_until_forced(tmp_path: Path) -> None:
+    root = RunRoot(str(tmp_path))
+    (tmp_path / "_leases").mkdir()
+    (tmp_path / "_leases" / "render.json").write_text("{garbage")
+    with pytest.raises(LeaseHeldError, match="cannot be read"):
+        acquire(root, "render", "run-a")
+    acquire(root, "render", "run-a", force=True).release()

@@ -47,7 +47,7 @@ def plain_loop(config, manifest_rows: list[dict]) -> None:
                  "uri": np.array([r["uri"] for r in rows]),
                  "face_part": [r["face_part"] for r in rows],
                  "up_axis": [r["up_axis"] for r in rows]}
-        render_batch(batch, task, settings, config.render.seed)
+        render_batch(batch, task, settings, config.render.seed, config.render.read_limits())
 
 
 def main() -> None:

@@ -109,3 +109,13 @@ class LabelSettings:
             raise ValueError(f"LabelSettings.trials must be >= 1, got {self.trials}")
         if not 0 < self.zoom_max_area_frac <= 1:
             raise ValueError("LabelSettings.zoom_max_area_frac must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """How untrusted mesh files are read: in a child process (`isolate`), which is killed after
+    `timeout_s`; files over `max_file_mb` are refused before reading."""
+
+    timeout_s: float = 30.0
+    max_file_mb: float = 1024.0
+    isolate: bool = True

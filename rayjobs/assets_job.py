@@ -20,7 +20,7 @@ from operators.data.assets import (MESH_EXTENSIONS, AssetRecord, category_for, i
                                    load_category_sidecar, mesh_to_ply_bytes)
 from operators.data.procedural import PROCEDURAL_CATEGORIES, make_asset, procedural_seed
 from operators.data.taxonomy import load_taxonomy
-from operators.settings import ConfigError
+from operators.settings import ConfigError, ReadLimits
 from operators.store.ids import content_asset_id
 from operators.store.readers import read_manifest
 from operators.store.storage import (RunRoot, StorageOptions, make_table, resolve_filesystem,
@@ -83,8 +83,8 @@ def make_procedural_batch(batch: dict[str, np.ndarray], task: TaskContext,
     return _records(batch["source_key"].tolist(), make)
 
 
-def scan_batch(batch: dict[str, np.ndarray], storage: StorageOptions,
-               up_axis: str = "y") -> dict[str, list]:
+def scan_batch(batch: dict[str, np.ndarray], storage: StorageOptions, up_axis: str,
+               limits: ReadLimits) -> dict[str, list]:
     """Ray Data task: read + validate mesh files and return manifest records."""
     taxonomy = load_taxonomy()
     category_of = dict(zip(batch["uri"].tolist(), batch["category"].tolist()))
@@ -92,7 +92,7 @@ def scan_batch(batch: dict[str, np.ndarray], storage: StorageOptions,
     def inspect(uri: str) -> AssetRecord:
         category = category_of[uri]
         functions = taxonomy.functions_of(category) if category in taxonomy.categories else ()
-        return inspect_mesh_file(uri, category, tuple(functions), storage, up_axis)
+        return inspect_mesh_file(uri, category, tuple(functions), storage, up_axis, limits)
 
     return _records(batch["uri"].tolist(), inspect)
 
@@ -226,8 +226,9 @@ class AssetsScanStage(ManifestStage):
         return [{**f, "source_key": f["uri"]} for f in files]
 
     def tasks(self, ctx: JobContext, ds: Any) -> Any:
-        return map_tasks(ds, scan_batch, ctx.config.assets.resources.mesh,
-                         storage=ctx.config.storage.options(), up_axis=ctx.config.assets.up_axis)
+        cfg = ctx.config.assets
+        return map_tasks(ds, scan_batch, cfg.resources.mesh, storage=ctx.config.storage.options(),
+                         up_axis=cfg.up_axis, limits=cfg.read_limits())
 
     def inputs(self, ctx: JobContext) -> dict[str, str]:
         return {"meshes": str(ctx.config.assets.input)}

@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from operators.models.registry import GROUNDING_BACKENDS, BackboneOptions, grounding_choice
-from operators.settings import ConfigError, LabelSettings, RenderSettings, Section
+from operators.settings import ConfigError, LabelSettings, ReadLimits, RenderSettings, Section
 from operators.store.records import REDACTED, redact, redact_url
 from operators.store.storage import StorageOptions
 
@@ -93,7 +93,12 @@ class AssetsConfig(Section):
     categories: list[str] | None = Field(None, description="procedural categories (default: all)")
     input: str | None = Field(None, description="directory/URI of mesh files to scan")
     up_axis: Literal["y", "z"] = Field("y", description="axis pointing up in the scanned files; z-up meshes (URDF/MJCF, pybullet) are turned to +y up")
+    read_timeout_s: float = Field(30.0, gt=0, description="a mesh file whose reader (a child process) takes longer is an error row, seconds")
+    max_file_mb: float = Field(1024.0, gt=0, description="mesh files larger than this are error rows, not read, MiB")
     resources: AssetsResources = AssetsResources()
+
+    def read_limits(self) -> ReadLimits:
+        return ReadLimits(timeout_s=self.read_timeout_s, max_file_mb=self.max_file_mb)
 
 
 class RenderResources(Section):
@@ -113,7 +118,12 @@ class RenderConfig(Section):
     ambient: float = Field(0.35, ge=0, le=1)
     n_points: int = Field(100_000, ge=1, description="surface samples per asset (DFC A.4: 100K)")
     seed: int = Field(0, ge=0, description="seed for lights and surface sampling (mixed with the asset id)")
+    read_timeout_s: float = Field(60.0, gt=0, description="a mesh file whose reader (a child process) takes longer is an error row, seconds")
+    max_file_mb: float = Field(1024.0, gt=0, description="mesh files larger than this are error rows, not read, MiB")
     resources: RenderResources = RenderResources()
+
+    def read_limits(self) -> ReadLimits:
+        return ReadLimits(timeout_s=self.read_timeout_s, max_file_mb=self.max_file_mb)
 
     @field_validator("background")
     @classmethod
@@ -134,7 +144,7 @@ class RenderConfig(Section):
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that shape views/ and points/ (not how the tasks are scheduled)."""
-        return _fingerprint("render", self, exclude={"resources"})
+        return _fingerprint("render", self, exclude={"resources", "read_timeout_s", "max_file_mb"})
 
 
 class LabelResources(Section):

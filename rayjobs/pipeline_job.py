@@ -14,7 +14,7 @@ from typing import Any
 
 import ray.data
 
-from operators.settings import RenderSettings
+from operators.settings import ReadLimits, RenderSettings
 from operators.store.readers import read_manifest
 from operators.store.storage import RunRoot
 from operators.store.tables import ASSETS, POINTS, RENDER_OUTPUT, VIEWS
@@ -33,10 +33,10 @@ SINGLE_STAGES: dict[str, Stage[Any]] = {"render": RenderStage(), "label": LabelS
 
 
 def render_emit_batch(batch: dict[str, Any], task: TaskContext, settings: RenderSettings,
-                      seed: int) -> dict[str, Any]:
+                      seed: int, limits: ReadLimits) -> dict[str, Any]:
     """Render task of the stream: writes views/points like `partlift render`, then passes the
     arrays on instead of a summary."""
-    result = render_and_write(batch, task, settings, seed)
+    result = render_and_write(batch, task, settings, seed, limits)
     position = {str(a): i for i, a in enumerate(batch["asset_id"])}
     return stacked_columns([asset_row(batch, position[a["asset_id"]], a, result.commit)
                             for a in result.assets])
@@ -88,7 +88,7 @@ class RenderThen(Stage[list[dict[str, Any]]]):
             sources.append(map_tasks(
                 items_dataset(plan.extra["to_render"], render.resources.render.batch_size),
                 render_emit_batch, render.resources.render, task=ctx.task,
-                settings=render.settings(), seed=render.seed))
+                settings=render.settings(), seed=render.seed, limits=render.read_limits()))
         if plan.extra["to_load"]:
             sources.append(load_stream(plan.extra["to_load"], ctx.task, self.downstream.name,
                                        self.downstream.load_resources(ctx.config)))

@@ -17,7 +17,7 @@ import numpy as np
 from operators.data.assets import read_mesh_file
 from operators.geometry.mesh import to_y_up
 from operators.geometry.render import render_asset
-from operators.settings import RenderSettings
+from operators.settings import ReadLimits, RenderSettings
 from operators.store.ids import seed_for
 from operators.store.readers import read_manifest
 from operators.store.storage import RunRoot, concatenated, make_table, rows_to_columns, shard_name
@@ -53,7 +53,7 @@ class RenderedBatch:
 
 
 def render_and_write(batch: dict[str, Any], task: TaskContext, settings: RenderSettings,
-                     seed: int) -> RenderedBatch:
+                     seed: int, limits: ReadLimits) -> RenderedBatch:
     """Render a batch of assets and write their views/points shard (points last = commit);
     failures go to errors/."""
     root = task.root()
@@ -62,7 +62,7 @@ def render_and_write(batch: dict[str, Any], task: TaskContext, settings: RenderS
 
     def render(i: int) -> tuple[Any, Any, np.ndarray]:
         uri = root.resolve(str(batch["uri"][i]))
-        mesh = to_y_up(read_mesh_file(uri, task.storage)[0], str(batch["up_axis"][i]))
+        mesh = to_y_up(read_mesh_file(uri, task.storage, limits)[0], str(batch["up_axis"][i]))
         rendered, samples = render_asset(mesh, settings, seed_for(seed, ids[i]), name=uri)
         return rendered, samples, _part_labels(batch["face_part"][i], samples.face_id,
                                                mesh.n_faces, ids[i])
@@ -99,9 +99,9 @@ def render_and_write(batch: dict[str, Any], task: TaskContext, settings: RenderS
 
 
 def render_batch(batch: dict[str, Any], task: TaskContext, settings: RenderSettings,
-                 seed: int) -> dict[str, list]:
+                 seed: int, limits: ReadLimits) -> dict[str, list]:
     """Ray Data task of the render stage: one summary row per asset that rendered."""
-    result = render_and_write(batch, task, settings, seed)
+    result = render_and_write(batch, task, settings, seed, limits)
     return rows_to_columns([{"asset_id": a, "status": "ok"} for a in result.ok])
 
 
@@ -132,7 +132,7 @@ class RenderStage(Stage[list[dict[str, Any]]]):
         cfg = ctx.config.render
         ds = map_tasks(items_dataset(plan.items, cfg.resources.render.batch_size), render_batch,
                        cfg.resources.render, task=ctx.task, settings=cfg.settings(),
-                       seed=cfg.seed)
+                       seed=cfg.seed, limits=cfg.read_limits())
         return ds.iter_rows()
 
     def inputs(self, ctx: JobContext) -> dict[str, str]:

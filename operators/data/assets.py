@@ -20,6 +20,7 @@ import numpy as np
 import open3d as o3d
 import pyarrow.fs as pafs
 
+from operators.settings import ReadLimits
 from operators.geometry.mesh import Mesh, MeshError, to_y_up, validate_mesh
 from operators.store.ids import content_asset_id
 from operators.store.storage import StorageOptions, read_uri_bytes, resolve_filesystem
@@ -139,32 +140,50 @@ def _stage_locally(fs: pafs.FileSystem, path: str, uri: str, tmp: str) -> str:
     return str(Path(tmp, name))
 
 
-def read_mesh_file(uri: str, options: StorageOptions | None = None) -> tuple[Mesh, bytes]:
+def parse_local_mesh(local: str, uri: str) -> tuple[Mesh, bytes]:
+    """Read a local mesh file with open3d (native code: run it isolated, see read_mesh_file)."""
+    data = Path(local).read_bytes()
+    if not data.strip():
+        raise MeshError(f"{uri}: empty file (0 bytes of mesh data)")
+    # The tensor reader keeps polygon faces (triangulated) that the legacy reader drops.
+    try:
+        mesh = mesh_from_open3d(o3d.t.io.read_triangle_mesh(local))
+    except (RuntimeError, IndexError, ValueError) as err:
+        if local.lower().endswith(".obj") and not re.search(rb"^\s*f\s", data, flags=re.M):
+            raise MeshError(f"{uri}: no triangle faces (a point cloud or an empty mesh); "
+                            "only triangle meshes can be rendered") from None
+        raise MeshError(f"{uri}: unreadable mesh: open3d failed with {err}") from None
+    return mesh, data
+
+
+def read_mesh_file(uri: str, options: StorageOptions | None = None,
+                   limits: ReadLimits = ReadLimits()) -> tuple[Mesh, bytes]:
     """Load and validate a mesh; returns it with the file's bytes (for the content hash).
 
-    Raises FileNotFoundError or MeshError with a message naming `uri` and the problem.
+    The native reader runs in a child process (`limits`): a file that crashes or hangs it is a
+    MeshError naming the file and what happened, and the caller goes on. Raises
+    FileNotFoundError or MeshError with a message naming `uri` and the problem.
     """
     if not uri.lower().endswith(MESH_EXTENSIONS):
         raise MeshError(f"{uri}: unsupported mesh format (supported: {', '.join(MESH_EXTENSIONS)})")
     fs, path = resolve_filesystem(uri, options)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound or info.type == pafs.FileType.Directory:
+        raise FileNotFoundError(f"{uri}: no such file")
+    if info.size is not None and info.size > limits.max_file_mb * 2**20:
+        raise MeshError(f"{uri}: {info.size / 2**20:.0f} MB is over the {limits.max_file_mb:g} MB "
+                        "limit (assets.max_file_mb / render.max_file_mb)")
     with tempfile.TemporaryDirectory() as tmp:
-        if isinstance(fs, pafs.LocalFileSystem):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{uri}: no such file")
-            local = path
+        local = path if isinstance(fs, pafs.LocalFileSystem) else _stage_locally(fs, path, uri, tmp)
+        if not limits.isolate:
+            mesh, data = parse_local_mesh(local, uri)
         else:
-            local = _stage_locally(fs, path, uri, tmp)
-        data = Path(local).read_bytes()
-        if not data.strip():
-            raise MeshError(f"{uri}: empty file (0 bytes of mesh data)")
-        # The tensor reader keeps polygon faces (triangulated) that the legacy reader drops.
-        try:
-            mesh = mesh_from_open3d(o3d.t.io.read_triangle_mesh(local))
-        except (RuntimeError, IndexError, ValueError) as err:
-            if local.lower().endswith(".obj") and not re.search(rb"^\s*f\s", data, flags=re.M):
-                raise MeshError(f"{uri}: no triangle faces (a point cloud or an empty mesh); "
-                                "only triangle meshes can be rendered") from err
-            raise MeshError(f"{uri}: unreadable mesh: open3d failed with {err}") from err
+            from operators.data.isolation import ChildCrashed, ChildTimedOut, isolated_calls
+            try:
+                mesh, data = isolated_calls().call("operators.data.assets", "parse_local_mesh",
+                                                   (local, uri), limits.timeout_s)
+            except (ChildCrashed, ChildTimedOut) as err:
+                raise MeshError(f"{uri}: the mesh reader {err}") from None
     if mesh.n_vertices == 0:
         raise MeshError(f"{uri}: unreadable or empty mesh: open3d found no vertices in the file")
     validate_mesh(mesh, name=uri)
@@ -200,9 +219,10 @@ def category_for(relative_path: str, sidecar: Mapping[str, str]) -> str:
 
 
 def inspect_mesh_file(uri: str, category: str, functions: tuple[str, ...],
-                      options: StorageOptions | None = None, up_axis: str = "y") -> AssetRecord:
+                      options: StorageOptions | None = None, up_axis: str = "y",
+                      limits: ReadLimits = ReadLimits()) -> AssetRecord:
     """Manifest row of a scanned mesh file (raises like `read_mesh_file`); bbox in +y up."""
-    mesh, data = read_mesh_file(uri, options)
+    mesh, data = read_mesh_file(uri, options, limits)
     mesh = to_y_up(mesh, up_axis)
     return AssetRecord(asset_id=content_asset_id(data), uri=uri, category=category,
                        functions=functions, bbox=mesh.bbox(), n_vertices=mesh.n_vertices,

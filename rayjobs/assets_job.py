@@ -68,7 +68,8 @@ def make_procedural_batch(batch: dict[str, np.ndarray], task: TaskContext,
         data = mesh_to_ply_bytes(asset.mesh)
         asset_id = content_asset_id(data)
         relpath = f"{MESH_DIR}/{asset_id}.ply"
-        if not root.exists(relpath):
+        info = root.fs.get_file_info(root.path(relpath))
+        if info.size != len(data):  # missing, or cut short by a killed run before writes were atomic
             root.write_bytes(relpath, data)
         frames = np.stack([np.vstack([f.origin[None], f.axes]) for f in asset.part_frames])
         functions = sorted({fn for fns in asset.part_functions for fn in fns})

@@ -8,13 +8,16 @@ The client stays light: a command validates its config before it imports its job
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 import click
 
 from operators.data.taxonomy import UnknownNameError
+from operators.failures import InfrastructureError
 from operators.geometry.mesh import MeshError
 from operators.models.registry import GROUNDING_BACKENDS
 from operators.store.ids import InvalidIdError
@@ -28,7 +31,10 @@ from rayjobs.errors import JobFailedError
 # float32 conversions of the same graph agree to ~1e-5; anything near 1e-3 is a mapping error.
 VERIFY_TOLERANCE = 1e-3
 USER_ERRORS = (ConfigError, StorageError, FileNotFoundError, JobFailedError, InvalidIdError,
-               MeshError, UnknownNameError, ShardReadError, LeaseHeldError, LeaseLostError)
+               MeshError, UnknownNameError, ShardReadError, LeaseHeldError, LeaseLostError,
+               InfrastructureError)
+# `partlift --debug ...`: tracebacks of failures are shown (off: one line each).
+_DEBUG = {"on": False}
 
 
 def common_options(func: Callable) -> Callable:
@@ -63,25 +69,40 @@ def build_config(command: str, root: str | None, configs: tuple[str, ...],
 
 
 def report_user_errors(func: Callable) -> Callable:
-    """User-facing failures print one clear message (no traceback) and exit non-zero."""
+    """Failures print one clear line (no traceback unless --debug) and exit non-zero: 2 for a
+    configuration error, 1 otherwise."""
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except USER_ERRORS as err:
+            if _DEBUG["on"]:
+                traceback.print_exc()
             click.echo(f"error: {err}", err=True)
             sys.exit(2 if isinstance(err, (ConfigError, UnknownNameError)) else 1)
+        except (KeyboardInterrupt, click.exceptions.Abort, click.exceptions.Exit):
+            raise
+        except Exception as err:  # a failure nobody expected: one line, the traceback on demand
+            if _DEBUG["on"]:
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            click.echo(f"error: unexpected {type(err).__name__}: {first[:500]} (rerun with "
+                       "`partlift --debug ...` for the traceback)", err=True)
+            sys.exit(1)
     return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, default=False,
+              help="Show the Python and Ray tracebacks of failures (default: one line each).")
 @click.version_option(package_name="partlift")
-def main() -> None:
+def main(debug: bool) -> None:
     """partlift: render, pseudo-label, lift and score functional parts of 3D assets on Ray.
 
     Outputs are Parquet tables under a run root (default ./partlift-data). Every stage resumes:
     a second run processes only assets whose outputs are missing.
     """
+    _DEBUG["on"] = debug
 
 
 @main.group()
@@ -301,5 +322,42 @@ def migrate(root: str, configs: tuple[str, ...], overrides: tuple[str, ...]) -> 
         click.echo(line)
 
 
+def _shutdown_ray() -> None:
+    """Stop a Ray this process started (and its agents), deaf to a second Ctrl-C meanwhile."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ray.shutdown()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run() -> None:
+    """The `partlift` entry point: Ctrl-C anywhere (also while Ray shuts down) stops Ray and
+    its agents and exits 130; what was committed stays and a rerun resumes."""
+    code: int | None = 0
+    try:
+        main(standalone_mode=False)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo("\ninterrupted: shard sets committed so far are kept, the rest is removed at "
+                   "the next run, which resumes", err=True)
+        code = 130
+    except click.exceptions.Exit as done:
+        code = done.exit_code
+    except click.exceptions.ClickException as err:
+        err.show()
+        code = err.exit_code
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    finally:
+        try:
+            _shutdown_ray()
+        except KeyboardInterrupt:
+            code = 130
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -48,6 +48,18 @@ class StorageConfig(Section):
     request_timeout_s: float = Field(30.0, gt=0)
     max_attempts: int = Field(3, ge=1)
 
+    @model_validator(mode="after")
+    def _whole_credentials(self) -> "StorageConfig":
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            given = "access_key_id" if self.access_key_id is not None else "secret_access_key"
+            raise ValueError(f"storage.{given} is set without its pair: give both "
+                             "storage.access_key_id and storage.secret_access_key, or neither "
+                             "(then the standard AWS environment is used)")
+        if self.session_token is not None and self.access_key_id is None:
+            raise ValueError("storage.session_token needs storage.access_key_id and "
+                             "storage.secret_access_key")
+        return self
+
     def options(self) -> StorageOptions:
         secret = lambda s: s.get_secret_value() if s is not None else None  # noqa: E731
         return StorageOptions(self.endpoint_url, self.region, secret(self.access_key_id),
@@ -61,6 +73,7 @@ class RayConfig(Section):
     dashboard_host: str = Field("127.0.0.1", description="local Ray dashboard bind address")
     include_dashboard: bool = Field(False, description="start the dashboard with a local Ray")
     progress_bars: bool = Field(True, description="Ray Data progress bars")
+    connect_timeout_s: float = Field(10.0, gt=0, description="how long to wait for a cluster's head to answer, seconds")
 
 
 class StepResources(Section):
@@ -77,6 +90,7 @@ class JobConfig(Section):
     max_error_fraction: float = Field(0.1, ge=0, le=1, description="fail the job above this failed/input fraction")
     name: str | None = Field(None, description="run name, recorded in _job.json and in the stage's lease (a rerun with the same name takes over the lease of a run that is gone)")
     force: bool = Field(False, description="break another job's lease on the stage (only when it is surely not running)")
+    max_consecutive_failures: int = Field(50, ge=0, description="stop the job when this many assets in a row failed: every asset failing the same way is a problem of the job, not of its inputs (0: never)")
     lease_timeout_s: float = Field(120.0, gt=0, description="a lease not renewed for this long is stale and may be taken over, seconds")
 
 
@@ -262,7 +276,7 @@ def _settings(cls: type, section: Section, name: str, **extra: Any) -> Any:
 class JobBase(Section):
     """The sections every job shares."""
 
-    root: str = Field(DEFAULT_ROOT, description="run root: local dir, file:// or s3://bucket/prefix")
+    root: str = Field(DEFAULT_ROOT, min_length=1, description="run root: local dir, file:///abs/path or s3://bucket/prefix")
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
     job: JobConfig = JobConfig()
@@ -275,7 +289,7 @@ class JobBase(Section):
 class StatusJob(Section):
     """`partlift status`: where the root is and how to reach it."""
 
-    root: str = Field(DEFAULT_ROOT, description="run root to inspect")
+    root: str = Field(DEFAULT_ROOT, min_length=1, description="run root to inspect")
     storage: StorageConfig = StorageConfig()
 
 

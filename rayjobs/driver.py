@@ -17,7 +17,9 @@ rows, so ok + failed = processed holds whichever step of a stream failed.
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from typing import Any, Generic, TypeVar
 import ray
 import ray.data
 
+from operators.failures import InfrastructureError, infrastructure_problem
 from operators.store.commits import (OutputState, ShardCommit, outputs_downstream_of,
                                      prepare_output, read_output, settings_hash, write_shard_set)
 from operators.store.integrity import (check_root_format, check_stage_settings,
@@ -36,7 +39,7 @@ from operators.store.records import (AssetCounts, ErrorSummary, JobRecord, error
 from operators.store.storage import RunRoot, StorageOptions, shard_name
 from operators.store.tables import ERRORS, StageOutput
 from rayjobs.config import JobBase, RayConfig, StepResources
-from rayjobs.errors import JobFailedError
+from rayjobs.errors import ClusterError, JobFailedError
 from rayjobs.resources import map_batches_args
 
 T = TypeVar("T")
@@ -59,6 +62,24 @@ def ray_init_kwargs(cfg: RayConfig, environ: Mapping[str, str] = os.environ) -> 
             "configure_logging": True, "logging_level": "WARNING"}
 
 
+def check_cluster_reachable(address: str, timeout_s: float) -> None:
+    """Fail in `timeout_s` with one line when nothing answers at a cluster's host:port (a bare
+    `ray.init` on a wrong address retries for minutes)."""
+    if address in ("auto", "local"):
+        return
+    location = address.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = location.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"Ray address {address!r}: expected host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        reason = (f"no answer within {timeout_s:g} s" if isinstance(err, TimeoutError)
+                  else err.strerror or type(err).__name__)
+        raise ClusterError(f"cannot reach the Ray cluster at {address} ({reason}): check "
+                           "--address / RAY_ADDRESS and that the head node is up") from None
+
+
 def ensure_ray(cfg: RayConfig) -> None:
     """Join the configured cluster or start a private local Ray (dashboard on 127.0.0.1)."""
     if not ray.is_initialized():
@@ -67,7 +88,13 @@ def ensure_ray(cfg: RayConfig) -> None:
             # A private cluster: Ray 2.60's token auth would only add a warning and a file here.
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(**kwargs)
+        else:
+            check_cluster_reachable(kwargs["address"], cfg.connect_timeout_s)
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ClusterError(f"cannot join the Ray cluster at {kwargs['address']}: {first}") from None
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = cfg.progress_bars
     context.print_on_execution_start = False
@@ -86,6 +113,8 @@ class TaskContext:
     job_id: str
     fingerprints: Mapping[str, str] = field(default_factory=dict)
     leases: Mapping[str, str] = field(default_factory=dict)  # stage -> this job's lease token
+    breaker: Any = None                  # the job's FailureBreaker actor (None: no breaker)
+    max_consecutive_failures: int = 0
 
     def root(self) -> RunRoot:
         return RunRoot(self.root_uri, self.storage)
@@ -102,12 +131,81 @@ class TaskContext:
                                upstream=upstream, before_commit=check)
 
 
+@ray.remote(num_cpus=0)
+class JobMonitor:
+    """One per job, beside its workers: the circuit breaker (assets that failed in a row; any
+    success resets it) and the channel that carries why a worker stopped the job to the driver
+    (Ray Data hands the driver only the text of a worker's exception)."""
+
+    def __init__(self) -> None:
+        self.in_a_row = 0
+        self.reason = ""
+
+    def failed(self) -> int:
+        self.in_a_row += 1
+        return self.in_a_row
+
+    def succeeded(self) -> None:
+        self.in_a_row = 0
+
+    def stop(self, reason: str) -> None:
+        self.reason = self.reason or reason
+
+    def stopped(self) -> str:
+        return self.reason
+
+
+def _report_stop(monitor: Any, err: BaseException) -> None:
+    """In a worker: if `err` stops the job (infrastructure), tell the driver why."""
+    problem = _infrastructure(err)
+    if problem is not None and monitor is not None:
+        ray.get(monitor.stop.remote(problem))
+
+
+def _reporting_task(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A task function that reports an infrastructure failure to the job's monitor."""
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            task = kwargs.get("task")
+            _report_stop(getattr(task, "breaker", None), err)
+            raise
+    return call
+
+
+def _reporting_actor(cls: type) -> type:
+    """An actor class whose construction and calls report infrastructure failures likewise."""
+    class Reporting(cls):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._monitor = getattr(kwargs.get("task"), "breaker", None)
+            try:
+                super().__init__(*args, **kwargs)
+            except Exception as err:
+                _report_stop(self._monitor, err)
+                raise
+
+        def __call__(self, batch: Any) -> Any:
+            try:
+                return super().__call__(batch)
+            except Exception as err:
+                _report_stop(self._monitor, err)
+                raise
+
+    Reporting.__name__ = Reporting.__qualname__ = cls.__name__
+    return Reporting
+
+
 class AssetErrors:
     """The per-asset "do it, or record an error row" pattern of every worker.
 
-    `attempt(items, work, asset_of)` yields (item, result) for the items whose `work` succeeded;
-    an exception becomes an `errors/` row for `asset_of(item)` and the batch goes on. `write`
-    puts the rows of the batch into one errors/ shard."""
+    `attempt(items, work, asset_of)` yields (item, result) for the items whose `work` succeeded.
+    A row error (this input is bad) becomes an `errors/` row for `asset_of(item)` and the batch
+    goes on; an infrastructure error (storage, credentials, endpoint, device: see
+    operators.failures) stops the job at once; so does the circuit breaker when
+    `job.max_consecutive_failures` assets in a row failed. `write` puts the batch's rows into
+    one errors/ shard."""
 
     def __init__(self, stage: str, task: TaskContext) -> None:
         self.stage, self.task = stage, task
@@ -117,6 +215,14 @@ class AssetErrors:
                view_id: int = -1) -> None:
         self.rows.append(error_row(self.stage, self.task.job_id, asset_id, err, view_id=view_id,
                                    error_type=error_type))
+        if self.task.breaker is not None and self.task.max_consecutive_failures:
+            in_a_row = ray.get(self.task.breaker.failed.remote())
+            if in_a_row >= self.task.max_consecutive_failures:
+                self.write()  # the rows that tripped it are kept
+                raise InfrastructureError(
+                    f"{self.stage}: {in_a_row} assets in a row failed (the last, {asset_id}: "
+                    f"{str(err)[:200]}): the job stopped, as every asset fails the same way "
+                    "(job.max_consecutive_failures); see errors/ and fix the common cause")
 
     def attempt(self, items: Iterable[T], work: Callable[[T], R], asset_of: Callable[[T], str],
                 describe: Callable[[T, Exception], str] | None = None) -> Iterator[tuple[T, R]]:
@@ -124,6 +230,9 @@ class AssetErrors:
             try:
                 result = work(item)
             except Exception as err:  # row-level: recorded in errors/, the batch goes on
+                problem = infrastructure_problem(err)
+                if problem is not None:  # not this input's fault: stop the job
+                    raise InfrastructureError(f"{self.stage}: {problem}") from err
                 message = describe(item, err) if describe is not None else str(err)
                 self.record(asset_of(item), message, error_type=type(err).__name__)
                 continue
@@ -144,15 +253,15 @@ def items_dataset(items: Sequence[dict], batch_size: int) -> ray.data.Dataset:
 def map_tasks(ds: ray.data.Dataset, fn: Callable[..., Any], resources: StepResources,
               **fn_kwargs: Any) -> ray.data.Dataset:
     """A step of stateless CPU tasks."""
-    return ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_format="numpy",
+    return ds.map_batches(_reporting_task(fn), fn_kwargs=fn_kwargs, batch_format="numpy",
                           **map_batches_args(resources, actors=False))
 
 
 def map_actors(ds: ray.data.Dataset, cls: type, resources: StepResources,
                **constructor_kwargs: Any) -> ray.data.Dataset:
     """A step on an actor pool (models loaded once per actor; GPUs when the cluster has them)."""
-    return ds.map_batches(cls, fn_constructor_kwargs=constructor_kwargs, batch_format="numpy",
-                          **map_batches_args(resources, actors=True))
+    return ds.map_batches(_reporting_actor(cls), fn_constructor_kwargs=constructor_kwargs,
+                          batch_format="numpy", **map_batches_args(resources, actors=True))
 
 
 # ----------------------------------------------------------------------------- stages
@@ -170,11 +279,13 @@ class JobContext:
     fingerprints: Mapping[str, str]
     outputs: Mapping[str, OutputState]
     leases: Mapping[str, str] = field(default_factory=dict)
+    breaker: Any = None
 
     @property
     def task(self) -> TaskContext:
         return TaskContext(self.config.root, self.config.storage.options(), self.job_id,
-                           dict(self.fingerprints), dict(self.leases))
+                           dict(self.fingerprints), dict(self.leases), self.breaker,
+                           self.config.job.max_consecutive_failures)
 
 
 @dataclass
@@ -299,18 +410,19 @@ def run_stage(config: JobBase, stage: Stage[Any], *, check: bool = True) -> Stag
             record_stage_settings(root, output, settings[output.stage], job_id)
         ctx = JobContext(config, root, job_id, started,
                          {stage_: settings_hash(s) for stage_, s in settings.items()}, states,
-                         {lease.name: lease.holder.token for lease in leases})
+                         {lease.name: lease.holder.token for lease in leases}, JobMonitor.remote())
         plan = stage.plan(ctx, source)
         notes += plan.notes
         for note in notes:
             print(f"note: {note}")
         try:
-            ok = sum(1 for s in stage.execute(ctx, plan) if s["status"] == "ok") if plan.items else 0
-        except Exception as err:  # a lease lost in a worker: say so in one line
-            lost = _cause(err, LeaseLostError)
-            if lost is None:
+            ok = _count_ok(stage.execute(ctx, plan), ctx.breaker) if plan.items else 0
+        except Exception as err:  # infrastructure (storage, lease, breaker...): one line
+            problem = ray.get(ctx.breaker.stopped.remote()) or _infrastructure(err)
+            if not problem:
                 raise
-            raise LeaseLostError(str(lost)) from None
+            raise InfrastructureError(f"{problem} (the rows committed so far are kept; a rerun "
+                                      "resumes)") from None
         lost_leases = [lease.name for lease in leases if lease.lost]
         if lost_leases:
             raise LeaseLostError(f"the lease of {', '.join(lost_leases)} on {root.display()} was "
@@ -329,13 +441,26 @@ def run_stage(config: JobBase, stage: Stage[Any], *, check: bool = True) -> Stag
     return finish(root, config, StageReport(record, notes), [o.record_dir for o in stage.outputs])
 
 
-def _cause(err: BaseException, kind: type[BaseException]) -> BaseException | None:
-    """The first exception of `kind` in err's cause chain (Ray wraps a worker's exceptions)."""
+def _count_ok(rows: Iterable[dict[str, Any]], breaker: Any) -> int:
+    """Count the ok summary rows; tell the breaker of successes (at most once a second)."""
+    ok, told = 0, 0.0
+    for row in rows:
+        if row["status"] == "ok":
+            ok += 1
+            if breaker is not None and time.monotonic() - told > 1.0:
+                breaker.succeeded.remote()
+                told = time.monotonic()
+    return ok
+
+
+def _infrastructure(err: BaseException) -> str | None:
+    """The infrastructure problem in err's cause chain (Ray wraps a worker's exceptions)."""
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
-        if isinstance(current, kind):
-            return current
+        problem = infrastructure_problem(current)
+        if problem is not None:
+            return problem
         seen.add(id(current))
         current = current.__cause__ or getattr(current, "cause", None) or current.__context__
     return None

@@ -95,9 +95,12 @@ class Lease:
     def release(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        current = _read(self.root, self.path)
-        if current is not None and current.token == self.holder.token:
-            self.root.delete(self.path)
+        try:
+            current = _read(self.root, self.path)
+            if current is not None and current.token == self.holder.token:
+                self.root.delete(self.path)
+        except OSError:  # storage is gone: the lease goes stale after its timeout instead
+            pass
 
 
 def _raw(root: RunRoot, path: str) -> bytes | None:

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pyarrow as pa
@@ -92,11 +92,19 @@ def _s3_filesystem(opts: StorageOptions) -> tuple[pafs.S3FileSystem, str | None]
 def resolve_filesystem(uri: str, opts: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
     """Map a URI to (pyarrow filesystem, path inside it). Local paths become absolute."""
     opts = opts or StorageOptions()
+    if not uri or not uri.strip():
+        raise StorageError("an empty path or URI: name a directory, file:///abs/path or "
+                           "s3://bucket/prefix")
     parsed = urlparse(uri)
     scheme = parsed.scheme.lower()
-    if scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt"):
-        path = parsed.path if scheme == "file" else uri
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+    if scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise StorageError(f"{uri}: a file URI names an absolute path, file:///abs/path "
+                               f"(here '{parsed.netloc}' would be a host); for a path relative "
+                               "to the current directory, leave out file://")
+        return pafs.LocalFileSystem(), os.path.abspath(unquote(parsed.path))
+    if scheme == "" or (len(scheme) == 1 and os.name == "nt"):
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     if scheme in ("s3", "s3a"):
         if not parsed.netloc:
             raise StorageError(f"{uri}: an S3 URI needs a bucket, e.g. s3://bucket/prefix")
@@ -246,6 +254,10 @@ class RunRoot:
         except StorageError:
             raise
         except OSError as err:
+            from operators.failures import infrastructure_problem
+            problem = infrastructure_problem(err)
+            if problem is not None and "credentials" in problem:
+                raise StorageError(f"run root {where}: {problem}") from err
             raise StorageError(f"cannot reach run root {where}: {_first_line(err)}") from err
 
     def _ensure_dir(self, path: str) -> None:

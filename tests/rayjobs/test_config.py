@@ -76,7 +76,8 @@ def test_secrets_are_redacted_in_config_error_messages() -> None:
 
 
 def test_numeric_strings_from_set_stay_strings() -> None:
-    config = load_config(overrides=["storage.secret_access_key=12345678", "job.name=2024"])
+    config = load_config(overrides=["storage.secret_access_key=12345678", "job.name=2024",
+                                    "storage.access_key_id=1234"])
     assert config.storage.options().secret_access_key == "12345678" and config.job.name == "2024"
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -144,3 +146,57 @@ def test_leftover_temporary_files_of_killed_writes_are_removed(tmp_path) -> None
     (tmp_path / "views" / ".part-2.abc.tmp").write_bytes(b"half a shard")
     prepare_output(root, RENDER_OUTPUT, overwrite=False)
     assert sorted(p.name for p in (tmp_path / "views").iterdir()) == []  # part-1 uncommitted too
+
+
+def test_file_uris_and_empty_roots_are_handled_explicitly(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StorageError, match=r"file://myrun: a file URI names an absolute path"):
+        RunRoot("file://myrun")  # before: wrote into the current directory
+    with pytest.raises(StorageError, match="an empty path or URI"):
+        RunRoot("")
+    spaced = tmp_path / "a b"
+    assert RunRoot(f"file://{tmp_path}/a%20b").uri == str(spaced)  # percent-decoded
+    assert RunRoot("file://localhost" + str(spaced)).uri == str(spaced)
+    assert RunRoot("relative/run").uri == str(tmp_path / "relative" / "run")
+
+
+def test_writes_appear_whole_and_a_stale_temp_file_is_not_a_file(tmp_path) -> None:
+    root = RunRoot(str(tmp_path))
+    root.write_bytes("meshes/procedural/x.ply", b"data" * 1000)
+    assert [p.name for p in (tmp_path / "meshes" / "procedural").iterdir()] == ["x.ply"]
+    assert root.create_exclusive("_leases/a.json", b"{}") is True
+    assert root.create_exclusive("_leases/a.json", b"{}") is False
+    assert sorted(p.name for p in (tmp_path / "_leases").iterdir()) == ["a.json"]  # no temp left
+
+
+@pytest.mark.s3
+def test_wrong_credentials_are_named_as_such(tmp_path) -> None:
+    """A real S3-compatible server that checks credentials (moto with auth on)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)], env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        options = StorageOptions(endpoint_url=f"http://127.0.0.1:{port}", access_key_id="AKIDWRONG",
+                                 secret_access_key="wrong-secret", max_attempts=1)
+        with pytest.raises(StorageError) as info:
+            RunRoot("s3://bucket/run", options).check_reachable()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    message = str(info.value)
+    assert "refused the credentials" in message and "AWS_ACCESS_KEY_ID" in message
+    assert "wrong-secret" not in message

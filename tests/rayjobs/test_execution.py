@@ -1,0 +1,151 @@
+"""Robust execution (issue 9): infrastructure failures stop a job at once in one line, a job
+whose every row fails stops early, a wrong cluster address fails fast, Ctrl-C stops Ray and
+exits 130, and a killed `assets make` leaves no truncated mesh behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from operators.failures import InfrastructureError
+from operators.store.storage import RunRoot, StorageOptions
+from rayjobs.assets_job import run_assets_make
+from rayjobs.render_job import run_render
+from tests.rayjobs.test_jobs import SMALL, small_config
+
+CLI = [sys.executable, "-m", "rayjobs.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("address, message", [
+    ("127.0.0.1:1", "cannot reach the Ray cluster at 127.0.0.1:1 (Connection refused)"),
+    ("auto", "cannot join the Ray cluster at auto: Could not find any running Ray instance"),
+])
+def test_a_wrong_cluster_address_fails_fast_in_one_line(tmp_path: Path, address: str,
+                                                          message: str) -> None:
+    done = subprocess.run([*CLI, "assets", "make", "--n", "1", "--root", str(tmp_path / "run"),
+                           "--address", address], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": str(tmp_path)})
+    assert done.returncode == 1 and message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_session")
+def test_ctrl_c_stops_ray_and_its_agents_and_exits_130(tmp_path: Path) -> None:
+    import psutil
+    root = tmp_path / "run"
+    small = ["render.views=6", "render.n_points=2000", "render.resources.render.batch_size=1",
+             "ray.num_cpus=1"]
+    run_assets_make(small_config(str(root), "assets.n=16", *small))
+    proc = subprocess.Popen([*CLI, "render", "--root", str(root),
+                             *[a for s in (*SMALL, *small) for a in ("--set", s)]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(RunRoot(str(root)).list_shards("points")) < 1:
+        time.sleep(0.2)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    time.sleep(2)
+    left = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert left == [], f"Ray processes left running: {[c.name() for c in left]}"
+    again = run_render(small_config(str(root), *small))  # resumes, nothing duplicated
+    assert again.ok + again.skipped_done == 16
+    views = RunRoot(str(root)).read_table("views", columns=["asset_id", "view_id"]).to_pylist()
+    assert len(views) == 16 * 6 and len({(v["asset_id"], v["view_id"]) for v in views}) == 96
+
+
+@pytest.mark.ray
+@pytest.mark.s3
+@pytest.mark.usefixtures("ray_session")
+def test_storage_that_goes_down_mid_render_stops_the_job_in_one_line(tmp_path: Path) -> None:
+    import boto3
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="k",
+                          aws_secret_access_key="s", region_name="us-east-1")
+        s3.create_bucket(Bucket="doomed")
+        options = StorageOptions(endpoint_url=endpoint, access_key_id="k", secret_access_key="s",
+                                 connect_timeout_s=1, request_timeout_s=2, max_attempts=1)
+        storage = [f"storage.endpoint_url={endpoint}", "storage.access_key_id=k",
+                   "storage.secret_access_key=s", "storage.max_attempts=1",
+                   "storage.connect_timeout_s=1", "storage.request_timeout_s=2"]
+        run_assets_make(small_config("s3://doomed/run", "assets.n=10", *storage))
+
+        def kill_after_first_commit() -> None:
+            while time.time() < deadline + 60:
+                listed = s3.list_objects_v2(Bucket="doomed", Prefix="run/views/_commits/")
+                if listed.get("KeyCount", 0):
+                    server.kill()
+                    return
+                time.sleep(0.1)
+
+        killer = threading.Thread(target=kill_after_first_commit, daemon=True)
+        killer.start()
+        with pytest.raises(InfrastructureError) as info:
+            run_render(small_config("s3://doomed/run", "render.resources.render.batch_size=1",
+                                    *storage))
+        killer.join(timeout=10)
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+    message = str(info.value)
+    assert "unreachable" in message and "a rerun resumes" in message
+    assert len(message.splitlines()) == 1 and "Traceback" not in message
+    del options
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_session")
+def test_a_job_whose_every_row_fails_stops_early(tmp_path: Path) -> None:
+    uri = str(tmp_path / "run")
+    run_assets_make(small_config(uri, "assets.n=12"))
+    for mesh in (tmp_path / "run" / "meshes" / "procedural").iterdir():
+        mesh.unlink()  # every asset fails the same way: a problem of the job, not the inputs
+    with pytest.raises(InfrastructureError, match=r"3 assets in a row failed \(the last, \w+: "):
+        run_render(small_config(uri, "render.resources.render.batch_size=1",
+                                "job.max_consecutive_failures=3", "job.max_error_fraction=1"))
+    errors = RunRoot(uri).read_table("errors", columns=["asset_id"]).num_rows
+    assert 3 <= errors < 12  # it stopped; the rows that failed are recorded
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_session")
+def test_a_truncated_mesh_of_a_killed_make_is_written_again(tmp_path: Path) -> None:
+    uri = str(tmp_path / "run")
+    run_assets_make(small_config(uri, "assets.n=2"))
+    meshes = sorted((tmp_path / "run" / "meshes" / "procedural").iterdir())
+    whole = {m.name: m.read_bytes() for m in meshes}
+    shutil_root = tmp_path / "again"
+    (shutil_root / "meshes" / "procedural").mkdir(parents=True)
+    for m in meshes:  # a run killed while writing: cut-short files, no manifest yet
+        (shutil_root / "meshes" / "procedural" / m.name).write_bytes(whole[m.name][:100])
+    run_assets_make(small_config(str(shutil_root), "assets.n=2"))
+    assert {m.name: m.read_bytes() for m in (shutil_root / "meshes" / "procedural").iterdir()} == whole
+    assert run_render(small_config(str(shutil_root))).ok == 2

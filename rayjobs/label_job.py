@@ -29,7 +29,7 @@ from operators.store.tables import LABEL_BOXES, LABEL_MASKS, LABEL_OUTPUT, LABEL
 from rayjobs.config import LabelConfig, LabelJob, StepResources
 from rayjobs.driver import (AssetErrors, JobContext, Plan, StageReport, TaskContext, map_actors,
                             map_tasks, run_stage)
-from rayjobs.streams import RenderedAssetsStage, keep_rows
+from rayjobs.streams import RenderedAssetsStage, keep_rows, todo
 
 STAGE = "label"
 
@@ -44,8 +44,8 @@ def _prompts_json(prompts: list[PartPrompt], boxes: list) -> str:
 class GroundingActor:
     """Actor: loads the grounding model once, then boxes every prompt in every view and trial."""
 
-    def __init__(self, cfg: LabelConfig, task: TaskContext):
-        self.cfg, self.task = cfg, task
+    def __init__(self, cfg: LabelConfig, task: TaskContext, forward: bool = False):
+        self.cfg, self.task, self.forward = cfg, task, forward
         self.taxonomy = load_taxonomy()
         self.device = resolve_device(cfg.device)
         self.settings = cfg.settings()
@@ -76,22 +76,28 @@ class GroundingActor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         errors = AssetErrors(STAGE, self.task)
-        done = list(errors.attempt(range(len(batch["asset_id"])),
+        rows = range(len(batch["asset_id"]))
+        done = dict(errors.attempt([i for i in rows if todo(batch, STAGE, i)],
                                    lambda i: self._ground(batch, i),
                                    asset_of=lambda i: str(batch["asset_id"][i])))
         errors.write()
-        if not done:
+        keep = [i for i in rows if i in done or not todo(batch, STAGE, i)]  # failed rows leave
+        if not keep:
             return {}
-        out = keep_rows(batch, [i for i, _ in done],
-                        ("asset_id", "render_commit", "xyz", "depth", "mask", "K", "cam_to_world"))
-        out["prompts_json"] = [prompts for _, prompts in done]
+        names = list(batch) if self.forward else (
+            "asset_id", "render_commit", "xyz", "depth", "mask", "K", "cam_to_world")
+        out = keep_rows(batch, keep, names)
+        out["prompts_json"] = [done.get(i, "") for i in keep]  # "" = labelled before
         return out
 
 
-def aggregate_write_batch(batch: dict[str, Any], task: TaskContext,
-                          settings: LabelSettings) -> dict[str, list]:
-    """CPU task: votes -> per-point scores -> per-view masks; writes one shard per label table."""
+def aggregate_write_batch(batch: dict[str, Any], task: TaskContext, settings: LabelSettings,
+                          forward: bool = False) -> dict[str, Any]:
+    """CPU task: votes -> per-point scores -> per-view masks; writes one shard set of the label
+    tables. Returns one summary row per labelled asset, or with `forward` (more stages follow in
+    the stream) the rows themselves, without those that failed."""
     ids = [str(a) for a in batch["asset_id"]]
+    work = [i for i in range(len(ids)) if batch["prompts_json"][i]]
     errors = AssetErrors(STAGE, task)
 
     def aggregate(i: int) -> tuple[list[dict], np.ndarray, np.ndarray]:
@@ -105,7 +111,7 @@ def aggregate_write_batch(batch: dict[str, Any], task: TaskContext,
 
     boxes_rows, masks_rows, points_rows = defaultdict(list), defaultdict(list), defaultdict(list)
     ok = []
-    for i, (prompts, scores, masks) in errors.attempt(range(len(ids)), aggregate, ids.__getitem__):
+    for i, (prompts, scores, masks) in errors.attempt(work, aggregate, ids.__getitem__):
         asset_id, n_views = ids[i], masks.shape[1]
         for p, prompt in enumerate(prompts):
             for v, view in enumerate(prompt["boxes"]):
@@ -138,6 +144,10 @@ def aggregate_write_batch(batch: dict[str, Any], task: TaskContext,
                     assets=[r["asset_id"] for r in ok],
                     upstream={r["asset_id"]: r["render_commit"] for r in ok})
     errors.write(shard)
+    if forward:
+        failed = {r["asset_id"] for r in errors.rows}
+        keep = [i for i in range(len(ids)) if ids[i] not in failed]
+        return keep_rows(batch, keep, [k for k in batch if k != "prompts_json"]) if keep else {}
     return rows_to_columns([{"asset_id": r["asset_id"], "status": "ok"} for r in ok])
 
 
@@ -155,12 +165,15 @@ class LabelStage(RenderedAssetsStage):
     def load_resources(self, config: LabelJob) -> StepResources:
         return config.label.resources.load
 
-    def add_steps(self, ds: ray.data.Dataset, ctx: JobContext) -> ray.data.Dataset:
-        """Grounding (actor pool) and aggregation + write (tasks) after a stream of asset rows."""
+    def add_steps(self, ds: ray.data.Dataset, ctx: JobContext,
+                  forward: bool = False) -> ray.data.Dataset:
+        """Grounding (actor pool) and aggregation + write (tasks) after a stream of asset rows;
+        `forward`: pass the rows on to the next stage instead of summaries."""
         cfg = ctx.config.label
-        ds = map_actors(ds, GroundingActor, cfg.resources.grounding, cfg=cfg, task=ctx.task)
+        ds = map_actors(ds, GroundingActor, cfg.resources.grounding, cfg=cfg, task=ctx.task,
+                        forward=forward)
         return map_tasks(ds, aggregate_write_batch, cfg.resources.aggregate, task=ctx.task,
-                         settings=cfg.settings())
+                         settings=cfg.settings(), forward=forward)
 
     def inputs(self, ctx: JobContext) -> dict[str, str]:
         return {**super().inputs(ctx), "backend": ctx.config.label.backend.name}

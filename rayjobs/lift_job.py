@@ -26,7 +26,7 @@ from operators.store.tables import FEATURE_POINTS, FEATURE_VIEWS, LIFT_OUTPUT
 from rayjobs.config import LiftConfig, LiftJob, StepResources
 from rayjobs.driver import (AssetErrors, JobContext, Plan, StageReport, TaskContext, map_actors,
                             map_tasks, run_stage)
-from rayjobs.streams import RenderedAssetsStage, keep_rows
+from rayjobs.streams import RenderedAssetsStage, keep_rows, todo
 
 STAGE = "lift"
 
@@ -47,16 +47,25 @@ class BackboneActor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         errors = AssetErrors(STAGE, self.task)
-        done = list(errors.attempt(
-            range(len(batch["asset_id"])),
+        rows = range(len(batch["asset_id"]))
+        done = dict(errors.attempt(
+            [i for i in rows if todo(batch, STAGE, i)],
             lambda i: self.backbone.features(batch["rgb"][i]).astype(np.float16),
             asset_of=lambda i: str(batch["asset_id"][i])))
         errors.write()
-        if not done:
+        keep = [i for i in rows if i in done or not todo(batch, STAGE, i)]  # failed rows leave
+        if not keep:
             return {}
-        out = keep_rows(batch, [i for i, _ in done],
-                        ("asset_id", "render_commit", "xyz", "depth", "K", "cam_to_world"))
-        out["view_features"] = np.stack([grids for _, grids in done])
+        names = ["asset_id", "render_commit", "xyz", "depth", "K", "cam_to_world"]
+        if f"todo_{STAGE}" in batch:
+            names.append(f"todo_{STAGE}")
+        out = keep_rows(batch, keep, names)
+        grids = [done.get(i) for i in keep]
+        if all(g is not None for g in grids):
+            out["view_features"] = np.stack(grids)
+        else:  # lifted before: an empty grid of the same rank (a variable-shaped column)
+            out["view_features"] = [g if g is not None else np.zeros((0, 0, 0, 0), np.float16)
+                                    for g in grids]
         return out
 
 
@@ -80,7 +89,9 @@ def lift_write_batch(batch: dict[str, Any], task: TaskContext, cfg: LiftConfig) 
         return index, features, seen
 
     points, views, ok = defaultdict(list), defaultdict(list), []
-    for i, (index, features, seen) in errors.attempt(range(len(ids)), lift, ids.__getitem__):
+    lifted_before = [i for i in range(len(ids)) if not todo(batch, STAGE, i)]
+    work = [i for i in range(len(ids)) if todo(batch, STAGE, i)]
+    for i, (index, features, seen) in errors.attempt(work, lift, ids.__getitem__):
         grids = batch["view_features"][i]
         points["asset_id"].append(ids[i])
         points["point_index"].append(index.astype(np.int32)[None])
@@ -101,7 +112,8 @@ def lift_write_batch(batch: dict[str, Any], task: TaskContext, cfg: LiftConfig) 
         task.commit(LIFT_OUTPUT, shard, tables, assets=[r["asset_id"] for r in ok],
                     upstream={r["asset_id"]: r["render_commit"] for r in ok})
     errors.write(shard)
-    return rows_to_columns([{"asset_id": r["asset_id"], "status": "ok"} for r in ok])
+    return rows_to_columns([{"asset_id": r["asset_id"], "status": "ok"} for r in ok]
+                           + [{"asset_id": ids[i], "status": "ok"} for i in lifted_before])
 
 
 class LiftStage(RenderedAssetsStage):
@@ -125,8 +137,12 @@ class LiftStage(RenderedAssetsStage):
     def load_resources(self, config: LiftJob) -> StepResources:
         return config.lift.resources.load
 
-    def add_steps(self, ds: ray.data.Dataset, ctx: JobContext) -> ray.data.Dataset:
-        """Backbone (actor pool) and lifting + write (tasks) after a stream of asset rows."""
+    def add_steps(self, ds: ray.data.Dataset, ctx: JobContext,
+                  forward: bool = False) -> ray.data.Dataset:
+        """Backbone (actor pool) and lifting + write (tasks) after a stream of asset rows (the
+        last stage of a stream: `forward` is not supported)."""
+        if forward:
+            raise ValueError("lift is the last stage of a stream")
         cfg = ctx.config.lift
         ds = map_actors(ds, BackboneActor, cfg.resources.backbone, cfg=cfg, task=ctx.task)
         return map_tasks(ds, lift_write_batch, cfg.resources.project, task=ctx.task, cfg=cfg)

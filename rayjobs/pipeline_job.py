@@ -9,9 +9,11 @@ With stages [render, label, lift], render -> label streams and lift follows from
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+import ray
 import ray.data
 
 from operators.settings import ReadLimits, RenderSettings
@@ -43,22 +45,27 @@ def render_emit_batch(batch: dict[str, Any], task: TaskContext, settings: Render
 
 
 class RenderThen(Stage[list[dict[str, Any]]]):
-    """render -> `downstream` (label or lift) as one stream: new assets are rendered in it,
-    rendered but unprocessed ones are read back from storage."""
+    """render -> the `downstream` stages (label, lift, or label then lift) as one stream: new
+    assets are rendered in it, rendered ones are read back from storage; each row is flagged
+    with the stages it still needs (`todo_<stage>`), and each stage passes the others on."""
 
     id_prefix = "pipeline"
 
-    def __init__(self, downstream: RenderedAssetsStage) -> None:
-        self.downstream = downstream
-        self.name = f"pipeline render->{downstream.name}"
-        self.outputs = (RENDER_OUTPUT, *downstream.outputs)
+    def __init__(self, downstream: Sequence[RenderedAssetsStage]) -> None:
+        self.downstream = list(downstream)
+        self.name = "pipeline " + "->".join(["render", *(s.name for s in self.downstream)])
+        self.outputs = (RENDER_OUTPUT, *(o for s in self.downstream for o in s.outputs))
 
     def check(self, config: PipelineJob) -> None:
         RenderStage().check(config)
-        self.downstream.check(config)
+        for stage in self.downstream:
+            stage.check(config)
 
     def settings(self, config: PipelineJob) -> dict[str, dict[str, Any]]:
-        return {**RenderStage().settings(config), **self.downstream.settings(config)}
+        merged = RenderStage().settings(config)
+        for stage in self.downstream:
+            merged.update(stage.settings(config))
+        return merged
 
     def read_input(self, root: RunRoot, config: PipelineJob) -> list[dict[str, Any]]:
         manifest = read_manifest(root, [*STREAM_FIELDS, *RENDER_FIELDS])  # render reads the files
@@ -69,19 +76,30 @@ class RenderThen(Stage[list[dict[str, Any]]]):
 
     def plan(self, ctx: JobContext, manifest: list[dict[str, Any]]) -> Plan:
         # What is rendered after the render output was prepared; the rest is rendered here.
-        downstream = downstream_plan(ctx, self.downstream.outputs[0],
-                                     RenderedAssets(manifest, ctx.outputs["render"]),
-                                     renders_here=True)
+        source = RenderedAssets(manifest, ctx.outputs["render"])
+        plans = {s.name: downstream_plan(ctx, s.outputs[0], source, renders_here=True)
+                 for s in self.downstream}
         rendered = ctx.outputs["render"].by_asset
-        to_render = sorted((r for r in manifest if r["asset_id"] not in rendered),
-                           key=lambda r: r["asset_id"])
-        to_load = downstream.items
+        needs = {name: {r["asset_id"] for r in plan.items} for name, plan in plans.items()}
+        flags = lambda asset: {f"todo_{name}": (asset not in rendered or asset in needs[name])  # noqa: E731
+                               for name in needs}
+        to_render = sorted(({**r, **flags(r["asset_id"])} for r in manifest
+                            if r["asset_id"] not in rendered), key=lambda r: r["asset_id"])
+        wanted = set().union(*needs.values())
+        to_load = source.load_items({**r, **flags(r["asset_id"])} for r in manifest
+                                    if r["asset_id"] in wanted)
         return Plan(to_render + to_load, input_count=len(manifest),
                     skipped_done=len(manifest) - len(to_render) - len(to_load),
-                    notes=downstream.notes,
-                    extra={"to_render": to_render, "to_load": to_load})
+                    notes=[n for plan in plans.values() for n in plan.notes],
+                    extra={"to_render": to_render, "to_load": to_load,
+                           "per_stage": {name: len(to_render) + len(need)
+                                         for name, need in needs.items()}})
 
     def execute(self, ctx: JobContext, plan: Plan) -> Iterable[dict[str, Any]]:
+        config, note = fit_actors(ctx.config, [s.name for s in self.downstream])
+        if note:
+            print(f"note: {note}")
+        ctx = dataclasses.replace(ctx, config=config)
         render = ctx.config.render
         sources: list[ray.data.Dataset] = []
         if plan.extra["to_render"]:
@@ -90,13 +108,16 @@ class RenderThen(Stage[list[dict[str, Any]]]):
                 render_emit_batch, render.resources.render, task=ctx.task,
                 settings=render.settings(), seed=render.seed, limits=render.read_limits()))
         if plan.extra["to_load"]:
-            sources.append(load_stream(plan.extra["to_load"], ctx.task, self.downstream.name,
-                                       self.downstream.load_resources(ctx.config)))
+            first = self.downstream[0]
+            sources.append(load_stream(plan.extra["to_load"], ctx.task, first.name,
+                                       first.load_resources(ctx.config)))
         stream = sources[0] if len(sources) == 1 else sources[0].union(sources[1])
-        return self.downstream.add_steps(stream, ctx).iter_rows()
+        for i, stage in enumerate(self.downstream):
+            stream = stage.add_steps(stream, ctx, forward=i < len(self.downstream) - 1)
+        return stream.iter_rows()
 
     def inputs(self, ctx: JobContext) -> dict[str, str]:
-        settings = {k: v for k, v in self.downstream.inputs(ctx).items()
+        settings = {k: v for s in self.downstream for k, v in s.inputs(ctx).items()
                     if k not in (VIEWS.name, POINTS.name)}  # e.g. the backend or backbone
         return {ASSETS.name: ctx.root.display(ASSETS.name) + "/", **settings}
 
@@ -105,16 +126,37 @@ class RenderThen(Stage[list[dict[str, Any]]]):
                 "loaded from storage": len(plan.extra["to_load"])}
 
 
+ACTOR_STEPS = {"label": "grounding", "lift": "backbone"}  # each stage's model actor pool
+
+
+def fit_actors(config: PipelineJob, stages: Sequence[str]) -> tuple[PipelineJob, str]:
+    """Model actors of several stages in one stream hold their CPUs for the whole run; when
+    they would take every CPU of the cluster, the tasks that feed them (render, load) could
+    never run. Then their CPU requests are scaled down to leave one CPU to the tasks."""
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    steps = {s: getattr(getattr(config, s).resources, ACTOR_STEPS[s]) for s in stages}
+    wanted = sum(step.num_cpus * (step.concurrency or 1) for step in steps.values())
+    if len(steps) < 2 or wanted <= total - 1:
+        return config, ""
+    scale = max(total - 1.0, 0.2) / wanted
+    for stage, step in steps.items():
+        section = getattr(config, stage)
+        resources = section.resources.model_copy(update={ACTOR_STEPS[stage]: step.model_copy(
+            update={"num_cpus": max(0.05, round(step.num_cpus * scale, 2))})})
+        config = config.model_copy(update={stage: section.model_copy(update={"resources": resources})})
+    return config, (f"the stream's model actors ask for {wanted:g} of the cluster's {total:g} "
+                    f"CPUs: they get {scale:.2f} of their request, so the render and load tasks "
+                    "keep a CPU (set label/lift.resources.*.num_cpus to choose)")
+
+
 def run_pipeline(config: PipelineJob) -> list[StageReport]:
-    """The stages of `pipeline.stages`: render and the next one in one stream, the rest in turn
-    (every stage's settings are checked before the first one starts)."""
+    """The stages of `pipeline.stages` in one stream when they start with render (every
+    stage's settings are checked before the first one starts); otherwise in turn."""
     stages = config.pipeline.stages
     for name in stages:
         SINGLE_STAGES[name].check(config)
     if stages[0] != "render" or len(stages) == 1:  # nothing to stream: run the stages in turn
         return [run_stage(config, SINGLE_STAGES[name], check=False) for name in stages]
-    downstream = SINGLE_STAGES[stages[1]]
-    assert isinstance(downstream, RenderedAssetsStage)
-    reports = [run_stage(config, RenderThen(downstream), check=False)]
-    reports += [run_stage(config, SINGLE_STAGES[name], check=False) for name in stages[2:]]
-    return reports
+    downstream = [SINGLE_STAGES[name] for name in stages[1:]]
+    assert all(isinstance(s, RenderedAssetsStage) for s in downstream)
+    return [run_stage(config, RenderThen(downstream), check=False)]  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ removing view shards whose points shard never landed.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from rayjobs.driver import (AssetErrors, JobContext, Plan, Stage, StageReport, T
                             items_dataset, map_tasks, run_stage)
 
 STAGE = "render"
-RENDER_FIELDS = ("uri", "face_part", "up_axis")  # manifest fields a render task reads
+RENDER_FIELDS = ("uri", "face_part", "up_axis", "source")  # manifest fields a render task reads
 
 
 def _part_labels(face_part: np.ndarray | list | None, face_id: np.ndarray, n_faces: int,
@@ -62,7 +63,10 @@ def render_and_write(batch: dict[str, Any], task: TaskContext, settings: RenderS
 
     def render(i: int) -> tuple[Any, Any, np.ndarray]:
         uri = root.resolve(str(batch["uri"][i]))
-        mesh = to_y_up(read_mesh_file(uri, task.storage, limits)[0], str(batch["up_axis"][i]))
+        # Meshes partlift generated itself need no isolation; every other file gets it.
+        trusted = str(batch["source"][i]) == "procedural"
+        read = dataclasses.replace(limits, isolate=False) if trusted else limits
+        mesh = to_y_up(read_mesh_file(uri, task.storage, read)[0], str(batch["up_axis"][i]))
         rendered, samples = render_asset(mesh, settings, seed_for(seed, ids[i]), name=uri)
         return rendered, samples, _part_labels(batch["face_part"][i], samples.face_id,
                                                mesh.n_faces, ids[i])

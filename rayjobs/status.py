@@ -132,7 +132,7 @@ def verify(root: RunRoot, statuses: list[StageStatus]) -> dict[tuple[StageOutput
             for table in commit.tables:
                 where = f"{table}/{shard}{PARQUET_SUFFIX}"
                 try:
-                    ids = root.read_shard(table, shard)["asset_id"].to_pylist()  # every page
+                    ids = root.read_shard(table, shard, verify=True)["asset_id"].to_pylist()
                 except Exception as err:  # a damaged shard is named, not raised
                     failing[(status.output, shard)] = f"{where} cannot be read ({type(err).__name__})"
                     break

@@ -51,10 +51,11 @@ def asset_row(batch: dict[str, Any], i: int, arrays: dict[str, np.ndarray],
               render_commit: str) -> dict[str, Any]:
     """The stream row of asset i of a manifest batch; `render_commit` names the render shard
     set its arrays come from (what the downstream shard records as its lineage)."""
+    flags = {k: bool(v[i]) for k, v in batch.items() if k.startswith("todo_")}
     return {"asset_id": str(batch["asset_id"][i]), "category": str(batch["category"][i]),
             "part_names": [str(p) for p in batch["part_names"][i]],
             "face_part": np.asarray(batch["face_part"][i], dtype=np.int16),
-            "render_commit": render_commit, **arrays}
+            "render_commit": render_commit, **flags, **arrays}
 
 
 def stacked_columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -62,6 +63,13 @@ def stacked_columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return {}
     return {k: (np.stack([r[k] for r in rows]) if k in STACKED_COLUMNS else [r[k] for r in rows])
             for k in rows[0]}
+
+
+def todo(batch: dict[str, Any], stage: str, i: int) -> bool:
+    """Whether row i still needs `stage` (a stream of several stages flags each row per stage,
+    `todo_<stage>`; without the flag, every row does)."""
+    flags = batch.get(f"todo_{stage}")
+    return True if flags is None else bool(flags[i])
 
 
 def keep_rows(batch: dict[str, Any], keep: list[int], names: Iterable[str]) -> dict[str, Any]:
@@ -135,8 +143,10 @@ class RenderedAssetsStage(Stage[RenderedAssets]):
     def load_resources(self, config: Any) -> StepResources:
         raise NotImplementedError
 
-    def add_steps(self, ds: ray.data.Dataset, ctx: JobContext) -> ray.data.Dataset:
-        """The stage's steps after a stream of asset rows; the last yields summary rows."""
+    def add_steps(self, ds: ray.data.Dataset, ctx: JobContext,
+                  forward: bool = False) -> ray.data.Dataset:
+        """The stage's steps after a stream of asset rows; the last yields summary rows, or with
+        `forward` the rows themselves for the next stage of the stream."""
         raise NotImplementedError
 
     def read_input(self, root: RunRoot, config: Any) -> RenderedAssets:

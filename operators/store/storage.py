@@ -144,26 +144,37 @@ def shard_name(ids: Iterable[str]) -> str:
     return f"part-{digest}"
 
 
-_BOOL_TENSOR = b"partlift.bool_tensor"
+# Field metadata of a tensor column: {"dtype": "uint8", "shape": [H, W, 3]} (JSON).
+TENSOR_KEY = b"partlift.tensor"
 
 
-def tensor_column(values: np.ndarray) -> pa.FixedShapeTensorArray:
-    """A fixed-shape tensor column (Arrow canonical extension type) from a stacked array (n, ...).
-    Arrow tensors have no bool type: bool arrays are stored as uint8 0/1 (see `make_table`)."""
+def tensor_column(values: np.ndarray) -> tuple[pa.Array, dict[bytes, bytes]]:
+    """A fixed-shape tensor column from a stacked array (n, ...): one fixed-size binary value per
+    row holding the tensor's bytes (C order, little-endian), with its dtype and shape in the
+    field metadata. Parquet writes such a column about ten times faster than Arrow's list-based
+    tensor type (no repetition levels per element), in the same number of bytes."""
     values = np.ascontiguousarray(values)
-    if values.dtype == np.bool_:
-        values = values.view(np.uint8)
-    return pa.FixedShapeTensorArray.from_numpy_ndarray(values)
+    dtype = "bool" if values.dtype == np.bool_ else values.dtype.newbyteorder("<").str[1:]
+    data = values.astype(values.dtype.newbyteorder("<"), copy=False).view(np.uint8)
+    width = int(np.prod(values.shape[1:], dtype=np.int64)) * values.dtype.itemsize
+    array = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(values),
+                                                 [None, pa.py_buffer(data)])
+    meta = json.dumps({"dtype": dtype, "shape": list(values.shape[1:])}).encode()
+    return array, {TENSOR_KEY: meta}
+
+
+def is_tensor_field(field: pa.Field) -> bool:
+    return bool(field.metadata and TENSOR_KEY in field.metadata) or isinstance(
+        field.type, pa.FixedShapeTensorType)
 
 
 def make_table(columns: Mapping[str, np.ndarray | Sequence]) -> pa.Table:
-    """Build a table: arrays with ndim >= 2 become tensor columns (one tensor per row), 1-D arrays
-    and lists plain columns. Bool tensors are tagged so `table_columns` restores them."""
+    """Build a table: arrays with ndim >= 2 become tensor columns (one tensor per row, see
+    `tensor_column`), 1-D arrays and lists plain columns."""
     arrays, fields = [], []
     for name, values in columns.items():
         if isinstance(values, np.ndarray) and values.ndim >= 2:
-            array = tensor_column(values)
-            meta = {_BOOL_TENSOR: b"1"} if values.dtype == np.bool_ else None
+            array, meta = tensor_column(values)
             fields.append(pa.field(name, array.type, metadata=meta))
         else:
             array = pa.array(values)
@@ -189,9 +200,16 @@ def column_to_numpy(column: pa.ChunkedArray | pa.Array, field: pa.Field | None =
     field is tagged), other columns -> 1-D arrays (object arrays for lists)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
-    if isinstance(column.type, pa.FixedShapeTensorType):
+    if field is not None and field.metadata and TENSOR_KEY in field.metadata:
+        spec = json.loads(field.metadata[TENSOR_KEY])
+        dtype = np.dtype(np.bool_) if spec["dtype"] == "bool" else np.dtype("<" + spec["dtype"])
+        width = column.type.byte_width
+        raw = np.frombuffer(column.buffers()[1], dtype=np.uint8,
+                            count=len(column) * width, offset=column.offset * width)
+        return raw.view(dtype).reshape(len(column), *spec["shape"])  # zero-copy (read-only)
+    if isinstance(column.type, pa.FixedShapeTensorType):  # roots of format 1
         values = column.to_numpy_ndarray()
-        if field is not None and field.metadata and field.metadata.get(_BOOL_TENSOR):
+        if field is not None and field.metadata and field.metadata.get(b"partlift.bool_tensor"):
             values = values.astype(np.bool_)
         return values
     return column.to_numpy(zero_copy_only=False)
@@ -298,7 +316,11 @@ class RunRoot:
                                              FORMAT_KEY: str(FORMAT_VERSION).encode()})
         # Dictionary encoding only where values repeat (ids, names): tried on the big tensor
         # columns it costs most of the write time and makes larger files.
-        options = {"compression": "zstd", "use_dictionary": [
+        # Statistics (min/max per page) likewise only for the plain key columns.
+        plain = [f.name for f in data.schema if not is_tensor_field(f)]
+        # A CRC32 per page lets a full read (`status --verify`) find damage that keeps the size.
+        options = {"compression": "zstd", "write_statistics": plain, "write_page_checksum": True,
+                   "use_dictionary": [
             f.name for f in data.schema if pa.types.is_string(f.type) or
             pa.types.is_large_string(f.type)]}
         if isinstance(self.fs, pafs.LocalFileSystem):
@@ -309,9 +331,11 @@ class RunRoot:
             pq.write_table(data, final, filesystem=self.fs, **options)
         return int(self.fs.get_file_info(final).size or 0)
 
-    def read_shard(self, table: str, shard: str, columns: Sequence[str] | None = None) -> pa.Table:
+    def read_shard(self, table: str, shard: str, columns: Sequence[str] | None = None,
+                   verify: bool = False) -> pa.Table:
+        """A shard (the `columns`, default all); `verify` checks every page's CRC32."""
         return pq.read_table(self.path(table, shard + PARQUET_SUFFIX), columns=columns,
-                             filesystem=self.fs)
+                             filesystem=self.fs, page_checksum_verification=verify)
 
     def read_table(self, table: str, columns: Sequence[str] | None = None) -> pa.Table | None:
         """All shards of a table concatenated, or None when the table has no shards."""

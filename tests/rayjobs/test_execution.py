@@ -32,7 +32,7 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("address, message", [
     ("127.0.0.1:1", "cannot reach the Ray cluster at 127.0.0.1:1 (Connection refused)"),
-    ("auto", "cannot join the Ray cluster at auto: Could not find any running Ray instance"),
+    ("127.0.0.1:abc", "Ray address '127.0.0.1:abc': expected host:port"),
 ])
 def test_a_wrong_cluster_address_fails_fast_in_one_line(tmp_path: Path, address: str,
                                                           message: str) -> None:

@@ -56,23 +56,37 @@ def test_unknown_backbone_is_a_one_line_cli_error(tmp_path: Path) -> None:
 
 @pytest.mark.ray
 @pytest.mark.usefixtures("ray_session")
-def test_render_lift_stream_then_label_from_storage(tmp_path: Path) -> None:
+def test_render_label_lift_stream_in_one_pipeline(tmp_path: Path) -> None:
     from rayjobs.pipeline_job import run_pipeline
     uri = str(tmp_path / "run")
     root = RunRoot(uri)
     run_assets_make(small_config(uri, "assets.n=2"))
-    reports = run_pipeline(small_config(uri, "pipeline.stages=[render, label, lift]",
-                                        "lift.n_points=64", "label.trials=1", model=PipelineJob))
-    assert [r.stage for r in reports] == ["pipeline render->label", "lift"]
-    assert [r.ok for r in reports] == [2, 2]
+    three = ["pipeline.stages=[render, label, lift]", "lift.n_points=64", "label.trials=1"]
+    reports = run_pipeline(small_config(uri, *three, model=PipelineJob))
+    assert [r.stage for r in reports] == ["pipeline render->label->lift"]  # one stream
+    assert [r.ok for r in reports] == [2]
     assert root.read_table("views", columns=["asset_id"]).num_rows == 8  # rendered once
     assert root.read_table("features/points", columns=["asset_id"]).num_rows == 2
-    run_assets_make(small_config(uri, "assets.n=3"))  # one new asset: render -> lift streams it
+    assert len(set(root.read_table("labels/points", columns=["asset_id"])["asset_id"].to_pylist())) == 2
+    # two assets rendered and lifted but not labelled, one not even rendered: the stream
+    # renders the new one, labels three, lifts one, and redoes nothing
+    run_assets_make(small_config(uri, "assets.n=4"))
+    run_render(small_config(uri, "label.trials=1"))
+    run_lift(small_config(uri, "lift.n_points=64"))
+    run_assets_make(small_config(uri, "assets.n=5"))
+    [mixed] = run_pipeline(small_config(uri, *three, model=PipelineJob))
+    assert (mixed.ok, mixed.skipped_done) == (3, 2)
+    assert mixed.units == {"rendered in this run": 1, "loaded from storage": 2}
+    assert root.read_table("views", columns=["asset_id"]).num_rows == 5 * 4
+    assert root.read_table("features/points", columns=["asset_id"]).num_rows == 5
+    labelled = root.read_table("labels/points", columns=["asset_id"])["asset_id"].to_pylist()
+    assert len(set(labelled)) == 5
+    run_assets_make(small_config(uri, "assets.n=6"))  # one new asset: render -> lift streams it
     [stream] = run_pipeline(small_config(uri, "pipeline.stages=[render, lift]", "lift.n_points=64",
                                           model=PipelineJob))
-    assert (stream.ok, stream.skipped_done) == (1, 2)
+    assert (stream.ok, stream.skipped_done) == (1, 5)
     assert stream.units == {"rendered in this run": 1, "loaded from storage": 0}
-    assert root.read_table("features/points", columns=["asset_id"]).num_rows == 3
+    assert root.read_table("features/points", columns=["asset_id"]).num_rows == 6
 
 
 @pytest.mark.ray

@@ -29,10 +29,9 @@ import ray
 import ray.data
 
 from operators.failures import InfrastructureError, infrastructure_problem
-from operators.store.commits import (OutputState, ShardCommit, outputs_downstream_of,
+from operators.store.commits import (OutputState, ShardCommit, compact, outputs_downstream_of,
                                      prepare_output, read_output, settings_hash, write_shard_set)
-from operators.store.integrity import (check_root_format, check_stage_settings,
-                                       record_stage_settings)
+from operators.store.integrity import check_root_format, check_stage_settings, record_stage_settings
 from operators.store.lease import LeaseLostError, check_held, hold
 from operators.store.records import (AssetCounts, ErrorSummary, JobRecord, error_row, job_errors,
                                      new_job_id, write_errors, write_job_record)
@@ -427,6 +426,8 @@ def run_stage(config: JobBase, stage: Stage[Any], *, check: bool = True) -> Stag
         if lost_leases:
             raise LeaseLostError(f"the lease of {', '.join(lost_leases)} on {root.display()} was "
                                  "taken over while this job ran; see `partlift status`")
+        for output in stage.outputs:  # the next plan reads one index, not a record per set
+            compact(root, output)
     failures = job_errors(root, ctx.job_id)
     counts = AssetCounts(input=plan.input_count, skipped_done=plan.skipped_done, ok=ok,
                          failed=len({f["asset_id"] for f in failures}), waiting=plan.waiting,

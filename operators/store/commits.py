@@ -107,6 +107,7 @@ class OutputState:
     broken: dict[str, str]                      # shard -> why its set is not valid
     uncommitted: list[str]                      # "table/shard" without a commit record
     duplicates: dict[str, list[str]]            # asset -> every valid shard that holds it
+    loose: int = 0                              # records read one by one (not in the index)
 
     @cached_property
     def by_asset(self) -> dict[str, ShardCommit]:
@@ -119,16 +120,52 @@ class OutputState:
         return {a: c for a, c in self.by_asset.items() if table in c.tables}
 
 
+def _index_files(root: RunRoot, output: StageOutput) -> list[str]:
+    return sorted(root.list_files(f"{output.record_dir}/{COMMITS_DIR}", ".parquet"))
+
+
+def _read_index(root: RunRoot, output: StageOutput) -> dict[str, ShardCommit]:
+    """The commit records an index holds (an unreadable index is ignored: it is a cache)."""
+    indexed: dict[str, ShardCommit] = {}
+    for name in _index_files(root, output):
+        try:
+            rows = root.read_shard(f"{output.record_dir}/{COMMITS_DIR}", name[: -len(".parquet")])
+        except Exception:  # the records themselves are still there
+            continue
+        for row in rows.to_pylist():
+            indexed[row["shard"]] = ShardCommit.from_json(json.loads(row["record"]))
+    return indexed
+
+
+def write_index(root: RunRoot, output: StageOutput, commits: Mapping[str, ShardCommit]) -> None:
+    """Compact the commit records into one index object (planning then reads one object instead
+    of one per shard set); older indexes are removed after it lands."""
+    old = _index_files(root, output)
+    records = [json.dumps(c.to_json(), sort_keys=True) for c in commits.values()]
+    name = f"index-{hashlib.sha1(chr(10).join(sorted(records)).encode()).hexdigest()[:16]}"
+    root.write_shard(f"{output.record_dir}/{COMMITS_DIR}", name, pa.table(
+        {"shard": list(commits), "record": records}))
+    for stale in old:
+        if stale != f"{name}.parquet":
+            root.delete(f"{output.record_dir}/{COMMITS_DIR}/{stale}")
+
+
 def read_output(root: RunRoot, output: StageOutput) -> OutputState:
-    """The state of a stage's output from one listing per table and its commit records."""
+    """The state of a stage's output from one listing per table and its commit records (read
+    from the index where it has them: one object for the many, one GET only for the others)."""
     listed = {t.name: root.shard_sizes(t.name) for t in output.tables}
     records = root.list_files(f"{output.record_dir}/{COMMITS_DIR}", ".json")
+    indexed = _read_index(root, output)
     commits: dict[str, ShardCommit] = {}
     broken: dict[str, str] = {}
+    loose = 0
     for name in sorted(records):
         shard = name[: -len(".json")]
         try:
-            commit = ShardCommit.from_json(root.read_json(commit_path(output, shard)))
+            commit = indexed.get(shard)
+            if commit is None:
+                loose += 1
+                commit = ShardCommit.from_json(root.read_json(commit_path(output, shard)))
         except (OSError, ValueError, KeyError, TypeError) as err:
             broken[shard] = f"its commit record cannot be read ({type(err).__name__})"
             continue
@@ -153,15 +190,30 @@ def read_output(root: RunRoot, output: StageOutput) -> OutputState:
         for asset in commit.assets:
             holders.setdefault(asset, []).append(shard)
     duplicates = {a: s for a, s in holders.items() if len(s) > 1}
-    return OutputState(output, commits, broken, uncommitted, duplicates)
+    return OutputState(output, commits, broken, uncommitted, duplicates, loose)
 
 
 def drop_shard_sets(root: RunRoot, output: StageOutput, shards: Iterable[str]) -> None:
-    """Delete shard sets: the commit record first (the set stops counting), then its shards."""
+    """Delete shard sets: the commit record first (the set stops counting), then its shards.
+    The index is dropped too: a set redone under the same name gets a new record."""
+    shards = list(shards)
+    if not shards:
+        return
+    for name in _index_files(root, output):
+        root.delete(f"{output.record_dir}/{COMMITS_DIR}/{name}")
     for shard in shards:
         root.delete(commit_path(output, shard))
         for table in output.tables:
             root.delete(f"{table.name}/{shard}.parquet")
+
+
+def compact(root: RunRoot, output: StageOutput, min_loose: int = 1) -> int:
+    """After a job: fold the records not yet in the index into a new index (when there are at
+    least `min_loose`); returns how many were folded in."""
+    state = read_output(root, output)
+    if state.loose >= min_loose and state.commits:
+        write_index(root, output, state.commits)
+    return state.loose
 
 
 def clear_output(root: RunRoot, output: StageOutput) -> None:

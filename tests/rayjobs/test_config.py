@@ -179,3 +179,12 @@ def test_values_of_unknown_or_secret_keys_are_never_echoed() -> None:
     redacted = load_config(overrides=["label.backend=openai", "label.backend.model=m",
                                       "label.backend.base_url=http://me:pw@host/v1"]).redacted()
     assert redacted["label"]["backend"]["base_url"] == "http://me:***@host/v1"
+
+
+def test_half_configured_credentials_are_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="storage.access_key_id is set without its pair"):
+        load_config(overrides=["storage.access_key_id=AKIAEXAMPLE"])
+    with pytest.raises(ConfigError, match="session_token needs"):
+        load_config(overrides=["storage.session_token=tok"])
+    with pytest.raises(ConfigError, match="root: String should have at least 1 character"):
+        load_config(root="")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,18 +15,12 @@ from pathlib import Path
 import pytest
 
 from operators.failures import InfrastructureError
-from operators.store.storage import RunRoot, StorageOptions
+from operators.store.storage import RunRoot
 from rayjobs.assets_job import run_assets_make
 from rayjobs.render_job import run_render
 from tests.rayjobs.test_jobs import SMALL, small_config
 
 CLI = [sys.executable, "-m", "rayjobs.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("address, message", [
@@ -76,23 +69,13 @@ def test_ctrl_c_stops_ray_and_its_agents_and_exits_130(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("ray_session")
 def test_storage_that_goes_down_mid_render_stops_the_job_in_one_line(tmp_path: Path) -> None:
     import boto3
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
+
+    from tests.s3_server import moto_server
+    with moto_server() as (server, endpoint):
         deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.2)
         s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="k",
                           aws_secret_access_key="s", region_name="us-east-1")
         s3.create_bucket(Bucket="doomed")
-        options = StorageOptions(endpoint_url=endpoint, access_key_id="k", secret_access_key="s",
-                                 connect_timeout_s=1, request_timeout_s=2, max_attempts=1)
         storage = [f"storage.endpoint_url={endpoint}", "storage.access_key_id=k",
                    "storage.secret_access_key=s", "storage.max_attempts=1",
                    "storage.connect_timeout_s=1", "storage.request_timeout_s=2"]
@@ -112,13 +95,9 @@ def test_storage_that_goes_down_mid_render_stops_the_job_in_one_line(tmp_path: P
             run_render(small_config("s3://doomed/run", "render.resources.render.batch_size=1",
                                     *storage))
         killer.join(timeout=10)
-    finally:
-        server.kill()
-        server.wait(timeout=10)
     message = str(info.value)
     assert "unreachable" in message and "a rerun resumes" in message
     assert len(message.splitlines()) == 1 and "Traceback" not in message
-    del options
 
 
 @pytest.mark.ray

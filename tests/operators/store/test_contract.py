@@ -177,3 +177,24 @@ def test_read_arrays_gives_each_asset_once_and_skips_optional_tables(tmp_path: P
     assert read_arrays(root, "features/views") == {}
     with pytest.raises(AssetNotFoundError):
         RootReader(root).view_features("x")
+
+
+def test_the_commit_index_is_a_cache_that_planning_reads_instead_of_every_record(tmp_path: Path) -> None:
+    from operators.store.commits import compact, drop_shard_sets, read_output
+    root = RunRoot(str(tmp_path))
+    for i in range(5):
+        _commit_views(root, f"part-{i}", _views([f"a{i}"], 1), [f"a{i}"])
+    assert read_output(root, RENDER_OUTPUT).loose == 5  # one record read per shard set
+    assert compact(root, RENDER_OUTPUT) == 5
+    state = read_output(root, RENDER_OUTPUT)
+    assert state.loose == 0 and set(state.by_asset) == {f"a{i}" for i in range(5)}
+    _commit_views(root, "part-5", _views(["a5"], 1), ["a5"])  # written after the index
+    assert read_output(root, RENDER_OUTPUT).loose == 1
+    # a set dropped and redone under the same name must not come back from the index
+    drop_shard_sets(root, RENDER_OUTPUT, ["part-0"])
+    write_shard_set(root, RENDER_OUTPUT, "part-0", {"views": make_table(_views(["a0"], 1)),
+                                                    "points": make_table({"asset_id": ["a0"]})},
+                    job_id="render-2-bbbbbb", fingerprint="f", assets=["a0"])
+    assert read_output(root, RENDER_OUTPUT).by_asset["a0"].job_id == "render-2-bbbbbb"
+    (tmp_path / "views" / "_commits" / "part-1.json").unlink()  # a record lost by hand
+    assert "a1" not in read_output(root, RENDER_OUTPUT).by_asset  # the index does not revive it

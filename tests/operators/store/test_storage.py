@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -172,31 +171,12 @@ def test_writes_appear_whole_and_a_stale_temp_file_is_not_a_file(tmp_path) -> No
 @pytest.mark.s3
 def test_wrong_credentials_are_named_as_such(tmp_path) -> None:
     """A real S3-compatible server that checks credentials (moto with auth on)."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                               str(port)], env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                time.sleep(0.2)
-        options = StorageOptions(endpoint_url=f"http://127.0.0.1:{port}", access_key_id="AKIDWRONG",
+    from tests.s3_server import moto_server
+    with moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as (_, url):
+        options = StorageOptions(endpoint_url=url, access_key_id="AKIDWRONG",
                                  secret_access_key="wrong-secret", max_attempts=1)
         with pytest.raises(StorageError) as info:
             RunRoot("s3://bucket/run", options).check_reachable()
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
     message = str(info.value)
     assert "refused the credentials" in message and "AWS_ACCESS_KEY_ID" in message
     assert "wrong-secret" not in message

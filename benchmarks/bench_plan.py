@@ -1,0 +1,144 @@
+"""Resume planning at scale: how long a stage takes to find what is left to do in a run root of
+100,000 assets whose renders are in 50,000 shard sets, locally and on a real S3-compatible HTTP
+server (moto's, on this machine), from the commit records one by one vs from their index.
+
+The root is synthetic where only the layout matters: a manifest of scanned-mesh rows, and per
+shard set two tiny shard files and a real commit record (planning lists the shards and reads the
+records; it opens no shard). Writes the table to benchmarks/RESULTS.md.
+
+    python benchmarks/bench_plan.py [--assets 100000] [--per-shard 2] [--s3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+
+from operators.store.commits import (ShardCommit, commit_path, compact, read_output,
+                                     settings_hash, write_shard_set)
+from operators.store.readers import read_manifest
+from operators.store.storage import RunRoot, StorageOptions, make_table, shard_name
+from operators.store.tables import ASSETS_OUTPUT, POINTS, RENDER_OUTPUT, VIEWS
+from results import write_section
+
+SECTION = "## Resume planning at scale"
+PLAN_FIELDS = ("category", "part_names", "face_part", "uri", "up_axis", "source")
+
+
+def build(root: RunRoot, n_assets: int, per_shard: int, threads: int) -> None:
+    ids = [f"asset{i:07d}" for i in range(n_assets)]
+    for start in range(0, n_assets, 1000):  # the manifest, 1,000 rows a shard as `assets scan`
+        chunk = ids[start:start + 1000]
+        write_shard_set(root, ASSETS_OUTPUT, shard_name(chunk), {"assets": make_table({
+            "asset_id": chunk, "uri": [f"s3://meshes/{a}.glb" for a in chunk],
+            "category": ["mug"] * len(chunk), "part_names": [[] for _ in chunk],
+            "face_part": [[] for _ in chunk], "up_axis": ["y"] * len(chunk),
+            "source": ["scan"] * len(chunk)})}, job_id="bench", fingerprint="f", assets=chunk)
+    fingerprint = settings_hash({"render.views": 19})
+    blob = b"PAR1-placeholder"
+
+    def shard_set(start: int) -> None:
+        assets = ids[start:start + per_shard]
+        shard = shard_name(assets)
+        for table in (VIEWS.name, POINTS.name):
+            root.write_bytes(f"{table}/{shard}.parquet", blob)
+        commit = ShardCommit("render", shard, "render-bench-000000", fingerprint, tuple(assets),
+                             {VIEWS.name: len(blob), POINTS.name: len(blob)})
+        root.write_json(commit_path(RENDER_OUTPUT, shard), commit.to_json())
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(shard_set, range(0, n_assets, per_shard)))
+
+
+def plan_seconds(root: RunRoot) -> tuple[float, int, int]:
+    """What `partlift render` does before any work: the manifest and the render output's state,
+    then the assets left. Returns (seconds, assets done, records read one by one)."""
+    started = time.perf_counter()
+    manifest = read_manifest(root, PLAN_FIELDS)
+    state = read_output(root, RENDER_OUTPUT)
+    todo = [r for r in manifest if r["asset_id"] not in state.by_asset]
+    seconds = time.perf_counter() - started
+    assert not todo and len(state.by_asset) == len(manifest), (len(todo), len(manifest))
+    return seconds, len(state.by_asset), state.loose
+
+
+def measure(label: str, root: RunRoot, args: argparse.Namespace) -> list[tuple]:
+    t = time.perf_counter()
+    build(root, args.assets, args.per_shard, args.threads)
+    built = time.perf_counter() - t
+    loose, done, read = plan_seconds(root)
+    t = time.perf_counter()
+    compact(root, RENDER_OUTPUT)
+    compacting = time.perf_counter() - t
+    indexed, _, left = plan_seconds(root)
+    return [(label, done, args.assets // args.per_shard, built, loose, read, indexed, left,
+             compacting)]
+
+
+def moto_root() -> tuple[subprocess.Popen, RunRoot]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(150):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    import boto3
+    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="k",
+                 aws_secret_access_key="s", region_name="us-east-1").create_bucket(Bucket="plan")
+    return server, RunRoot("s3://plan/run", StorageOptions(
+        endpoint_url=f"http://127.0.0.1:{port}", access_key_id="k", secret_access_key="s"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--assets", type=int, default=100_000)
+    parser.add_argument("--per-shard", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=16, help="writers building the root")
+    parser.add_argument("--s3", action="store_true", help="also on a local moto S3 server")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="partlift-plan-"))
+    rows = measure("local directory", RunRoot(str(work / "run")), args)
+    shutil.rmtree(work, ignore_errors=True)
+    if args.s3:
+        server, root = moto_root()
+        try:
+            rows += measure("S3 (moto server over HTTP, 127.0.0.1)", root, args)
+        finally:
+            server.kill()
+    lines = [SECTION, "",
+             f"{args.assets:,} assets whose renders are in {args.assets // args.per_shard:,} "
+             "shard sets: the time a stage takes to plan a resume (read the manifest and the "
+             "render output's state, diff them) before any work. Machine: "
+             f"{psutil.cpu_count()} CPU cores, {platform.machine()}; measured "
+             f"{time.strftime('%Y-%m-%d')} by `python benchmarks/bench_plan.py"
+             + (" --s3`" if args.s3 else "`") + ". Planning lists the shards (sizes) and reads "
+             "the commit records, no shard: one GET per record, or the index a job writes when "
+             "it ends (one object for the many, records newer than it read one by one).", "",
+             "| run root | assets | shard sets | build s | plan s, records one by one | records "
+             "read | plan s, from the index | records read | compacting s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, done, sets, built, loose, read, indexed, left, compacting in rows:
+        lines.append(f"| {label} | {done:,} | {sets:,} | {built:.0f} | {loose:.1f} | {read:,} | "
+                     f"{indexed:.1f} | {left:,} | {compacting:.1f} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    write_section(table, SECTION)
+
+
+if __name__ == "__main__":
+    main()

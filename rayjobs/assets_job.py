@@ -20,6 +20,7 @@ from operators.data.assets import (MESH_EXTENSIONS, AssetRecord, category_for, i
                                    load_category_sidecar, mesh_to_ply_bytes)
 from operators.data.procedural import PROCEDURAL_CATEGORIES, make_asset, procedural_seed
 from operators.data.taxonomy import load_taxonomy
+from operators.failures import InfrastructureError, infrastructure_problem
 from operators.settings import ConfigError, ReadLimits
 from operators.store.ids import content_asset_id
 from operators.store.readers import read_manifest
@@ -50,8 +51,11 @@ def _records(keys: list[str], make: Any) -> dict[str, list]:
     for key in keys:
         try:
             rows.append(_summary(key, make(key)))
-        except Exception as err:  # row-level: the driver records it in errors/
-            rows.append(_summary(key, err=err))
+        except Exception as err:
+            problem = infrastructure_problem(err)
+            if problem is not None:  # storage or credentials: stop the job, not an error row
+                raise InfrastructureError(f"assets: {problem}") from err
+            rows.append(_summary(key, err=err))  # row-level: the driver records it in errors/
     return rows_to_columns(rows)
 
 
@@ -136,6 +140,7 @@ class ManifestWriter:
                 self.errors.record(row["asset_id"] or row["source_key"], row["message"],
                                    error_type=row["error_type"])
                 continue
+            self.errors.succeeded()
             yield row
             record = json.loads(row["record"])
             if record["asset_id"] in self.known_ids:

@@ -8,6 +8,7 @@ The client stays light: a command validates its config before it imports its job
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 import traceback
@@ -322,28 +323,45 @@ def migrate(root: str, configs: tuple[str, ...], overrides: tuple[str, ...]) -> 
         click.echo(line)
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (a scheduler or `kill` stopping the job): stop like Ctrl-C, exit 143."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _exit_now(signum: int, frame: Any) -> None:
+    os.write(2, b"\nexiting without waiting for Ray to stop\n")
+    os._exit(128 + signum)
+
+
 def _shutdown_ray() -> None:
-    """Stop a Ray this process started (and its agents), deaf to a second Ctrl-C meanwhile."""
+    """Stop a Ray this process started (and its agents); a second Ctrl-C (or SIGTERM) while
+    it stops exits at once."""
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {sig: signal.signal(sig, _exit_now) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         ray.shutdown()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run() -> None:
-    """The `partlift` entry point: Ctrl-C anywhere (also while Ray shuts down) stops Ray and
-    its agents and exits 130; what was committed stays and a rerun resumes."""
+    """The `partlift` entry point: Ctrl-C (exit 130) or SIGTERM (exit 143) anywhere stops Ray
+    and its agents; what was committed stays and a rerun resumes."""
     code: int | None = 0
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         main(standalone_mode=False)
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        click.echo("\ninterrupted: shard sets committed so far are kept, the rest is removed at "
-                   "the next run, which resumes", err=True)
-        code = 130
+    except (KeyboardInterrupt, click.exceptions.Abort, Terminated) as stop:
+        what = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        click.echo(f"\n{what}: shard sets committed so far are kept, the rest is removed at the "
+                   "next run, which resumes", err=True)
+        code = 143 if isinstance(stop, Terminated) else 130
     except click.exceptions.Exit as done:
         code = done.exit_code
     except click.exceptions.ClickException as err:
@@ -352,10 +370,7 @@ def run() -> None:
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     finally:
-        try:
-            _shutdown_ray()
-        except KeyboardInterrupt:
-            code = 130
+        _shutdown_ray()
     sys.exit(code)
 
 

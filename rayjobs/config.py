@@ -109,10 +109,12 @@ class AssetsConfig(Section):
     up_axis: Literal["y", "z"] = Field("y", description="axis pointing up in the scanned files; z-up meshes (URDF/MJCF, pybullet) are turned to +y up")
     read_timeout_s: float = Field(30.0, gt=0, description="a mesh file whose reader (a child process) takes longer is an error row, seconds")
     max_file_mb: float = Field(1024.0, gt=0, description="mesh files larger than this are error rows, not read, MiB")
+    isolate: bool = Field(True, description="parse mesh files in a child process, so a reader crash or hang is an error row; false parses in the worker (a crash takes the worker down)")
     resources: AssetsResources = AssetsResources()
 
     def read_limits(self) -> ReadLimits:
-        return ReadLimits(timeout_s=self.read_timeout_s, max_file_mb=self.max_file_mb)
+        return ReadLimits(timeout_s=self.read_timeout_s, max_file_mb=self.max_file_mb,
+                          isolate=self.isolate)
 
 
 class RenderResources(Section):
@@ -134,10 +136,12 @@ class RenderConfig(Section):
     seed: int = Field(0, ge=0, description="seed for lights and surface sampling (mixed with the asset id)")
     read_timeout_s: float = Field(60.0, gt=0, description="a mesh file whose reader (a child process) takes longer is an error row, seconds")
     max_file_mb: float = Field(1024.0, gt=0, description="mesh files larger than this are error rows, not read, MiB")
+    isolate: bool = Field(True, description="parse mesh files in a child process, so a reader crash or hang is an error row; false parses in the worker (a crash takes the worker down)")
     resources: RenderResources = RenderResources()
 
     def read_limits(self) -> ReadLimits:
-        return ReadLimits(timeout_s=self.read_timeout_s, max_file_mb=self.max_file_mb)
+        return ReadLimits(timeout_s=self.read_timeout_s, max_file_mb=self.max_file_mb,
+                          isolate=self.isolate)
 
     @field_validator("background")
     @classmethod
@@ -158,7 +162,8 @@ class RenderConfig(Section):
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that shape views/ and points/ (not how the tasks are scheduled)."""
-        return _fingerprint("render", self, exclude={"resources", "read_timeout_s", "max_file_mb"})
+        return _fingerprint("render", self, exclude={"resources", "read_timeout_s", "max_file_mb",
+                                                          "isolate"})
 
 
 class LabelResources(Section):

@@ -5,10 +5,11 @@ checks its settings, reads its input, plans the work from what its outputs alrea
 runs that work as a Ray Data stream. `run_stage` owns the rest, in this order:
 
     check settings -> reach the run root -> read the input (before Ray: a missing input is an
-    error naming the command that makes it) -> start or join Ray -> clock, job id -> prepare the
-    outputs (remove uncommitted shards, or clear them with --overwrite) -> plan -> run ->
-    count ok rows and this job's errors/ rows -> `_job.json` beside every output -> summary ->
-    fail when the error fraction passes job.max_error_fraction.
+    error naming the command that makes it) -> start or join Ray -> job id, the outputs'
+    leases, clock -> prepare the outputs (remove uncommitted shards, or clear them with
+    --overwrite) -> plan -> run -> count ok rows and this job's errors/ rows -> `_job.json`
+    beside every output -> summary -> fail when the error fraction passes
+    job.max_error_fraction.
 
 Workers report failures through `AssetErrors`: a failed asset becomes an `errors/` row and leaves
 the stream, the rest of the batch goes on. A job's failures are counted from its own errors/
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +38,7 @@ from operators.store.integrity import check_root_format, check_stage_settings, r
 from operators.store.lease import LeaseLostError, check_held, hold
 from operators.store.records import (AssetCounts, ErrorSummary, JobRecord, error_row, job_errors,
                                      new_job_id, write_errors, write_job_record)
-from operators.store.storage import RunRoot, StorageOptions, shard_name
+from operators.store.storage import RunRoot, StorageError, StorageOptions, shard_name
 from operators.store.tables import ERRORS, StageOutput
 from rayjobs.config import JobBase, RayConfig, StepResources
 from rayjobs.errors import ClusterError, JobFailedError
@@ -76,7 +79,7 @@ def check_cluster_reachable(address: str, timeout_s: float) -> None:
         reason = (f"no answer within {timeout_s:g} s" if isinstance(err, TimeoutError)
                   else err.strerror or type(err).__name__)
         raise ClusterError(f"cannot reach the Ray cluster at {address} ({reason}): check "
-                           "--address / RAY_ADDRESS and that the head node is up") from None
+                           "--address / RAY_ADDRESS and that the head node is up") from err
 
 
 def ensure_ray(cfg: RayConfig) -> None:
@@ -89,11 +92,17 @@ def ensure_ray(cfg: RayConfig) -> None:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         else:
             check_cluster_reachable(kwargs["address"], cfg.connect_timeout_s)
+        on_sigterm = signal.getsignal(signal.SIGTERM)
         try:
             ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ClusterError(f"cannot join the Ray cluster at {kwargs['address']}: {first}") from None
+            raise ClusterError(f"cannot join the Ray cluster at {kwargs['address']}: "
+                               f"{first}") from err
+        if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+            # ray.init replaces a SIGTERM handler with sys.exit(15); keep the one the caller
+            # set (the CLI's stops the job like Ctrl-C and exits 143)
+            signal.signal(signal.SIGTERM, on_sigterm)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = cfg.progress_bars
     context.print_on_execution_start = False
@@ -125,9 +134,16 @@ class TaskContext:
         root = self.root()
         token = self.leases.get(output.stage)
         check = (lambda: check_held(root, output.stage, token)) if token else None
-        return write_shard_set(root, output, shard, data, job_id=self.job_id,
-                               fingerprint=self.fingerprints[output.stage], assets=assets,
-                               upstream=upstream, before_commit=check)
+        try:
+            return write_shard_set(root, output, shard, data, job_id=self.job_id,
+                                   fingerprint=self.fingerprints[output.stage], assets=assets,
+                                   upstream=upstream, before_commit=check)
+        except OSError as err:  # a write to the root failing is never one asset's fault
+            if infrastructure_problem(err) is not None:
+                raise
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise StorageError(f"cannot write {output.record_dir}/ shard {shard} under "
+                               f"{root.display()}: {first}") from err
 
 
 @ray.remote(num_cpus=0)
@@ -209,11 +225,23 @@ class AssetErrors:
     def __init__(self, stage: str, task: TaskContext) -> None:
         self.stage, self.task = stage, task
         self.rows: list[dict[str, Any]] = []
+        self.failed: set[str] = set()  # every asset recorded, written or not
+        self._told_success = False  # the breaker knows this worker's last asset succeeded
+
+    def succeeded(self) -> None:
+        """An asset succeeded: reset the breaker's count (one message per failure-to-success
+        turn; Ray keeps one caller's messages to an actor in order, so it lands before the
+        failures that follow)."""
+        if self.task.breaker is not None and not self._told_success:
+            self.task.breaker.succeeded.remote()
+            self._told_success = True
 
     def record(self, asset_id: str, err: BaseException | str, error_type: str | None = None,
                view_id: int = -1) -> None:
         self.rows.append(error_row(self.stage, self.task.job_id, asset_id, err, view_id=view_id,
                                    error_type=error_type))
+        self.failed.add(asset_id)
+        self._told_success = False
         if self.task.breaker is not None and self.task.max_consecutive_failures:
             in_a_row = ray.get(self.task.breaker.failed.remote())
             if in_a_row >= self.task.max_consecutive_failures:
@@ -231,10 +259,12 @@ class AssetErrors:
             except Exception as err:  # row-level: recorded in errors/, the batch goes on
                 problem = infrastructure_problem(err)
                 if problem is not None:  # not this input's fault: stop the job
+                    self.write()  # the error rows of this batch so far are kept
                     raise InfrastructureError(f"{self.stage}: {problem}") from err
                 message = describe(item, err) if describe is not None else str(err)
                 self.record(asset_of(item), message, error_type=type(err).__name__)
                 continue
+            self.succeeded()
             yield item, result
 
     def write(self, shard: str | None = None, root: RunRoot | None = None) -> None:
@@ -242,6 +272,7 @@ class AssetErrors:
         if self.rows:
             name = shard or shard_name(r["asset_id"] for r in self.rows)
             write_errors(root or self.task.root(), self.stage, self.task.job_id, name, self.rows)
+            self.rows = []  # written once, even when a batch is stopped and written early
 
 
 def items_dataset(items: Sequence[dict], batch_size: int) -> ray.data.Dataset:
@@ -391,6 +422,7 @@ def run_stage(config: JobBase, stage: Stage[Any], *, check: bool = True) -> Stag
     if not overwrite:  # one table never mixes two settings
         for output in stage.outputs:
             check_stage_settings(root, output, settings[output.stage], stage.name)
+    ensure_ray(config.ray)  # a wrong cluster address fails here, before the root is touched
     job_id = new_job_id(stage.id_prefix or stage.name)
     with hold(root, [o.stage for o in stage.outputs], config.job.name or job_id,
               timeout_s=config.job.lease_timeout_s, force=config.job.force) as leases:
@@ -398,7 +430,6 @@ def run_stage(config: JobBase, stage: Stage[Any], *, check: bool = True) -> Stag
         if not overwrite:  # again under the lease: another job may have written meanwhile
             for output in stage.outputs:
                 check_stage_settings(root, output, settings[output.stage], stage.name)
-        ensure_ray(config.ray)  # before the clock: throughput excludes cluster start-up
         started = time.time()
         states, notes = {}, []
         for output in stage.outputs:
@@ -414,14 +445,17 @@ def run_stage(config: JobBase, stage: Stage[Any], *, check: bool = True) -> Stag
         notes += plan.notes
         for note in notes:
             print(f"note: {note}")
+        ok = 0
         try:
-            ok = _count_ok(stage.execute(ctx, plan), ctx.breaker) if plan.items else 0
+            for row in (stage.execute(ctx, plan) if plan.items else ()):
+                ok += row["status"] == "ok"
         except Exception as err:  # infrastructure (storage, lease, breaker...): one line
             problem = ray.get(ctx.breaker.stopped.remote()) or _infrastructure(err)
             if not problem:
                 raise
-            raise InfrastructureError(f"{problem} (the rows committed so far are kept; a rerun "
-                                      "resumes)") from None
+            raise InfrastructureError(
+                f"{problem} ({stage.name} stopped after {ok} of {len(plan.items)} assets; what "
+                "was committed is kept and a rerun resumes from there)") from err
         lost_leases = [lease.name for lease in leases if lease.lost]
         if lost_leases:
             raise LeaseLostError(f"the lease of {', '.join(lost_leases)} on {root.display()} was "
@@ -440,18 +474,6 @@ def run_stage(config: JobBase, stage: Stage[Any], *, check: bool = True) -> Stag
         errors=ErrorSummary.of(failures),
         extra={"notes": notes, "settings": {k: settings_hash(v) for k, v in settings.items()}})
     return finish(root, config, StageReport(record, notes), [o.record_dir for o in stage.outputs])
-
-
-def _count_ok(rows: Iterable[dict[str, Any]], breaker: Any) -> int:
-    """Count the ok summary rows; tell the breaker of successes (at most once a second)."""
-    ok, told = 0, 0.0
-    for row in rows:
-        if row["status"] == "ok":
-            ok += 1
-            if breaker is not None and time.monotonic() - told > 1.0:
-                breaker.succeeded.remote()
-                told = time.monotonic()
-    return ok
 
 
 def _infrastructure(err: BaseException) -> str | None:

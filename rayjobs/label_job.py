@@ -29,7 +29,7 @@ from operators.store.tables import LABEL_BOXES, LABEL_MASKS, LABEL_OUTPUT, LABEL
 from rayjobs.config import LabelConfig, LabelJob, StepResources
 from rayjobs.driver import (AssetErrors, JobContext, Plan, StageReport, TaskContext, map_actors,
                             map_tasks, run_stage)
-from rayjobs.streams import RenderedAssetsStage, keep_rows, todo
+from rayjobs.streams import RenderedAssetsStage, failed_stages, keep_rows, todo
 
 STAGE = "label"
 
@@ -81,13 +81,17 @@ class GroundingActor:
                                    lambda i: self._ground(batch, i),
                                    asset_of=lambda i: str(batch["asset_id"][i])))
         errors.write()
-        keep = [i for i in rows if i in done or not todo(batch, STAGE, i)]  # failed rows leave
+        failed = {i for i in rows if todo(batch, STAGE, i) and i not in done}
+        # alone, failed rows leave; in a stream they go on to the next stage (failed_stage)
+        keep = list(rows) if self.forward else [i for i in rows if i not in failed]
         if not keep:
             return {}
         names = list(batch) if self.forward else (
             "asset_id", "render_commit", "xyz", "depth", "mask", "K", "cam_to_world")
         out = keep_rows(batch, keep, names)
-        out["prompts_json"] = [done.get(i, "") for i in keep]  # "" = labelled before
+        out["prompts_json"] = [done.get(i, "") for i in keep]  # "" = labelled before, or failed
+        if self.forward:
+            out["failed_stage"] = failed_stages(batch, keep, STAGE, failed)
         return out
 
 
@@ -144,10 +148,12 @@ def aggregate_write_batch(batch: dict[str, Any], task: TaskContext, settings: La
                     assets=[r["asset_id"] for r in ok],
                     upstream={r["asset_id"]: r["render_commit"] for r in ok})
     errors.write(shard)
-    if forward:
-        failed = {r["asset_id"] for r in errors.rows}
-        keep = [i for i in range(len(ids)) if ids[i] not in failed]
-        return keep_rows(batch, keep, [k for k in batch if k != "prompts_json"]) if keep else {}
+    if forward:  # every row goes on, those that failed here flagged
+        rows = range(len(ids))
+        out = keep_rows(batch, list(rows), [k for k in batch if k != "prompts_json"])
+        out["failed_stage"] = failed_stages(batch, rows, STAGE,
+                                            {i for i in rows if ids[i] in errors.failed})
+        return out
     return rows_to_columns([{"asset_id": r["asset_id"], "status": "ok"} for r in ok])
 
 

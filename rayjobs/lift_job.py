@@ -57,8 +57,7 @@ class BackboneActor:
         if not keep:
             return {}
         names = ["asset_id", "render_commit", "xyz", "depth", "K", "cam_to_world"]
-        if f"todo_{STAGE}" in batch:
-            names.append(f"todo_{STAGE}")
+        names += [k for k in (f"todo_{STAGE}", "failed_stage") if k in batch]
         out = keep_rows(batch, keep, names)
         grids = [done.get(i) for i in keep]
         if all(g is not None for g in grids):
@@ -112,8 +111,12 @@ def lift_write_batch(batch: dict[str, Any], task: TaskContext, cfg: LiftConfig) 
         task.commit(LIFT_OUTPUT, shard, tables, assets=[r["asset_id"] for r in ok],
                     upstream={r["asset_id"]: r["render_commit"] for r in ok})
     errors.write(shard)
-    return rows_to_columns([{"asset_id": r["asset_id"], "status": "ok"} for r in ok]
-                           + [{"asset_id": ids[i], "status": "ok"} for i in lifted_before])
+    # in a stream, a row an earlier stage failed is lifted all the same but is not ok
+    earlier = batch.get("failed_stage")
+    status = {ids[i]: "failed" if earlier is not None and earlier[i] else "ok"
+              for i in range(len(ids))}
+    return rows_to_columns([{"asset_id": a, "status": status[a]}
+                            for a in [r["asset_id"] for r in ok] + [ids[i] for i in lifted_before]])
 
 
 class LiftStage(RenderedAssetsStage):

@@ -72,6 +72,16 @@ def todo(batch: dict[str, Any], stage: str, i: int) -> bool:
     return True if flags is None else bool(flags[i])
 
 
+def failed_stages(batch: dict[str, Any], rows: Iterable[int], stage: str,
+                  failed: set[int]) -> list[str]:
+    """The `failed_stage` column of a stream that goes on to another stage: per row, the first
+    stage that failed it ("" for none). A row a stage failed still reaches the stages after it
+    (its render is fine); the last stage reports it as failed, not ok."""
+    before = batch.get("failed_stage")
+    return [str(before[i]) if before is not None and before[i] else (stage if i in failed else "")
+            for i in rows]
+
+
 def keep_rows(batch: dict[str, Any], keep: list[int], names: Iterable[str]) -> dict[str, Any]:
     """Columns `names` of the rows `keep` of a batch (lists or arrays)."""
     return {k: ([batch[k][i] for i in keep] if isinstance(batch[k], list) else batch[k][keep])

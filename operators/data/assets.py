@@ -140,7 +140,7 @@ def _stage_locally(fs: pafs.FileSystem, path: str, uri: str, tmp: str) -> str:
     return str(Path(tmp, name))
 
 
-def parse_local_mesh(local: str, uri: str) -> tuple[Mesh, bytes]:
+def parse_local_mesh(local: str, uri: str) -> Mesh:
     """Read a local mesh file with open3d (native code: run it isolated, see read_mesh_file)."""
     data = Path(local).read_bytes()
     if not data.strip():
@@ -153,7 +153,7 @@ def parse_local_mesh(local: str, uri: str) -> tuple[Mesh, bytes]:
             raise MeshError(f"{uri}: no triangle faces (a point cloud or an empty mesh); "
                             "only triangle meshes can be rendered") from None
         raise MeshError(f"{uri}: unreadable mesh: open3d failed with {err}") from None
-    return mesh, data
+    return mesh
 
 
 def read_mesh_file(uri: str, options: StorageOptions | None = None,
@@ -176,14 +176,15 @@ def read_mesh_file(uri: str, options: StorageOptions | None = None,
     with tempfile.TemporaryDirectory() as tmp:
         local = path if isinstance(fs, pafs.LocalFileSystem) else _stage_locally(fs, path, uri, tmp)
         if not limits.isolate:
-            mesh, data = parse_local_mesh(local, uri)
+            mesh = parse_local_mesh(local, uri)
         else:
             from operators.data.isolation import ChildCrashed, ChildTimedOut, isolated_calls
             try:
-                mesh, data = isolated_calls().call("operators.data.assets", "parse_local_mesh",
-                                                   (local, uri), limits.timeout_s)
+                mesh = isolated_calls().call("operators.data.assets", "parse_local_mesh",
+                                             (local, uri), limits.timeout_s)
             except (ChildCrashed, ChildTimedOut) as err:
                 raise MeshError(f"{uri}: the mesh reader {err}") from None
+        data = Path(local).read_bytes()  # here, not through the pipe: only a parsed file's
     if mesh.n_vertices == 0:
         raise MeshError(f"{uri}: unreadable or empty mesh: open3d found no vertices in the file")
     validate_mesh(mesh, name=uri)

@@ -12,17 +12,25 @@ and only a crash pays for a new interpreter.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
+from operators.failures import InfrastructureError
+
 # Modules the child imports before it serves (open3d takes a second to import).
 PRELOAD = ["operators.data.assets"]
+# How long a child may take to start (interpreter + PRELOAD) before it counts as broken; the
+# per-call time limit starts only once it is ready.
+STARTUP_TIMEOUT_S = 120.0
+_PR_SET_PDEATHSIG = 1
 
 
 class ChildCrashed(RuntimeError):
@@ -33,10 +41,28 @@ class ChildTimedOut(RuntimeError):
     """The child did not answer within the time limit and was killed."""
 
 
-def _serve(requests: Connection, replies: Connection) -> None:
-    """Child: run (module, function, args) requests until the pipe closes."""
-    for module in PRELOAD:
+def _die_with_parent(parent: int) -> None:
+    """Child: have the kernel kill this process when its parent dies (Linux), so a child stuck
+    in a native parse never outlives a killed worker. (The signal follows the parent thread
+    that started the child; should that thread end first, the idle child goes and the next
+    call starts another.)"""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the closed pipe still ends an idle child
+        pass
+    if os.getppid() != parent:  # the parent died before the request above took effect
+        os._exit(1)
+
+
+def _serve(requests: Connection, replies: Connection, parent: int, preload: list[str]) -> None:
+    """Child: say "ready" once the heavy modules are imported, then run (module, function,
+    args) requests until the pipe closes."""
+    _die_with_parent(parent)
+    for module in preload:
         importlib.import_module(module)
+    devnull = os.open(os.devnull, os.O_WRONLY)  # after start-up, native warnings go nowhere
+    os.dup2(devnull, 2)
+    replies.send("ready")
     while True:
         try:
             module, function, args = requests.recv()
@@ -55,22 +81,55 @@ def _serve(requests: Connection, replies: Connection) -> None:
 class IsolatedCalls:
     """One warm child process; `call` runs `module.function(*args)` in it with a time limit."""
 
-    def __init__(self) -> None:
+    def __init__(self, preload: list[str] | None = None,
+                 startup_timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        self.preload = list(PRELOAD if preload is None else preload)
+        self.startup_timeout_s = startup_timeout_s
         self._process: subprocess.Popen | None = None
         self._requests: Connection | None = None
         self._replies: Connection | None = None
         self._lock = threading.Lock()
 
     def _start(self) -> None:
+        """Start a child and wait until it is ready; a child that cannot start (its imports
+        fail, it dies or stalls) is an InfrastructureError with the end of its stderr: every
+        file would fail alike."""
         request_read, request_write = os.pipe()
         reply_read, reply_write = os.pipe()
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "operators.data.isolation", str(request_read), str(reply_write)],
-            pass_fds=(request_read, reply_write), stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # native warnings stay out
+        stderr = tempfile.TemporaryFile()
+        try:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "operators.data.isolation", str(request_read),
+                 str(reply_write), str(os.getpid()), *self.preload],
+                pass_fds=(request_read, reply_write), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=stderr)
+        except BaseException:
+            for fd in (request_read, request_write, reply_read, reply_write):
+                os.close(fd)
+            stderr.close()
+            raise
         os.close(request_read)
         os.close(reply_write)
         self._requests, self._replies = Connection(request_write), Connection(reply_read)
+        with stderr:
+            try:
+                ready = self._replies.poll(self.startup_timeout_s) and self._replies.recv()
+            except (EOFError, OSError):
+                ready = False
+            if ready != "ready":
+                try:  # it may be exiting on its own: its code says more than our kill
+                    self._process.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    pass
+                code = self._stop()
+                stderr.seek(0)
+                last = (stderr.read().decode(errors="replace").strip().splitlines() or [""])[-1]
+                raise InfrastructureError(
+                    f"the mesh reader's child process did not start ({_describe_exit(code)}"
+                    + (f": {last[:300]}" if last else "") + "): check that "
+                    f"`{sys.executable} -m operators.data.isolation` can import "
+                    f"{', '.join(self.preload)} on the workers, or set assets.isolate / "
+                    "render.isolate to false")
 
     def _stop(self) -> int | None:
         """Kill the child; its exit code (negative: the signal that ended it)."""
@@ -133,4 +192,5 @@ def isolated_calls() -> IsolatedCalls:
 
 
 if __name__ == "__main__":
-    _serve(Connection(int(sys.argv[1])), Connection(int(sys.argv[2])))
+    _serve(Connection(int(sys.argv[1])), Connection(int(sys.argv[2])), int(sys.argv[3]),
+           sys.argv[4:])

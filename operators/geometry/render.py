@@ -187,13 +187,6 @@ def render_views(mesh: Mesh, settings: RenderSettings, seed: int) -> RenderedVie
 # ----------------------------------------------------------------------------- surface samples
 
 
-def face_normals(mesh: Mesh) -> np.ndarray:
-    """(F, 3) float64 unit normals by the mesh's winding (zero for degenerate faces)."""
-    v = mesh.vertices[mesh.triangles]
-    cross = np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0])
-    return cross / np.maximum(np.linalg.norm(cross, axis=1, keepdims=True), 1e-300)
-
-
 def sample_surface(mesh: Mesh, n_points: int, seed: int) -> SurfaceSamples:
     """n_points points uniform by area on the surface (DFC A.4), deterministic for a seed.
 
@@ -204,8 +197,9 @@ def sample_surface(mesh: Mesh, n_points: int, seed: int) -> SurfaceSamples:
     if n_points < 1:
         raise ValueError(f"n_points must be >= 1, got {n_points}")
     corners = mesh.vertices[mesh.triangles]  # (F, 3, 3)
-    areas = 0.5 * np.linalg.norm(np.cross(corners[:, 1] - corners[:, 0],
-                                          corners[:, 2] - corners[:, 0]), axis=1)
+    cross = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    lengths = np.linalg.norm(cross, axis=1)  # twice the areas; the normals' lengths too
+    areas = 0.5 * lengths
     total = float(areas.sum())
     if not total > 0.0:
         raise MeshError("mesh has zero surface area: nothing to sample")
@@ -217,7 +211,7 @@ def sample_surface(mesh: Mesh, n_points: int, seed: int) -> SurfaceSamples:
     xyz = np.einsum("nk,nkc->nc", weights, corners[face_id])
     return SurfaceSamples(
         xyz=xyz.astype(np.float32),
-        normal=face_normals(mesh)[face_id].astype(np.float32),
+        normal=(cross[face_id] / np.maximum(lengths[face_id], 1e-300)[:, None]).astype(np.float32),
         face_id=face_id,
     )
 

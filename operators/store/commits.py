@@ -108,6 +108,7 @@ class OutputState:
     uncommitted: list[str]                      # "table/shard" without a commit record
     duplicates: dict[str, list[str]]            # asset -> every valid shard that holds it
     loose: int = 0                              # records read one by one (not in the index)
+    stamps: dict[str, tuple[int, int]] = field(default_factory=dict)  # shard -> (size, mtime)
 
     @cached_property
     def by_asset(self) -> dict[str, ShardCommit]:
@@ -124,27 +125,37 @@ def _index_files(root: RunRoot, output: StageOutput) -> list[str]:
     return sorted(root.list_files(f"{output.record_dir}/{COMMITS_DIR}", ".parquet"))
 
 
-def _read_index(root: RunRoot, output: StageOutput) -> dict[str, ShardCommit]:
-    """The commit records an index holds (an unreadable index is ignored: it is a cache)."""
-    indexed: dict[str, ShardCommit] = {}
+def _read_index(root: RunRoot, output: StageOutput) -> dict[str, tuple[ShardCommit, tuple]]:
+    """shard -> (its commit record, the record file's (size, mtime) when it was indexed). An
+    unreadable index is ignored: it is a cache, the records themselves are still there."""
+    indexed: dict[str, tuple[ShardCommit, tuple]] = {}
     for name in _index_files(root, output):
         try:
             rows = root.read_shard(f"{output.record_dir}/{COMMITS_DIR}", name[: -len(".parquet")])
-        except Exception:  # the records themselves are still there
+        except Exception:
+            continue
+        if "mtime_ns" not in rows.column_names:  # an index of an earlier version: not trusted
             continue
         for row in rows.to_pylist():
-            indexed[row["shard"]] = ShardCommit.from_json(json.loads(row["record"]))
+            indexed[row["shard"]] = (ShardCommit.from_json(json.loads(row["record"])),
+                                     (row["size"], row["mtime_ns"]))
     return indexed
 
 
-def write_index(root: RunRoot, output: StageOutput, commits: Mapping[str, ShardCommit]) -> None:
+def write_index(root: RunRoot, output: StageOutput, commits: Mapping[str, ShardCommit],
+                stamps: Mapping[str, tuple[int, int]]) -> None:
     """Compact the commit records into one index object (planning then reads one object instead
-    of one per shard set); older indexes are removed after it lands."""
+    of one per shard set); older indexes are removed after it lands. Each entry keeps its record
+    file's size and mtime (`stamps`): a record written again later (a set redone under the same
+    name) no longer matches and is read itself."""
     old = _index_files(root, output)
-    records = [json.dumps(c.to_json(), sort_keys=True) for c in commits.values()]
-    name = f"index-{hashlib.sha1(chr(10).join(sorted(records)).encode()).hexdigest()[:16]}"
-    root.write_shard(f"{output.record_dir}/{COMMITS_DIR}", name, pa.table(
-        {"shard": list(commits), "record": records}))
+    shards = sorted(commits)
+    records = [json.dumps(commits[s].to_json(), sort_keys=True) for s in shards]
+    name = f"index-{hashlib.sha1(chr(10).join(records).encode()).hexdigest()[:16]}"
+    root.write_shard(f"{output.record_dir}/{COMMITS_DIR}", name, pa.table({
+        "shard": shards, "record": records,
+        "size": pa.array([stamps[s][0] for s in shards], pa.int64()),
+        "mtime_ns": pa.array([stamps[s][1] for s in shards], pa.int64())}))
     for stale in old:
         if stale != f"{name}.parquet":
             root.delete(f"{output.record_dir}/{COMMITS_DIR}/{stale}")
@@ -154,7 +165,7 @@ def read_output(root: RunRoot, output: StageOutput) -> OutputState:
     """The state of a stage's output from one listing per table and its commit records (read
     from the index where it has them: one object for the many, one GET only for the others)."""
     listed = {t.name: root.shard_sizes(t.name) for t in output.tables}
-    records = root.list_files(f"{output.record_dir}/{COMMITS_DIR}", ".json")
+    records = root.list_file_info(f"{output.record_dir}/{COMMITS_DIR}", ".json")
     indexed = _read_index(root, output)
     commits: dict[str, ShardCommit] = {}
     broken: dict[str, str] = {}
@@ -162,8 +173,8 @@ def read_output(root: RunRoot, output: StageOutput) -> OutputState:
     for name in sorted(records):
         shard = name[: -len(".json")]
         try:
-            commit = indexed.get(shard)
-            if commit is None:
+            commit, stamp = indexed.get(shard, (None, None))
+            if commit is None or stamp != records[name]:  # not indexed, or written since
                 loose += 1
                 commit = ShardCommit.from_json(root.read_json(commit_path(output, shard)))
         except (OSError, ValueError, KeyError, TypeError) as err:
@@ -190,7 +201,9 @@ def read_output(root: RunRoot, output: StageOutput) -> OutputState:
         for asset in commit.assets:
             holders.setdefault(asset, []).append(shard)
     duplicates = {a: s for a, s in holders.items() if len(s) > 1}
-    return OutputState(output, commits, broken, uncommitted, duplicates, loose)
+    stamps = {name[: -len(".json")]: stamp for name, stamp in records.items()}
+    return OutputState(output, commits, broken, uncommitted, duplicates, loose,
+                       {shard: stamps[shard] for shard in commits})
 
 
 def drop_shard_sets(root: RunRoot, output: StageOutput, shards: Iterable[str]) -> None:
@@ -212,7 +225,7 @@ def compact(root: RunRoot, output: StageOutput, min_loose: int = 1) -> int:
     least `min_loose`); returns how many were folded in."""
     state = read_output(root, output)
     if state.loose >= min_loose and state.commits:
-        write_index(root, output, state.commits)
+        write_index(root, output, state.commits, state.stamps)
     return state.loose
 
 

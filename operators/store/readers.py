@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from operators.store.commits import read_output
-from operators.store.storage import RunRoot, table_columns
+from operators.store.storage import RunRoot, current_encoding, table_columns
 from operators.store.tables import (ASSETS, ASSETS_OUTPUT, FEATURE_POINTS, FEATURE_VIEWS,
                                     LABEL_MASKS, LABEL_POINTS, POINTS, STAGE_OUTPUTS, VIEW_ARRAYS,
                                     VIEWS, StageOutput, Table, TABLES)
@@ -87,7 +87,7 @@ def read_arrays(root: RunRoot | str, table: Table | str, columns: Sequence[str] 
         by_shard.setdefault(index[asset], []).append(asset)
     parts = []
     for shard, assets in sorted(by_shard.items()):  # each asset from the one shard it maps to
-        data = _read(root, spec.name, shard, names)
+        data = current_encoding(_read(root, spec.name, shard, names))  # a migrated root mixes
         parts.append(data.filter(pc.is_in(data["asset_id"], pa.array(assets))))
     if not parts:
         return {}

@@ -207,12 +207,23 @@ def column_to_numpy(column: pa.ChunkedArray | pa.Array, field: pa.Field | None =
         raw = np.frombuffer(column.buffers()[1], dtype=np.uint8,
                             count=len(column) * width, offset=column.offset * width)
         return raw.view(dtype).reshape(len(column), *spec["shape"])  # zero-copy (read-only)
-    if isinstance(column.type, pa.FixedShapeTensorType):  # roots of format 1
+    if isinstance(column.type, pa.FixedShapeTensorType):  # shards written before (format 1)
         values = column.to_numpy_ndarray()
         if field is not None and field.metadata and field.metadata.get(b"partlift.bool_tensor"):
             values = values.astype(np.bool_)
         return values
     return column.to_numpy(zero_copy_only=False)
+
+
+def current_encoding(table: pa.Table) -> pa.Table:
+    """`table` with tensor columns of roots of format 1 (Arrow's fixed-shape tensor type)
+    re-encoded as `tensor_column` does, so shards of a migrated root written before and after
+    the change concatenate (a no-op for current shards)."""
+    for i, spec in enumerate(table.schema):
+        if isinstance(spec.type, pa.FixedShapeTensorType):
+            array, meta = tensor_column(column_to_numpy(table.column(i), spec))
+            table = table.set_column(i, pa.field(spec.name, array.type, metadata=meta), array)
+    return table
 
 
 def table_columns(table: pa.Table, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
@@ -297,12 +308,17 @@ class RunRoot:
     def list_files(self, relpath: str, suffix: str = "") -> dict[str, int]:
         """Names -> sizes of the files directly under `relpath` ending with `suffix` (hidden
         temporary files excluded)."""
+        return {name: size for name, (size, _) in self.list_file_info(relpath, suffix).items()}
+
+    def list_file_info(self, relpath: str, suffix: str = "") -> dict[str, tuple[int, int]]:
+        """Names -> (size, modification time in ns; 0 where the store has none), as
+        `list_files`, from the same one listing."""
         selector = pafs.FileSelector(self.path(relpath), allow_not_found=True, recursive=False)
         try:
             infos = self.fs.get_file_info(selector)
         except OSError as err:
             raise StorageError(f"cannot list {self.display(relpath)}: {_first_line(err)}") from err
-        return {i.base_name: int(i.size or 0) for i in infos
+        return {i.base_name: (int(i.size or 0), int(i.mtime_ns or 0)) for i in infos
                 if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
                 and not i.base_name.startswith(".")}
 
@@ -342,7 +358,7 @@ class RunRoot:
         shards = self.list_shards(table)
         if not shards:
             return None
-        parts = [self.read_shard(table, s, columns) for s in shards]
+        parts = [current_encoding(self.read_shard(table, s, columns)) for s in shards]
         return pa.concat_tables(parts, promote_options="default")
 
     def ids_in(self, table: str, column: str = "asset_id") -> set[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 
 from operators.failures import InfrastructureError, infrastructure_problem
@@ -26,6 +28,16 @@ from operators.store.storage import StorageError
     (GroundingEndpointError("openai: http://h/v1 unreachable after 3 retries", "http://h/v1"),
      "unreachable"),
     (ConnectionRefusedError(111, "Connection refused"), "unreachable"),
+    # an unreadable input file is the file's problem, a full disk is everyone's
+    (PermissionError(errno.EACCES, "Permission denied", "/data/meshes/a.obj"), None),
+    (OSError(errno.ENOSPC, "No space left on device"), "disk is full"),
+    (OSError(errno.EROFS, "Read-only file system"), "read-only"),
+    # "403" or "timed out" in some text is not a storage answer; a client's timeout is
+    (OSError("mesh server said HTTP 403 for a.obj"), None),
+    (ValueError("the parser timed out on face 12"), None),
+    (TimeoutError("timed out"), "unreachable"),
+    (GroundingEndpointError("openai: HTTP 401 from http://h/v1", "http://h/v1", status=401),
+     "refused the API key"),
 ])
 def test_what_stops_a_job_and_what_is_an_error_row(err: BaseException, expected: str | None) -> None:
     problem = infrastructure_problem(err)
@@ -38,3 +50,10 @@ def test_a_cuda_out_of_memory_is_about_the_device() -> None:
         torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert problem is not None and "lower the batch size" in problem
     assert infrastructure_problem(InfrastructureError("x")) == "x"
+
+
+def test_ray_killing_a_worker_for_node_memory_is_not_a_device_problem() -> None:
+    import ray.exceptions
+    problem = infrastructure_problem(ray.exceptions.OutOfMemoryError(
+        "Task was killed due to the node running low on memory."))
+    assert problem is not None and "node ran out of memory" in problem and "batch_size" in problem

@@ -38,7 +38,12 @@ def test_a_wrong_cluster_address_fails_fast_in_one_line(tmp_path: Path, address:
 
 @pytest.mark.ray
 @pytest.mark.usefixtures("ray_session")
-def test_ctrl_c_stops_ray_and_its_agents_and_exits_130(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how, code", [
+    pytest.param("ctrl-c", 130, id="ctrl-c to the terminal's process group"),
+    pytest.param("sigterm", 143, id="SIGTERM to the driver", marks=pytest.mark.slow),
+])
+def test_stopping_a_job_stops_ray_and_its_agents_and_a_rerun_resumes(tmp_path: Path, how: str,
+                                                                      code: int) -> None:
     import psutil
     root = tmp_path / "run"
     small = ["render.views=6", "render.n_points=2000", "render.resources.render.batch_size=1",
@@ -52,9 +57,13 @@ def test_ctrl_c_stops_ray_and_its_agents_and_exits_130(tmp_path: Path) -> None:
     while time.time() < deadline and len(RunRoot(str(root)).list_shards("points")) < 1:
         time.sleep(0.2)
     children = psutil.Process(proc.pid).children(recursive=True)
-    os.kill(proc.pid, signal.SIGINT)
+    if how == "ctrl-c":  # a terminal signals the whole foreground process group
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    stopped = "interrupted" if how == "ctrl-c" else "terminated"
+    assert proc.returncode == code and stopped in err and "Traceback" not in err, err[-2000:]
     time.sleep(2)
     left = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert left == [], f"Ray processes left running: {[c.name() for c in left]}"

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import open3d as o3d
 import pytest
 from click.testing import CliRunner
 
 from operators.models.registry import BackboneNotFoundError
 from operators.store.storage import RunRoot, table_columns
-from rayjobs.assets_job import run_assets_make
+from rayjobs.assets_job import run_assets_make, run_assets_scan
 from rayjobs.cli import main
 from rayjobs.config import PipelineJob
 from rayjobs.lift_job import run_lift
@@ -87,6 +88,20 @@ def test_render_label_lift_stream_in_one_pipeline(tmp_path: Path) -> None:
     assert (stream.ok, stream.skipped_done) == (1, 5)
     assert stream.units == {"rendered in this run": 1, "loaded from storage": 0}
     assert root.read_table("features/points", columns=["asset_id"]).num_rows == 6
+    # an asset that label fails (a category without the functions) is still lifted in the
+    # stream, and counted failed, not ok; the one the last stream did not label is labelled
+    meshes = tmp_path / "meshes" / "spaceship"
+    meshes.mkdir(parents=True)
+    o3d.io.write_triangle_mesh(str(meshes / "s.ply"), o3d.geometry.TriangleMesh.create_box())
+    run_assets_scan(small_config(uri, f"assets.input={tmp_path / 'meshes'}"))
+    [unlabellable] = run_pipeline(small_config(uri, *three, "job.max_error_fraction=1",
+                                               model=PipelineJob))
+    assert (unlabellable.ok, unlabellable.failed, unlabellable.skipped_done) == (1, 1, 5)
+    assert root.read_table("features/points", columns=["asset_id"]).num_rows == 7
+    labelled = root.read_table("labels/points", columns=["asset_id"])["asset_id"].to_pylist()
+    assert len(set(labelled)) == 6
+    [error] = [e for e in root.read_table("errors").to_pylist() if e["stage"] == "label"]
+    assert "spaceship" in error["message"]
 
 
 @pytest.mark.ray

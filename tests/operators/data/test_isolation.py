@@ -64,3 +64,22 @@ def test_isolated_and_in_process_reads_agree_and_size_is_limited(good_mesh: Path
     assert np.array_equal(isolated.triangles, direct.triangles)
     with pytest.raises(MeshError, match=r"over the 0\.001 MB limit"):
         read_mesh_file(str(good_mesh), limits=ReadLimits(max_file_mb=0.001))
+
+
+def test_the_time_limit_starts_once_the_child_is_ready() -> None:
+    from operators.data.isolation import IsolatedCalls
+    calls = IsolatedCalls()  # a cold child: interpreter and open3d take about a second
+    try:
+        assert calls.call("posixpath", "basename", ("a/b.obj",), timeout_s=0.5) == "b.obj"
+    finally:
+        calls.close()
+
+
+def test_a_child_that_cannot_start_stops_the_job_with_its_reason() -> None:
+    from operators.data.isolation import IsolatedCalls
+    from operators.failures import InfrastructureError, infrastructure_problem
+    calls = IsolatedCalls(preload=["partlift_no_such_module"])
+    with pytest.raises(InfrastructureError, match="did not start .*partlift_no_such_module") as err:
+        calls.call("posixpath", "basename", ("a/b.obj",), timeout_s=5)
+    assert infrastructure_problem(err.value) is not None  # the job stops: every file would fail
+    assert "render.isolate" in str(err.value)

@@ -196,5 +196,36 @@ def test_the_commit_index_is_a_cache_that_planning_reads_instead_of_every_record
                                                     "points": make_table({"asset_id": ["a0"]})},
                     job_id="render-2-bbbbbb", fingerprint="f", assets=["a0"])
     assert read_output(root, RENDER_OUTPUT).by_asset["a0"].job_id == "render-2-bbbbbb"
+    assert compact(root, RENDER_OUTPUT) == 6  # the index holds part-1 again
     (tmp_path / "views" / "_commits" / "part-1.json").unlink()  # a record lost by hand
     assert "a1" not in read_output(root, RENDER_OUTPUT).by_asset  # the index does not revive it
+    # ... and when a later job writes that set again, its new record counts, not the indexed one
+    prepare_output(root, RENDER_OUTPUT, overwrite=False)  # removes part-1's uncommitted shards
+    write_shard_set(root, RENDER_OUTPUT, "part-1", {"views": make_table(_views(["a1"], 1)),
+                                                    "points": make_table({"asset_id": ["a1"]})},
+                    job_id="render-3-cccccc", fingerprint="f", assets=["a1"])
+    state = read_output(root, RENDER_OUTPUT)
+    assert state.by_asset["a1"].job_id == "render-3-cccccc" and not state.broken
+
+
+def test_a_migrated_root_mixing_tensor_encodings_reads_as_one(tmp_path: Path) -> None:
+    """Format-1 shards hold Arrow fixed-shape tensors; shards written after `partlift migrate`
+    hold fixed-size binary: readers give one array, values intact."""
+    import pyarrow as pa
+    from operators.store.readers import read_arrays
+    root = RunRoot(str(tmp_path))
+    old = _views(["x"], 2)
+    rgb = pa.FixedShapeTensorArray.from_numpy_ndarray(old["rgb"])
+    depth = pa.FixedShapeTensorArray.from_numpy_ndarray(old["depth"])
+    legacy = pa.table({"asset_id": old["asset_id"], "view_id": old["view_id"], "rgb": rgb,
+                       "depth": depth})
+    write_shard_set(root, RENDER_OUTPUT, "part-old", {"views": legacy,
+                                                      "points": make_table({"asset_id": ["x"]})},
+                    job_id="render-1-aaaaaa", fingerprint="f", assets=["x"])
+    _commit_views(root, "part-new", _views(["y"], 2), ["y"])
+    arrays = read_arrays(root, "views", ["rgb", "depth"])
+    assert arrays["asset_id"].tolist() == ["x", "x", "y", "y"]
+    assert arrays["rgb"].shape == (4, 2, 3, 3) and arrays["rgb"][:, 0, 0, 0].tolist() == [0, 10] * 2
+    assert arrays["depth"][:, 1, 2].tolist() == [0.0, 1.0, 0.0, 1.0]
+    table = root.read_table("views", ["asset_id", "rgb"])
+    assert table.num_rows == 4 and table.schema.field("rgb").type == pa.binary(2 * 3 * 3)

@@ -101,27 +101,32 @@ class AssetsResources(Section):
     mesh: StepResources = Field(StepResources(batch_size=8), description="generate (make) or read and validate (scan) meshes")
 
 
-class AssetsConfig(Section):
-    n: int = Field(24, ge=1, description="procedural assets to make")
-    seed: int = Field(0, ge=0, description="procedural generator seed")
-    categories: list[str] | None = Field(None, description="procedural categories (default: all)")
-    input: str | None = Field(None, description="directory/URI of mesh files to scan")
-    up_axis: Literal["y", "z"] = Field("y", description="axis pointing up in the scanned files; z-up meshes (URDF/MJCF, pybullet) are turned to +y up")
+class MeshReading(Section):
+    """How a stage reads mesh files it did not make (operators.data.isolation)."""
+
     read_timeout_s: float = Field(30.0, gt=0, description="a mesh file whose reader (a child process) takes longer is an error row, seconds")
     max_file_mb: float = Field(1024.0, gt=0, description="mesh files larger than this are error rows, not read, MiB")
     isolate: bool = Field(True, description="parse mesh files in a child process, so a reader crash or hang is an error row; false parses in the worker (a crash takes the worker down)")
-    resources: AssetsResources = AssetsResources()
 
     def read_limits(self) -> ReadLimits:
         return ReadLimits(timeout_s=self.read_timeout_s, max_file_mb=self.max_file_mb,
                           isolate=self.isolate)
 
 
+class AssetsConfig(MeshReading):
+    n: int = Field(24, ge=1, description="procedural assets to make")
+    seed: int = Field(0, ge=0, description="procedural generator seed")
+    categories: list[str] | None = Field(None, description="procedural categories (default: all)")
+    input: str | None = Field(None, description="directory/URI of mesh files to scan")
+    up_axis: Literal["y", "z"] = Field("y", description="axis pointing up in the scanned files; z-up meshes (URDF/MJCF, pybullet) are turned to +y up")
+    resources: AssetsResources = AssetsResources()
+
+
 class RenderResources(Section):
     render: StepResources = Field(StepResources(batch_size=2), description="render tasks (open3d ray casting), one shard per task")
 
 
-class RenderConfig(Section):
+class RenderConfig(MeshReading):
     views: int = Field(19, ge=1, description="views per asset (DFC A.4: 19)")
     width: int = Field(224, ge=8, description="image width, pixels")
     height: int = Field(224, ge=8, description="image height, pixels")
@@ -135,13 +140,7 @@ class RenderConfig(Section):
     n_points: int = Field(100_000, ge=1, description="surface samples per asset (DFC A.4: 100K)")
     seed: int = Field(0, ge=0, description="seed for lights and surface sampling (mixed with the asset id)")
     read_timeout_s: float = Field(60.0, gt=0, description="a mesh file whose reader (a child process) takes longer is an error row, seconds")
-    max_file_mb: float = Field(1024.0, gt=0, description="mesh files larger than this are error rows, not read, MiB")
-    isolate: bool = Field(True, description="parse mesh files in a child process, so a reader crash or hang is an error row; false parses in the worker (a crash takes the worker down)")
     resources: RenderResources = RenderResources()
-
-    def read_limits(self) -> ReadLimits:
-        return ReadLimits(timeout_s=self.read_timeout_s, max_file_mb=self.max_file_mb,
-                          isolate=self.isolate)
 
     @field_validator("background")
     @classmethod

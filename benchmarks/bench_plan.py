@@ -1,18 +1,18 @@
 """Resume planning at scale: how long a stage takes to find what is left to do in a run root of
-100,000 assets whose renders are in 50,000 shard sets (locally; 20,000 assets on a real
-S3-compatible HTTP server, moto's, on this machine), from the commit records one by one vs from
-their index.
+100,000 assets whose renders are in 50,000 shard sets, locally and on a real S3-compatible HTTP
+server (moto's, on this machine), from the commit records one by one vs from their index.
 
 The root is synthetic where only the layout matters: a manifest of scanned-mesh rows, and per
 shard set two tiny shard files and a real commit record (planning lists the shards and reads the
 records; it opens no shard). Writes the table to benchmarks/RESULTS.md.
 
-    python benchmarks/bench_plan.py [--assets 100000] [--per-shard 2] [--s3 [--s3-assets 20000]]
+    python benchmarks/bench_plan.py [--assets 100000] [--per-shard 2] [--s3]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import socket
@@ -73,34 +73,43 @@ def plan_seconds(root: RunRoot) -> tuple[float, int, int]:
     return seconds, len(state.by_asset), state.loose
 
 
-def measure(label: str, root: RunRoot, n_assets: int, args: argparse.Namespace) -> list[tuple]:
-    t = time.perf_counter()
-    build(root, n_assets, args.per_shard, args.threads)
-    built = time.perf_counter() - t
+def measure(label: str, root: RunRoot, built: float, args: argparse.Namespace) -> tuple:
+    """Plan from the records one by one, compact them, plan from the index."""
     loose, done, read = plan_seconds(root)
     t = time.perf_counter()
     compact(root, RENDER_OUTPUT)
     compacting = time.perf_counter() - t
     indexed, _, left = plan_seconds(root)
-    return [(label, done, n_assets // args.per_shard, built, loose, read, indexed, left,
-             compacting)]
+    return (label, done, done // args.per_shard, built, loose, read, indexed, left, compacting)
 
 
-def moto_root() -> tuple[subprocess.Popen, RunRoot]:
+def serve_populated(source: Path, port: int) -> None:
+    """Subprocess: a moto S3 server whose bucket `plan` holds the files of the local root
+    `source` under `run/`, put into its backend directly (building 150,000 objects through
+    HTTP takes this in-memory Python server most of an hour; the planning is what is timed)."""
+    from moto.s3.models import s3_backends
+    from moto.server import ThreadedMotoServer
+    backend = s3_backends["123456789012"]["global"]
+    backend.create_bucket("plan", "us-east-1")
+    for path in source.rglob("*"):
+        if path.is_file():
+            backend.put_object("plan", f"run/{path.relative_to(source).as_posix()}",
+                               path.read_bytes())
+    ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False).start()
+    print("ready", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+def moto_root(source: Path) -> tuple[subprocess.Popen, RunRoot]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(150):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    import boto3
-    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="k",
-                 aws_secret_access_key="s", region_name="us-east-1").create_bucket(Bucket="plan")
+    server = subprocess.Popen([sys.executable, __file__, "--serve", str(source), "--port",
+                               str(port)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "AWS_ACCESS_KEY_ID": "k",
+                                   "AWS_SECRET_ACCESS_KEY": "s"})
+    assert server.stdout is not None and server.stdout.readline().strip() == "ready"
     return server, RunRoot("s3://plan/run", StorageOptions(
         endpoint_url=f"http://127.0.0.1:{port}", access_key_id="k", secret_access_key="s"))
 
@@ -111,28 +120,36 @@ def main() -> None:
     parser.add_argument("--per-shard", type=int, default=2)
     parser.add_argument("--threads", type=int, default=16, help="writers building the root")
     parser.add_argument("--s3", action="store_true", help="also on a local moto S3 server")
-    parser.add_argument("--s3-assets", type=int, default=20_000,
-                        help="assets on the moto server (an in-memory Python server: building "
-                             "100,000 assets' objects there takes most of an hour on 2 cores)")
+    parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)  # serve_populated
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve:
+        serve_populated(args.serve, args.port)
+        return
     work = Path(tempfile.mkdtemp(prefix="partlift-plan-"))
-    rows = measure("local directory", RunRoot(str(work / "run")), args.assets, args)
-    shutil.rmtree(work, ignore_errors=True)
+    t = time.perf_counter()
+    build(RunRoot(str(work / "run")), args.assets, args.per_shard, args.threads)
+    built = time.perf_counter() - t
+    if args.s3:  # the same root, before its index exists, for the S3 server
+        shutil.copytree(work / "run", work / "s3")
+    rows = [measure("local directory", RunRoot(str(work / "run")), built, args)]
     if args.s3:
-        server, root = moto_root()
+        server, root = moto_root(work / "s3")
         try:
-            rows += measure("S3 (moto server over HTTP, 127.0.0.1)", root, args.s3_assets, args)
+            rows.append(measure("S3 (moto server over HTTP, 127.0.0.1)", root, built, args))
         finally:
             server.kill()
+    shutil.rmtree(work, ignore_errors=True)
     lines = [SECTION, "",
              f"Assets whose renders are in shard sets of {args.per_shard}: the time a stage takes "
              "to plan a resume (read the manifest and the render output's state, diff them) "
              "before any work. Machine: "
              f"{psutil.cpu_count()} CPU cores, {platform.machine()}; measured "
              f"{time.strftime('%Y-%m-%d')} by `python benchmarks/bench_plan.py"
-             + (" --s3`" if args.s3 else "`") + ". moto is an in-memory Python server, "
-             "far slower per request than S3 itself: its rows show the request counts' effect, "
-             "not S3's latency. Planning lists the shards (sizes) and reads "
+             + (" --s3`" if args.s3 else "`") + ". The root is built locally and handed to "
+             "the S3 server as it is (build s is the local build); moto is an in-memory Python "
+             "server, far slower per request than S3 itself, so its row shows what the number "
+             "of requests costs, not S3's latency. Planning lists the shards (sizes) and reads "
              "the commit records, no shard: one GET per record, or the index a job writes when "
              "it ends (one object for the many, records newer than it read one by one).", "",
              "| run root | assets | shard sets | build s | plan s, records one by one | records "

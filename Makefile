@@ -40,7 +40,7 @@ demo: install
 test: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-slow: install  # the `slow` marker's cases (none at the moment: exit 5 = "no tests" is fine)
+test-slow: install  # the `slow` marker's cases (exit 5 = "no tests" is fine)
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-all: install
@@ -50,6 +50,7 @@ bench: install
 	$(PY) benchmarks/bench_render.py
 	$(PY) benchmarks/bench_label.py
 	$(PY) benchmarks/bench_lift.py
+	$(PY) benchmarks/bench_plan.py --s3
 
 clean-data:
 	rm -rf partlift-data

@@ -87,8 +87,11 @@ def serve_populated(source: Path, port: int) -> None:
     """Subprocess: a moto S3 server whose bucket `plan` holds the files of the local root
     `source` under `run/`, put into its backend directly (building 150,000 objects through
     HTTP takes this in-memory Python server most of an hour; the planning is what is timed)."""
+    import logging
+
     from moto.s3.models import s3_backends
     from moto.server import ThreadedMotoServer
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     backend = s3_backends["123456789012"]["global"]
     backend.create_bucket("plan", "us-east-1")
     for path in source.rglob("*"):

@@ -170,7 +170,7 @@ def main() -> None:
              f"measured {time.strftime('%Y-%m-%d')} by `python benchmarks/bench_render.py"
              + (f" --before {args.before}`" if args.before else "`")
              + f", all rows in one run. Local Ray start-up ({ray_start:.1f} s) is not "
-             "included; the Ray rows but the last run on warm workers (the last row is the "
+             "included; the Ray rows except the last run on warm workers (the last row is the "
              "first render, which starts them, as the `before` rows did); peak memory is the "
              "resident set of the driver and all its child processes (Ray's raylet, object "
              "store and workers) for the Ray runs, and of the one process for the plain loop. "

@@ -27,6 +27,7 @@ from operators.models.registry import GROUNDING_BACKENDS, BackboneOptions, groun
 from operators.settings import ConfigError, LabelSettings, ReadLimits, RenderSettings, Section
 from operators.store.records import REDACTED, redact, redact_url
 from operators.store.storage import StorageOptions
+from training.config import DataSection, EvalSection, TrainSection
 
 DEFAULT_ROOT = "./partlift-data"
 
@@ -227,6 +228,7 @@ class LiftConfig(Section):
     n_last_blocks: int = Field(1, ge=1, description="concatenate the last n blocks' tokens")
     n_points: int = Field(2048, ge=1, description="points per asset to store features for (subsampled from points/)")
     cache_view_features: bool = Field(True, description="also write the per-view patch grids to features/views/")
+    cache_blocks: int = Field(3, ge=0, description="also write the last n blocks before the final LayerNorm per view to features/blocks/ (the correspondence trainer's cache, DFC 4.2; 0 = off)")
     seed: int = Field(0, ge=0, description="seed of the point subsample (mixed with the asset id)")
     visibility_rel_tol: float = Field(0.01, ge=0, description="depth-test tolerance, fraction of depth")
     visibility_abs_tol: float = Field(0.002, ge=0, description="depth-test tolerance, metres")
@@ -317,17 +319,31 @@ class PipelineJob(RenderJob, LabelJob, LiftJob):
     pipeline: PipelineConfig = PipelineConfig()
 
 
-class DemoJob(AssetsJob, RenderJob, LabelJob, LiftJob):
-    """The demo runs every data stage: its model holds every stage section."""
+class TrainJob(LiftJob):
+    """Correspondence training; `lift.backbone` is read on the backbone-in-the-loop path."""
+
+    train: TrainSection = TrainSection()
+    data: DataSection = DataSection()
+    eval: EvalSection = EvalSection()
 
 
-class ProjectConfig(AssetsJob, PipelineJob):
+class EvalJob(JobBase):
+    data: DataSection = DataSection()
+    eval: EvalSection = EvalSection()
+
+
+class DemoJob(AssetsJob, RenderJob, LabelJob, TrainJob):
+    """The demo runs every stage: its model holds every stage section."""
+
+
+class ProjectConfig(AssetsJob, PipelineJob, TrainJob):
     """Every section of every command: what a project file may hold."""
 
 
 JOB_MODELS: dict[str, type[Section]] = {
     "assets": AssetsJob, "render": RenderJob, "label": LabelJob, "lift": LiftJob,
-    "run": PipelineJob, "demo": DemoJob, "status": StatusJob}
+    "run": PipelineJob, "train": TrainJob, "eval": EvalJob, "demo": DemoJob,
+    "status": StatusJob}
 
 
 # ----------------------------------------------------------------------------- renamed keys

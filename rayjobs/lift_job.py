@@ -22,7 +22,7 @@ from operators.models.loading import resolve_device, resolve_dtype
 from operators.settings import ConfigError
 from operators.store.ids import seed_for
 from operators.store.storage import concatenated, make_table, rows_to_columns, shard_name
-from operators.store.tables import FEATURE_POINTS, FEATURE_VIEWS, LIFT_OUTPUT
+from operators.store.tables import FEATURE_BLOCKS, FEATURE_POINTS, FEATURE_VIEWS, LIFT_OUTPUT
 from rayjobs.config import LiftConfig, LiftJob, StepResources
 from rayjobs.driver import (AssetErrors, JobContext, Plan, StageReport, TaskContext, map_actors,
                             map_tasks, run_stage)
@@ -37,6 +37,7 @@ class BackboneActor:
     def __init__(self, cfg: LiftConfig, task: TaskContext):
         from operators.models.backbones import load_backbone
         self.task = task
+        self.cache_blocks = cfg.cache_blocks
         options = cfg.backbone
         device = resolve_device(options.device)
         self.backbone = load_backbone(options.name, options.model_path, device=device,
@@ -48,10 +49,15 @@ class BackboneActor:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         errors = AssetErrors(STAGE, self.task)
         rows = range(len(batch["asset_id"]))
-        done = dict(errors.attempt(
-            [i for i in rows if todo(batch, STAGE, i)],
-            lambda i: self.backbone.features(batch["rgb"][i]).astype(np.float16),
-            asset_of=lambda i: str(batch["asset_id"][i])))
+        raw_blocks = self.cache_blocks
+
+        def grids(i: int) -> tuple[np.ndarray, np.ndarray | None]:
+            features, blocks = self.backbone.features_and_blocks(batch["rgb"][i], raw_blocks)
+            return features.astype(np.float16), (blocks.astype(np.float16)
+                                                 if blocks is not None else None)
+
+        done = dict(errors.attempt([i for i in rows if todo(batch, STAGE, i)], grids,
+                                   asset_of=lambda i: str(batch["asset_id"][i])))
         errors.write()
         keep = [i for i in rows if i in done or not todo(batch, STAGE, i)]  # failed rows leave
         if not keep:
@@ -59,12 +65,15 @@ class BackboneActor:
         names = ["asset_id", "render_commit", "xyz", "depth", "K", "cam_to_world"]
         names += [k for k in (f"todo_{STAGE}", "failed_stage") if k in batch]
         out = keep_rows(batch, keep, names)
-        grids = [done.get(i) for i in keep]
-        if all(g is not None for g in grids):
-            out["view_features"] = np.stack(grids)
-        else:  # lifted before: an empty grid of the same rank (a variable-shaped column)
-            out["view_features"] = [g if g is not None else np.zeros((0, 0, 0, 0), np.float16)
-                                    for g in grids]
+        results = [done.get(i) for i in keep]
+        for column, part, rank in (("view_features", 0, 4), ("view_blocks", 1, 5)):
+            values = [r[part] if r is not None and r[part] is not None else None
+                      for r in results]
+            if all(v is not None for v in values):
+                out[column] = np.stack(values)
+            else:  # lifted before (or no block cache): an empty array of the same rank
+                out[column] = [v if v is not None else np.zeros((0,) * rank, np.float16)
+                               for v in values]
         return out
 
 
@@ -87,7 +96,7 @@ def lift_write_batch(batch: dict[str, Any], task: TaskContext, cfg: LiftConfig) 
                                        abs_tol=cfg.visibility_abs_tol)
         return index, features, seen
 
-    points, views, ok = defaultdict(list), defaultdict(list), []
+    points, views, blocks, ok = defaultdict(list), defaultdict(list), defaultdict(list), []
     lifted_before = [i for i in range(len(ids)) if not todo(batch, STAGE, i)]
     work = [i for i in range(len(ids)) if todo(batch, STAGE, i)]
     for i, (index, features, seen) in errors.attempt(work, lift, ids.__getitem__):
@@ -101,6 +110,10 @@ def lift_write_batch(batch: dict[str, Any], task: TaskContext, cfg: LiftConfig) 
             views["asset_id"] += [ids[i]] * grids.shape[0]
             views["view_id"].append(np.arange(grids.shape[0], dtype=np.int32))
             views["features"].append(np.asarray(grids, np.float16))
+        if cfg.cache_blocks:
+            blocks["asset_id"] += [ids[i]] * grids.shape[0]
+            blocks["view_id"].append(np.arange(grids.shape[0], dtype=np.int32))
+            blocks["blocks"].append(np.asarray(batch["view_blocks"][i], np.float16))
         ok.append({"asset_id": ids[i], "status": "ok",
                    "render_commit": str(batch["render_commit"][i])})
     shard = shard_name(ids)
@@ -108,6 +121,8 @@ def lift_write_batch(batch: dict[str, Any], task: TaskContext, cfg: LiftConfig) 
         tables = {FEATURE_POINTS.name: make_table(concatenated(points))}
         if views:  # the per-view cache is optional (lift.cache_view_features)
             tables[FEATURE_VIEWS.name] = make_table(concatenated(views))
+        if blocks:  # the trainer's block cache is optional too (lift.cache_blocks)
+            tables[FEATURE_BLOCKS.name] = make_table(concatenated(blocks))
         task.commit(LIFT_OUTPUT, shard, tables, assets=[r["asset_id"] for r in ok],
                     upstream={r["asset_id"]: r["render_commit"] for r in ok})
     errors.write(shard)
@@ -130,9 +145,10 @@ class LiftStage(RenderedAssetsStage):
         cfg = config.lift
         cfg.backbone.check_available()
         blocks = cfg.backbone.num_blocks()
-        if blocks is not None and cfg.n_last_blocks > blocks:
-            raise ConfigError(f"lift.n_last_blocks={cfg.n_last_blocks}: {cfg.backbone.name} has "
-                              f"{blocks} blocks")
+        for key in ("n_last_blocks", "cache_blocks"):
+            if blocks is not None and getattr(cfg, key) > blocks:
+                raise ConfigError(f"lift.{key}={getattr(cfg, key)}: {cfg.backbone.name} has "
+                                  f"{blocks} blocks")
 
     def settings(self, config: LiftJob) -> dict[str, dict[str, Any]]:
         return {STAGE: config.lift.fingerprint()}

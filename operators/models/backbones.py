@@ -186,40 +186,80 @@ class ImageBackbone:
             x = F.pad(x, (before, after, before, after), mode="replicate")
         return x.to(self._dtype), grid_h, grid_w
 
+    def _patches(self, tokens: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+        """(B, n, T, D) tokens -> (B, n, h, w, D) float32 patch grids (prefix tokens dropped)."""
+        patches = tokens[:, :, self.num_prefix_tokens:]
+        if patches.shape[2] != grid_h * grid_w:
+            raise RuntimeError(f"{self.name}: expected {grid_h}x{grid_w} patch tokens, got {patches.shape[2]}")
+        return patches.float().reshape(patches.shape[0], patches.shape[1], grid_h, grid_w,
+                                       self.hidden_size)
+
     @torch.inference_mode()
-    def _forward(self, pixels: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    def _forward(self, pixels: torch.Tensor, grid_h: int, grid_w: int,
+                 raw_blocks: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The combined features (B, h, w, C) and, when raw_blocks > 0, the last raw_blocks
+        blocks' outputs before the final LayerNorm (B, raw_blocks, h, w, D), from one pass."""
         n = self.n_last_blocks
-        out = self.model(pixel_values=pixels, output_hidden_states=n > 1)
+        out = self.model(pixel_values=pixels, output_hidden_states=n > 1 or raw_blocks > 0)
         if n == 1:
             tokens = out.last_hidden_state[:, None]
         else:
             norm = self._final_norm()
             tokens = torch.stack([norm(h) for h in out.hidden_states[-n:]], dim=1)  # (B, n, T, D)
-        patches = tokens[:, :, self.num_prefix_tokens:]
-        if patches.shape[2] != grid_h * grid_w:
-            raise RuntimeError(f"{self.name}: expected {grid_h}x{grid_w} patch tokens, got {patches.shape[2]}")
-        batch = patches.shape[0]
-        grid = patches.float().reshape(batch, n, grid_h, grid_w, self.hidden_size)
+        grid = self._patches(tokens, grid_h, grid_w)
+        batch = grid.shape[0]
         if self.combine == "mean":
-            return grid.mean(dim=1)
-        return grid.permute(0, 2, 3, 1, 4).reshape(batch, grid_h, grid_w, n * self.hidden_size)
+            combined = grid.mean(dim=1)
+        else:
+            combined = grid.permute(0, 2, 3, 1, 4).reshape(batch, grid_h, grid_w, n * self.hidden_size)
+        raw = None
+        if raw_blocks > 0:  # hidden_states[-1] is the last block's output before the LayerNorm
+            raw = self._patches(torch.stack(out.hidden_states[-raw_blocks:], dim=1), grid_h, grid_w)
+        return combined, raw
 
-    def features(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-        """uint8 (B, H, W, 3) RGB -> float32 (B, h, w, C) patch features, C = self.dim."""
+    def _check_images(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
         if images.ndim == 3:
             images = images[None]
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"{self.name}: images must be uint8 (B, H, W, 3), got {images.dtype} {images.shape}")
+        return images
+
+    def features_and_blocks(self, images: np.ndarray, raw_blocks: int,
+                            batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 (B, H, W, 3) RGB -> float32 (B, h, w, C) patch features (C = self.dim) and,
+        when raw_blocks > 0, the last raw_blocks blocks before the final LayerNorm
+        (B, raw_blocks, h, w, D) float32 (what DFC §4.2 learns block weights over)."""
+        images = self._check_images(images)
+        if raw_blocks > self.num_blocks:
+            raise ValueError(f"{self.name}: {raw_blocks} blocks asked, the model has {self.num_blocks}")
         step = batch_size or self.batch_size
-        chunks = []
+        combined, raw = [], []
         for start in range(0, images.shape[0], step):
             pixels, grid_h, grid_w = self._preprocess(images[start:start + step])
-            chunks.append(self._forward(pixels, grid_h, grid_w).cpu().numpy())
-        if not chunks:
+            features, blocks = self._forward(pixels, grid_h, grid_w, raw_blocks)
+            combined.append(features.cpu().numpy())
+            if blocks is not None:
+                raw.append(blocks.cpu().numpy())
+        if not combined:
             grid_h, grid_w = self.grid_size(*images.shape[1:3])
-            return np.zeros((0, grid_h, grid_w, self.dim), np.float32)
-        return np.concatenate(chunks).astype(np.float32, copy=False)
+            empty = np.zeros((0, grid_h, grid_w, self.dim), np.float32)
+            return empty, (np.zeros((0, raw_blocks, grid_h, grid_w, self.hidden_size), np.float32)
+                           if raw_blocks > 0 else None)
+        return (np.concatenate(combined).astype(np.float32, copy=False),
+                np.concatenate(raw).astype(np.float32, copy=False) if raw else None)
+
+    def features(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """uint8 (B, H, W, 3) RGB -> float32 (B, h, w, C) patch features, C = self.dim."""
+        return self.features_and_blocks(images, 0, batch_size)[0]
+
+    def block_features(self, images: np.ndarray, n_blocks: int,
+                       batch_size: int | None = None) -> np.ndarray:
+        """uint8 (B, H, W, 3) RGB -> the last n_blocks blocks before the final LayerNorm,
+        float32 (B, n_blocks, h, w, D)."""
+        if n_blocks < 1:
+            raise ValueError(f"{self.name}: n_blocks must be >= 1, got {n_blocks}")
+        return self.features_and_blocks(images, n_blocks, batch_size)[1]  # type: ignore[return-value]
 
 
 def _set_stride_dinov2(model: torch.nn.Module, stride: int) -> None:

@@ -85,6 +85,12 @@ def stage_settings(root: RunRoot, output: StageOutput) -> dict[str, Any] | None:
         return None
 
 
+# Settings keys added after roots were made, with the value that describes those older roots
+# (their output was made as if the key had had this value): a root recorded without the key
+# is compared as if it held this value.
+ADDED_SETTINGS: dict[str, Any] = {"lift.cache_blocks": 0}
+
+
 def check_stage_settings(root: RunRoot, output: StageOutput, settings: Mapping[str, Any],
                          command: str) -> None:
     """Refuse settings that differ from those the output's rows were made with (before any
@@ -94,6 +100,8 @@ def check_stage_settings(root: RunRoot, output: StageOutput, settings: Mapping[s
     if not records:
         return
     recorded = stage_settings(root, output)
+    if recorded is not None:
+        recorded = {**{k: v for k, v in ADDED_SETTINGS.items() if k in settings}, **recorded}
     if recorded is None:
         first = root.read_json(f"{output.record_dir}/{COMMITS_DIR}/{min(records)}")
         if first.get("fingerprint") == settings_hash(settings):

@@ -23,8 +23,8 @@ import pyarrow.compute as pc
 
 from operators.store.commits import read_output
 from operators.store.storage import RunRoot, current_encoding, table_columns
-from operators.store.tables import (ASSETS, ASSETS_OUTPUT, FEATURE_POINTS, FEATURE_VIEWS,
-                                    LABEL_MASKS, LABEL_POINTS, POINTS, STAGE_OUTPUTS, VIEW_ARRAYS,
+from operators.store.tables import (ASSETS, ASSETS_OUTPUT, FEATURE_BLOCKS, FEATURE_POINTS,
+                                    FEATURE_VIEWS, LABEL_MASKS, LABEL_POINTS, POINTS, STAGE_OUTPUTS, VIEW_ARRAYS,
                                     VIEWS, StageOutput, Table, TABLES)
 
 
@@ -200,3 +200,7 @@ class RootReader:
     def view_features(self, asset_id: str) -> np.ndarray:
         """The cached patch grids (V, h, w, C) float16 in view_id order."""
         return self.table(FEATURE_VIEWS).arrays(asset_id, ["features"])["features"]
+
+    def view_blocks(self, asset_id: str) -> np.ndarray:
+        """The cached raw blocks (V, n_blocks, h, w, D) float16 in view_id order."""
+        return self.table(FEATURE_BLOCKS).arrays(asset_id, ["blocks"])["blocks"]

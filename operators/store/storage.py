@@ -322,6 +322,16 @@ class RunRoot:
                 if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
                 and not i.base_name.startswith(".")}
 
+    def list_dirs(self, relpath: str) -> list[str]:
+        """Names of the directories directly under `relpath`, sorted (on object stores: the
+        common prefixes)."""
+        selector = pafs.FileSelector(self.path(relpath), allow_not_found=True, recursive=False)
+        try:
+            infos = self.fs.get_file_info(selector)
+        except OSError as err:
+            raise StorageError(f"cannot list {self.display(relpath)}: {_first_line(err)}") from err
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
     def write_shard(self, table: str, shard: str, data: pa.Table) -> int:
         """Write one shard (zstd Parquet, the format version in its metadata) so that it appears
         whole or not at all; returns its size in bytes."""

@@ -58,6 +58,9 @@ LABEL_MASKS = table("labels/masks", ("asset_id", "view_id", "function", "part"),
 LABEL_POINTS = table("labels/points", ("asset_id", "function", "part"), ("score",))
 # Lifted features: the per-view patch grids (the training cache) and per-point features.
 FEATURE_VIEWS = table("features/views", ("asset_id", "view_id"), ("features",))
+# The correspondence trainer's cache: the last lift.cache_blocks blocks before the final
+# LayerNorm, (n_blocks, h, w, D) float16 per view (DFC §4.2).
+FEATURE_BLOCKS = table("features/blocks", ("asset_id", "view_id"), ("blocks",))
 FEATURE_POINTS = table("features/points", ("asset_id",),
                        ("point_index", "xyz", "features", "n_views_seen"))
 # Row-level failures of every job.
@@ -96,7 +99,8 @@ ASSETS_OUTPUT = StageOutput("assets", (ASSETS,), record_dir="assets")
 RENDER_OUTPUT = StageOutput("render", (VIEWS, POINTS), record_dir="views")
 LABEL_OUTPUT = StageOutput("label", (LABEL_BOXES, LABEL_MASKS, LABEL_POINTS), record_dir="labels",
                            upstream="render")
-LIFT_OUTPUT = StageOutput("lift", (FEATURE_VIEWS, FEATURE_POINTS), record_dir="features",
+LIFT_OUTPUT = StageOutput("lift", (FEATURE_VIEWS, FEATURE_BLOCKS, FEATURE_POINTS),
+                          record_dir="features",
                           upstream="render")
 STAGE_OUTPUTS: dict[str, StageOutput] = {o.stage: o for o in (ASSETS_OUTPUT, RENDER_OUTPUT,
                                                               LABEL_OUTPUT, LIFT_OUTPUT)}

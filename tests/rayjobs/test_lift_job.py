@@ -37,6 +37,10 @@ def test_lift_writes_point_and_view_features_and_resumes(tmp_path: Path) -> None
     views = table_columns(root.read_table("features/views"))
     # 4 views of 24x32 px at stride 14 -> resized to 28x28 -> a 2x2 grid of 64-d tiny features
     assert views["features"].shape == (12, 2, 2, 64)
+    # the trainer's cache: the tiny model's last 3 of 4 blocks before its final LayerNorm
+    blocks = table_columns(root.read_table("features/blocks"))
+    assert blocks["blocks"].shape == (12, 3, 2, 2, 64) and blocks["blocks"].dtype == np.float16
+    assert (blocks["view_id"] == views["view_id"]).all()
     again = run_lift(small_config(uri, "lift.n_points=128"))
     assert (again.ok, again.skipped_done) == (0, 3)
     assert root.read_table("features/points", columns=["asset_id"]).num_rows == 3

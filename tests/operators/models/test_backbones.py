@@ -132,3 +132,19 @@ def test_minilm_text_encoder_shipped_by_a_package_is_semantic() -> None:
     assert encoder.dim == 384 and pour.shape == (384,)
     assert abs(float(pour @ pour) - 1.0) < 1e-5
     assert float(pour @ pour2) > float(pour @ cut) + 0.2
+
+
+@pytest.mark.parametrize("name", ["dinov2-random-tiny", "dinov3-random-tiny"])
+def test_raw_blocks_are_before_the_final_layernorm(name: str, images: np.ndarray) -> None:
+    """DFC §4.2 reads the last blocks before the final LayerNorm: the last raw block through
+    the model's LayerNorm is the model's output, and the raw blocks differ from it."""
+    backbone = load_backbone(name, n_last_blocks=2)
+    combined, raw = backbone.features_and_blocks(images[:2], raw_blocks=3)
+    assert raw.shape == (2, 3, *combined.shape[1:3], backbone.hidden_size)
+    normed = backbone._final_norm()(torch.from_numpy(raw[:, -2:])).numpy()
+    # block-major concat of the last 2 normed blocks = the normed raw blocks side by side
+    np.testing.assert_allclose(combined, np.concatenate([normed[:, 0], normed[:, 1]], axis=-1),
+                               atol=1e-5)
+    assert np.abs(raw[:, -1] - normed[:, 1]).max() > 1e-2
+    np.testing.assert_array_equal(backbone.block_features(images[:2], 3), raw)
+    np.testing.assert_array_equal(backbone.features(images[:2]), combined)

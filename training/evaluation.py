@@ -1,0 +1,201 @@
+"""The DFC evaluation protocol (§5.1, Appendix B.1) on procedural assets, and the validation the
+trainer runs at every checkpoint (label-transfer PCK@10 on a fixed, seeded set of pairs).
+
+- Pairs: two views of two assets sharing a function, each showing the function's part with at
+  least `min_part_pixels` pixels; ground truth from the functional frames
+  (`operators.geometry.correspondence`, `operators.metrics.correspondence.ground_truth_matches`).
+- Describers: `model` (a trained DenseCorrespondenceModel with its function embeddings),
+  `raw` (uniform mean of the cached blocks, L2-normalised: the paper's raw-feature baseline),
+  `chance` (random unit descriptors, seeded per image).
+- Label transfer both directions, argmax over the target's object pixels (with a mask head:
+  predicted mask ∩ object, falling back to the object under 16 px); discovery over the object
+  pixels of both images at `pixel_stride`. Metric code: `operators.metrics.correspondence`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from operators.geometry.correspondence import frame_to_frame, part_mask, part_surface
+from operators.metrics.correspondence import (discovery_metrics, discovery_scores,
+                                              ground_truth_matches, label_transfer, pck)
+from operators.store.readers import RootReader
+from training.model import DenseCorrespondenceModel, raw_descriptors
+
+MIN_MASK_PIXELS = 16  # below this a predicted mask is ignored (the release's fallback)
+PCK_THRESHOLDS = (23, 15, 10)
+DISCOVERY_KS = (23, 15, 10, 5)
+
+
+@dataclass(frozen=True)
+class EvalPair:
+    asset_1: str
+    view_1: int
+    asset_2: str
+    view_2: int
+    function: str
+    same_category: bool
+    truth: np.ndarray      # (m, 4) ground-truth pixel pairs [u1, v1, u2, v2]
+    objects_1: np.ndarray  # (n1, 2) object pixels of image 1 (at the pixel stride)
+    objects_2: np.ndarray  # (n2, 2)
+
+    def split(self) -> str:
+        return "within" if self.same_category else "across"
+
+
+def strided_pixels(mask: np.ndarray, stride: int) -> np.ndarray:
+    """Centres (n, 2) of the mask's pixels on the every-`stride`-th row/column lattice."""
+    lattice = np.zeros(mask.shape, bool)
+    lattice[::stride, ::stride] = True
+    rows, cols = np.nonzero(mask & lattice)
+    return np.stack([cols + 0.5, rows + 0.5], axis=1).astype(np.float32)
+
+
+def draw_pairs(reader: RootReader, assets: Sequence[dict], *, n_pairs: int, seed: int,
+               max_gt_points: int, pixel_stride: int, min_part_pixels: int = 32) -> list[EvalPair]:
+    """Seeded evaluation pairs among `assets` (manifest rows with part frames); [] when no
+    function is shown by two of them."""
+    shows: dict[str, list[tuple[int, int, int]]] = defaultdict(list)  # function -> (a, view, part)
+    views: list[dict[str, np.ndarray]] = []
+    usable = [row for row in assets if len(row.get("part_frames") or ())]
+    for a, row in enumerate(usable):
+        v = reader.views(row["asset_id"], ["face_id", "depth", "K", "cam_to_world", "mask"])
+        views.append(v)
+        face_part = np.asarray(row["face_part"], np.int64)
+        for p, functions in enumerate(row["part_functions"]):
+            if not functions:
+                continue
+            counts = part_mask(v["face_id"], face_part, [p]).sum(axis=(1, 2))
+            for view in np.flatnonzero(counts >= min_part_pixels):
+                for function in functions:
+                    shows[function].append((a, int(view), p))
+    functions = sorted(f for f, entries in shows.items() if len({e[0] for e in entries}) >= 2)
+    if not functions:
+        return []
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(n_pairs):
+        function = functions[rng.integers(len(functions))]
+        entries = shows[function]
+        first = entries[rng.integers(len(entries))]
+        others = [e for e in entries if e[0] != first[0]]
+        second = others[rng.integers(len(others))]
+        pairs.append(_pair(usable, views, function, first, second, max_gt_points, pixel_stride))
+    return pairs
+
+
+def _pair(rows: Sequence[dict], views: Sequence[dict], function: str, first: tuple[int, int, int],
+          second: tuple[int, int, int], max_gt_points: int, pixel_stride: int) -> EvalPair:
+    sides = []
+    for a, view, part in (first, second):
+        v = views[a]
+        pixels, surface = part_surface(v["face_id"][view], v["depth"][view], v["K"][view],
+                                       v["cam_to_world"][view],
+                                       np.asarray(rows[a]["face_part"], np.int64), [part])
+        frame = np.asarray(rows[a]["part_frames"], np.float64).reshape(-1, 4, 3)[part]
+        sides.append((pixels, surface, frame, strided_pixels(np.asarray(v["mask"][view], bool),
+                                                             pixel_stride)))
+    (pix_1, surf_1, frame_1, obj_1), (pix_2, surf_2, frame_2, obj_2) = sides
+    aligned = frame_to_frame(surf_1, frame_1, frame_2)  # asset 1's part onto asset 2's (DFC §3.2)
+    truth = ground_truth_matches(pix_1, aligned, pix_2, surf_2, max_points=max_gt_points)
+    a1, a2 = rows[first[0]], rows[second[0]]
+    return EvalPair(a1["asset_id"], first[1], a2["asset_id"], second[1], function,
+                    a1["category"] == a2["category"], truth, obj_1, obj_2)
+
+
+# ------------------------------------------------------------------------------ describers
+
+# (features of one view, pixels (n, 2), image size, function, image key) -> descriptors (n, D)
+# and mask logits (n,) or None
+Describe = Callable[[np.ndarray, np.ndarray, tuple[int, int], str, str],
+                    tuple[np.ndarray, np.ndarray | None]]
+
+
+def model_describer(model: DenseCorrespondenceModel, text_of: Callable[[str], torch.Tensor],
+                    device: torch.device | str = "cpu", chunk: int = 4096) -> Describe:
+    @torch.no_grad()
+    def describe(features: np.ndarray, uv: np.ndarray, size: tuple[int, int], function: str,
+                 key: str) -> tuple[np.ndarray, np.ndarray | None]:
+        blocks = torch.as_tensor(np.array(features, np.float32), device=device)[None]
+        text = text_of(function).to(device)[None]
+        out, logits = [], []
+        for start in range(0, len(uv), chunk):
+            points = torch.as_tensor(np.array(uv[start:start + chunk], np.float32),
+                                     device=device)[None]
+            d, m = model(blocks, points, size, text)
+            out.append(d[0].float().cpu().numpy())
+            if m is not None:
+                logits.append(m[0].float().cpu().numpy())
+        return np.concatenate(out), (np.concatenate(logits) if logits else None)
+    return describe
+
+
+def raw_describer() -> Describe:
+    @torch.no_grad()
+    def describe(features: np.ndarray, uv: np.ndarray, size: tuple[int, int], function: str,
+                 key: str) -> tuple[np.ndarray, None]:
+        blocks = torch.as_tensor(np.array(features, np.float32))[None]
+        points = torch.as_tensor(np.array(uv, np.float32))[None]
+        return raw_descriptors(blocks, points, size)[0].numpy(), None
+    return describe
+
+
+def chance_describer(seed: int, dim: int = 64) -> Describe:
+    """Random unit descriptors; the same pixel of the same image always gets the same one."""
+    def describe(features: np.ndarray, uv: np.ndarray, size: tuple[int, int], function: str,
+                 key: str) -> tuple[np.ndarray, None]:
+        rng = np.random.default_rng([seed, *key.encode()])
+        table = rng.standard_normal((size[0] * size[1], dim)).astype(np.float32)
+        table /= np.linalg.norm(table, axis=1, keepdims=True)
+        index = np.floor(uv[:, 1]).astype(np.int64) * size[1] + np.floor(uv[:, 0]).astype(np.int64)
+        return table[index], None
+    return describe
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+def _transfer(describe: Describe, feat_src: np.ndarray, feat_tgt: np.ndarray, src: np.ndarray,
+              truth_tgt: np.ndarray, candidates: np.ndarray, size: tuple[int, int],
+              function: str, keys: tuple[str, str]) -> np.ndarray:
+    d_src, _ = describe(feat_src, src, size, function, keys[0])
+    d_tgt, logits = describe(feat_tgt, candidates, size, function, keys[1])
+    if logits is not None:  # mask head: predicted mask ∩ object unless it is nearly empty
+        inside = logits > 0
+        if inside.sum() >= MIN_MASK_PIXELS:
+            d_tgt, candidates = d_tgt[inside], candidates[inside]
+    return label_transfer(d_src @ d_tgt.T, candidates)
+
+
+def score_pair(describe: Describe, pair: EvalPair, feat_1: np.ndarray, feat_2: np.ndarray,
+               size: tuple[int, int], discovery: bool = True) -> dict[str, float]:
+    """PCK (both directions, pooled) and, with `discovery`, best-F1/AP of one pair."""
+    keys = (f"{pair.asset_1}/{pair.view_1}", f"{pair.asset_2}/{pair.view_2}")
+    truth = pair.truth
+    forward = _transfer(describe, feat_1, feat_2, truth[:, :2], truth[:, 2:], pair.objects_2,
+                        size, pair.function, keys)
+    backward = _transfer(describe, feat_2, feat_1, truth[:, 2:], truth[:, :2], pair.objects_1,
+                         size, pair.function, keys[::-1])
+    metrics = pck(np.concatenate([forward, backward]), np.concatenate([truth[:, 2:], truth[:, :2]]),
+                  size[0], PCK_THRESHOLDS)
+    if discovery:
+        d_1, _ = describe(feat_1, pair.objects_1, size, pair.function, keys[0])
+        d_2, _ = describe(feat_2, pair.objects_2, size, pair.function, keys[1])
+        matches, scores, _ = discovery_scores(d_1 @ d_2.T, pair.objects_1, pair.objects_2)
+        metrics |= discovery_metrics(matches, scores, truth, DISCOVERY_KS, size[0])
+    return metrics
+
+
+def mean_metrics(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Mean over pairs of each metric (NaN-free pairs only per metric)."""
+    keys = sorted({k for r in rows for k in r})
+    out = {}
+    for k in keys:
+        values = np.array([r[k] for r in rows if k in r and np.isfinite(r[k])], np.float64)
+        out[k] = float(values.mean()) if values.size else float("nan")
+    return out

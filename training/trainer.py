@@ -1,0 +1,55 @@
+"""The trainer driver every Ray Train stage shares: scaling, storage of checkpoints under the run,
+checkpoint retention, failure handling, the plan dataset. The correspondence trainer (and later
+CMAT/CAST and AffordanceCLIP) hand it a loop, its config and the plan rows.
+
+- `TorchTrainer` (Train V2) with `ScalingConfig(num_workers, use_gpu)`; gloo on CPU, NCCL on GPU.
+- `RunConfig(name, storage_path=<root>/runs/<kind>, storage_filesystem=<the root's>)`: Ray's
+  checkpoints land inside the run directory, local or S3 alike (the path without the scheme).
+- `CheckpointConfig(num_to_keep=k)`: the last k; the loop exports the best to `best/`.
+- Resume = the same (storage path, name): Ray finds its checkpoint manager snapshot there and
+  `ray.train.get_checkpoint()` returns the latest checkpoint.
+- The plan goes in as `datasets={"plan": ...}` (Ray Data splits it equally across the ranks);
+  order is preserved so a 1-worker run reads its rows in step order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from operators.store.storage import RunRoot
+
+
+@dataclass(frozen=True)
+class Scaling:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    keep_checkpoints: int = 2
+    max_failures: int = 0
+
+
+def fit(root: RunRoot, run: str, loop: Callable[[dict[str, Any]], None],
+        loop_config: dict[str, Any], plan_rows: list[dict[str, Any]], scaling: Scaling) -> Any:
+    """Run (or resume) one Ray Train run at `<root>/<run>`; returns Ray's `Result`."""
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    parent, name = run.rsplit("/", 1)
+    dataset = ray.data.from_items(plan_rows)
+    dataset.context.execution_options.preserve_order = True
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name, storage_path=root.path(parent), storage_filesystem=root.fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=scaling.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=scaling.max_failures)),
+        datasets={"plan": dataset},
+    )
+    return trainer.fit()

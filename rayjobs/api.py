@@ -16,15 +16,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from rayjobs.config import (AssetsJob, DemoJob, LabelJob, LiftJob, PipelineJob, RenderJob,
-                            StatusJob, load_config)
+from rayjobs.config import (AssetsJob, DemoJob, EvalJob, LabelJob, LiftJob, PipelineJob,
+                            RenderJob, StatusJob, TrainJob, load_config)
 
 if TYPE_CHECKING:
     from rayjobs.driver import StageReport
+    from rayjobs.eval_job import EvalReport
+    from rayjobs.train_job import TrainJobReport
 
-__all__ = ["AssetsJob", "RenderJob", "LabelJob", "LiftJob", "PipelineJob", "DemoJob",
-           "StatusJob", "load_config", "assets_make", "assets_scan", "render", "label", "lift",
-           "run", "demo", "status", "migrate"]
+__all__ = ["AssetsJob", "RenderJob", "LabelJob", "LiftJob", "PipelineJob", "TrainJob",
+           "EvalJob", "DemoJob", "StatusJob", "load_config", "assets_make", "assets_scan",
+           "render", "label", "lift", "run", "train", "evaluate", "demo", "status", "migrate"]
 
 
 def assets_make(config: AssetsJob) -> "StageReport":
@@ -61,6 +63,20 @@ def run(config: PipelineJob) -> list["StageReport"]:
     """The stages of `pipeline.stages` streamed together (`partlift run`)."""
     from rayjobs.pipeline_job import run_pipeline
     return run_pipeline(config)
+
+
+def train(config: TrainJob) -> "TrainJobReport":
+    """Dense functional-correspondence training on Ray Train (`partlift train`); the same
+    job.name resumes."""
+    from rayjobs.train_job import run_train
+    return run_train(config)
+
+
+def evaluate(config: EvalJob, models: list[str], benchmark: str = "dfc", name: str | None = None,
+             checkpoint: str = "best") -> "EvalReport":
+    """A benchmark on trained models and the baselines (`partlift eval`)."""
+    from rayjobs.eval_job import run_eval
+    return run_eval(config, models, benchmark=benchmark, name=name, checkpoint=checkpoint)
 
 
 def demo(config: DemoJob) -> list["StageReport"]:

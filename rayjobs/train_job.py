@@ -60,6 +60,9 @@ def run_train(config: TrainJob) -> TrainJobReport:
     record = config_record(config)
     name = config.job.name or default_run_name("dfc", record)
     run = run_path("train", name)
+    if config.job.overwrite and root.exists(f"{run}/run.json"):
+        root.fs.delete_dir(root.path(run))  # --overwrite: start the run over
+        print(f"train: removed {root.display(run)}/ (--overwrite)")
     backbone = None
     if config.train.input == "backbone":
         options = config.lift.backbone

@@ -47,3 +47,33 @@ def ray_session() -> Iterator[None]:
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
+
+
+# A root the learning stages train and evaluate on: 8 procedural assets (mug, cup, bowl, pan,
+# bottle, kettle, knife, spoon), 4 views of 56 px, oracle labels, tiny-ViT block cache. With
+# data.val_fraction=0.3 the mug, cup and spoon validate (they share pour-with and scoop-with).
+DFC_ROOT_SETTINGS = ["assets.n=8", "render.views=4", "render.width=56", "render.height=56",
+                     "render.n_points=3000", "label.trials=1", "lift.n_points=256",
+                     "ray.progress_bars=false"]
+# A small correspondence run on it (each value is a train.* preset value scaled down).
+DFC_TRAIN_SETTINGS = ["data.val_fraction=0.3", "train.steps=4", "train.checkpoint_every=2",
+                      "train.min_part_pixels=8", "train.min_shared_points=16", "train.points=16",
+                      "train.functional_pairs=2", "train.spatial_pairs=2", "train.val_pairs=4",
+                      "eval.max_gt_points=200", "eval.pairs=6", "train.proj_dim=64",
+                      "train.hidden_dim=128", "train.out_dim=32", "ray.progress_bars=false"]
+
+
+@pytest.fixture(scope="session")
+def dfc_root(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> str:
+    from rayjobs.assets_job import run_assets_make
+    from rayjobs.config import DemoJob, load_config
+    from rayjobs.label_job import run_label
+    from rayjobs.lift_job import run_lift
+    from rayjobs.render_job import run_render
+    uri = str(tmp_path_factory.mktemp("dfc") / "root")
+    config = load_config((), DFC_ROOT_SETTINGS, root=uri, model=DemoJob)
+    run_assets_make(config)
+    run_render(config)
+    run_label(config)
+    run_lift(config)
+    return uri

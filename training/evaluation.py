@@ -118,10 +118,12 @@ Describe = Callable[[np.ndarray, np.ndarray, tuple[int, int], str, str],
 
 def model_describer(model: DenseCorrespondenceModel, text_of: Callable[[str], torch.Tensor],
                     device: torch.device | str = "cpu", chunk: int = 4096) -> Describe:
+    n_blocks = int(model.block_logits.numel())
+
     @torch.no_grad()
     def describe(features: np.ndarray, uv: np.ndarray, size: tuple[int, int], function: str,
                  key: str) -> tuple[np.ndarray, np.ndarray | None]:
-        blocks = torch.as_tensor(np.array(features, np.float32), device=device)[None]
+        blocks = torch.as_tensor(np.array(features[-n_blocks:], np.float32), device=device)[None]
         text = text_of(function).to(device)[None]
         out, logits = [], []
         for start in range(0, len(uv), chunk):
@@ -135,11 +137,12 @@ def model_describer(model: DenseCorrespondenceModel, text_of: Callable[[str], to
     return describe
 
 
-def raw_describer() -> Describe:
+def raw_describer(n_blocks: int = 3) -> Describe:
+    """DFC's raw-feature baseline: the uniform mean of the last n blocks, L2-normalised."""
     @torch.no_grad()
     def describe(features: np.ndarray, uv: np.ndarray, size: tuple[int, int], function: str,
                  key: str) -> tuple[np.ndarray, None]:
-        blocks = torch.as_tensor(np.array(features, np.float32))[None]
+        blocks = torch.as_tensor(np.array(features[-n_blocks:], np.float32))[None]
         points = torch.as_tensor(np.array(uv, np.float32))[None]
         return raw_descriptors(blocks, points, size)[0].numpy(), None
     return describe
@@ -199,3 +202,72 @@ def mean_metrics(rows: Sequence[dict[str, float]]) -> dict[str, float]:
         values = np.array([r[k] for r in rows if k in r and np.isfinite(r[k])], np.float64)
         out[k] = float(values.mean()) if values.size else float("nan")
     return out
+
+
+# ------------------------------------------------------------------------------ benchmark
+
+TABLE_COLUMNS = (("normalized_dist", "Normalized Dist (↓)"), ("pck@23", "PCK@23"),
+                 ("pck@15", "PCK@15"), ("pck@10", "PCK@10"), ("best_f1@23", "Best F1@23"),
+                 ("best_f1@10", "Best F1@10"), ("ap@23", "AP@23"), ("ap@10", "AP@10"))
+
+
+@dataclass
+class PairFeatures:
+    """Reads the two views' features of a pair (cached per asset)."""
+
+    reader: RootReader
+    cache: dict[str, np.ndarray]
+
+    def __call__(self, asset_id: str, view: int) -> np.ndarray:
+        """(n_blocks, h, w, C) of every cached block; describers take the last ones they use."""
+        if asset_id not in self.cache:
+            self.cache[asset_id] = np.asarray(self.reader.view_blocks(asset_id))
+        return self.cache[asset_id][view]
+
+
+def evaluate(describers: dict[str, Describe], pair_sets: dict[str, list[EvalPair]],
+             features: PairFeatures, size: tuple[int, int],
+             progress: Callable[[str], None] = print) -> dict[str, dict[str, dict[str, float]]]:
+    """describer -> subset -> mean metrics, subsets: every pair set by name (e.g. val,
+    holdout) and, for `val`, its within- and across-category pairs (DFC Table 2)."""
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for name, describe in describers.items():
+        results[name] = {}
+        for set_name, pairs in pair_sets.items():
+            rows, splits = [], []
+            for pair in pairs:
+                rows.append(score_pair(describe, pair, features(pair.asset_1, pair.view_1),
+                                       features(pair.asset_2, pair.view_2), size))
+                splits.append(pair.split())
+            results[name][set_name] = mean_metrics(rows) | {"pairs": float(len(rows))}
+            if set_name == "val":
+                for split in ("within", "across"):
+                    chosen = [r for r, s in zip(rows, splits) if s == split]
+                    results[name][f"val-{split}"] = (mean_metrics(chosen)
+                                                     | {"pairs": float(len(chosen))})
+        progress(f"{name}: PCK@10 {results[name].get('val', {}).get('pck@10', float('nan')):.3f}"
+                 f", AP@10 {results[name].get('val', {}).get('ap@10', float('nan')):.3f}")
+    return results
+
+
+def markdown_tables(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """DFC Table 1's shape on the validation pairs, then within/across category (Table 2) and the
+    held-out categories as extra columns."""
+    def cell(value: float | None) -> str:
+        return "-" if value is None or not np.isfinite(value) else f"{value:.3f}"
+
+    lines = ["| Model | " + " | ".join(title for _, title in TABLE_COLUMNS) + " |",
+             "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
+    for name, subsets in results.items():
+        val = subsets.get("val", {})
+        lines.append(f"| {name} | " + " | ".join(cell(val.get(k)) for k, _ in TABLE_COLUMNS)
+                     + " |")
+    lines += ["", "| Model | PCK@10 within | PCK@10 across | AP@10 within | AP@10 across | "
+              "PCK@10 held out | AP@10 held out |", "|---|---|---|---|---|---|---|"]
+    for name, subsets in results.items():
+        get = lambda subset, key: subsets.get(subset, {}).get(key)  # noqa: E731
+        lines.append(f"| {name} | {cell(get('val-within', 'pck@10'))} | "
+                     f"{cell(get('val-across', 'pck@10'))} | {cell(get('val-within', 'ap@10'))} | "
+                     f"{cell(get('val-across', 'ap@10'))} | {cell(get('holdout', 'pck@10'))} | "
+                     f"{cell(get('holdout', 'ap@10'))} |")
+    return "\n".join(lines) + "\n"

@@ -160,7 +160,7 @@ def view_features(data: PairBatches, asset_id: str, view: int) -> np.ndarray:
         if data.input == "backbone":
             cache[asset_id] = np.asarray(data.reader.views(asset_id, ["rgb"])["rgb"])
         else:
-            cache[asset_id] = np.asarray(data.reader.view_blocks(asset_id))[:, -data.n_blocks:]
+            cache[asset_id] = np.asarray(data.reader.view_blocks(asset_id))
     return cache[asset_id][view]
 
 
@@ -242,12 +242,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step % cfg["checkpoint_every"] and step != cfg["steps"]:
             continue
         report = {"step": step, "loss": metrics["loss"]}
+        in_sync = ranks_in_sync(model, context.get_world_size())
         if rank != 0:
             ray.train.report(report)
             continue
         score = validate(model, setup.val_pairs, data, blocks, text_of, device)
         report[VALIDATION_METRIC] = score
-        log.rows[-1][VALIDATION_METRIC] = score
+        log.rows[-1] |= {VALIDATION_METRIC: score, "world_size": context.get_world_size(),
+                         "ranks_in_sync": in_sync}
         writer.add_scalar("val/pck_10", score, step)  # TensorBoard tags take no @
         log.write()
         if np.isfinite(score) and score > best:
@@ -260,6 +262,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _save_checkpoint(folder, model, optimizer, step, report)
             ray.train.report(report, checkpoint=Checkpoint.from_directory(folder))
         tic = time.perf_counter()
+
+
+def ranks_in_sync(model: nn.Module, world_size: int) -> bool:
+    """Whether every rank holds the same weights (DDP keeps them so; a desync is a bug that
+    silently trains diverging models): a float64 checksum gathered from every rank."""
+    if world_size == 1:
+        return True
+    import torch.distributed as dist
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
+    gathered = [torch.zeros_like(checksum) for _ in range(world_size)]
+    dist.all_gather(gathered, checksum)
+    values = torch.stack(gathered)
+    if not bool(torch.allclose(values, values[0], rtol=1e-9, atol=1e-9)):
+        raise RuntimeError(f"DDP ranks hold different weights (checksums {values.tolist()})")
+    return True
 
 
 def _tensorboard():

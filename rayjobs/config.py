@@ -229,6 +229,7 @@ class LiftConfig(Section):
     n_points: int = Field(2048, ge=1, description="points per asset to store features for (subsampled from points/)")
     cache_view_features: bool = Field(True, description="also write the per-view patch grids to features/views/")
     cache_blocks: int = Field(3, ge=0, description="also write the last n blocks before the final LayerNorm per view to features/blocks/ (the correspondence trainer's cache, DFC 4.2; 0 = off)")
+    background_variants: int = Field(1, ge=1, description="features/blocks/ rows per view: 1 = the render's own background; K > 1 adds K-1 replaced backgrounds (solid or gradient, noise half the time) for the trainer's augmentation")
     seed: int = Field(0, ge=0, description="seed of the point subsample (mixed with the asset id)")
     visibility_rel_tol: float = Field(0.01, ge=0, description="depth-test tolerance, fraction of depth")
     visibility_abs_tol: float = Field(0.002, ge=0, description="depth-test tolerance, metres")

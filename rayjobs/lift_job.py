@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import ray.data
 
+from operators.data.backgrounds import background_variants
 from operators.geometry.lift import lift_features, subsample_points
 from operators.models.loading import resolve_device, resolve_dtype
 from operators.settings import ConfigError
@@ -38,6 +39,7 @@ class BackboneActor:
         from operators.models.backbones import load_backbone
         self.task = task
         self.cache_blocks = cfg.cache_blocks
+        self.variants, self.seed = cfg.background_variants, cfg.seed
         options = cfg.backbone
         device = resolve_device(options.device)
         self.backbone = load_backbone(options.name, options.model_path, device=device,
@@ -52,9 +54,22 @@ class BackboneActor:
         raw_blocks = self.cache_blocks
 
         def grids(i: int) -> tuple[np.ndarray, np.ndarray | None]:
-            features, blocks = self.backbone.features_and_blocks(batch["rgb"][i], raw_blocks)
-            return features.astype(np.float16), (blocks.astype(np.float16)
-                                                 if blocks is not None else None)
+            rgb = batch["rgb"][i]
+            features, blocks = self.backbone.features_and_blocks(rgb, raw_blocks)
+            if blocks is None:
+                return features.astype(np.float16), None
+            variants = [blocks]  # variant 0: the render's own background
+            if self.variants > 1:  # the others: replaced backgrounds, seeded per asset
+                seed = seed_for(self.seed, str(batch["asset_id"][i]))
+                images = np.stack([background_variants(rgb[v], batch["mask"][i][v],
+                                                       self.variants, seed + v)[1:]
+                                   for v in range(rgb.shape[0])])  # (V, K-1, H, W, 3)
+                extra = self.backbone.block_features(images.reshape(-1, *rgb.shape[1:]),
+                                                     raw_blocks)
+                variants += list(extra.reshape(rgb.shape[0], self.variants - 1,
+                                               *extra.shape[1:]).swapaxes(0, 1))
+            # (V, K, n_blocks, h, w, D)
+            return features.astype(np.float16), np.stack(variants, axis=1).astype(np.float16)
 
         done = dict(errors.attempt([i for i in rows if todo(batch, STAGE, i)], grids,
                                    asset_of=lambda i: str(batch["asset_id"][i])))
@@ -66,7 +81,7 @@ class BackboneActor:
         names += [k for k in (f"todo_{STAGE}", "failed_stage") if k in batch]
         out = keep_rows(batch, keep, names)
         results = [done.get(i) for i in keep]
-        for column, part, rank in (("view_features", 0, 4), ("view_blocks", 1, 5)):
+        for column, part, rank in (("view_features", 0, 4), ("view_blocks", 1, 6)):
             values = [r[part] if r is not None and r[part] is not None else None
                       for r in results]
             if all(v is not None for v in values):
@@ -110,10 +125,13 @@ def lift_write_batch(batch: dict[str, Any], task: TaskContext, cfg: LiftConfig) 
             views["asset_id"] += [ids[i]] * grids.shape[0]
             views["view_id"].append(np.arange(grids.shape[0], dtype=np.int32))
             views["features"].append(np.asarray(grids, np.float16))
-        if cfg.cache_blocks:
-            blocks["asset_id"] += [ids[i]] * grids.shape[0]
-            blocks["view_id"].append(np.arange(grids.shape[0], dtype=np.int32))
-            blocks["blocks"].append(np.asarray(batch["view_blocks"][i], np.float16))
+        if cfg.cache_blocks:  # one row per (view, background variant)
+            cached = np.asarray(batch["view_blocks"][i], np.float16)  # (V, K, n, h, w, D)
+            n_views, n_variants = cached.shape[:2]
+            blocks["asset_id"] += [ids[i]] * (n_views * n_variants)
+            blocks["view_id"].append(np.repeat(np.arange(n_views, dtype=np.int32), n_variants))
+            blocks["variant"].append(np.tile(np.arange(n_variants, dtype=np.int16), n_views))
+            blocks["blocks"].append(cached.reshape(-1, *cached.shape[2:]))
         ok.append({"asset_id": ids[i], "status": "ok",
                    "render_commit": str(batch["render_commit"][i])})
     shard = shard_name(ids)

@@ -62,6 +62,7 @@ class TrainSection(Section):
     hidden_dim: int = Field(1024, ge=1, description="MLP hidden width")
     out_dim: int = Field(256, ge=1, description="descriptor width")
     text_encoder: BackboneOptions = Field(BackboneOptions(name="minilm-text"), description="function-name embeddings by registry name (minilm-text offline; clip-text as released, with user-provided weights)")
+    augment_backgrounds: bool = Field(True, description="background augmentation: the backbone path draws a new background per image and step; the cache path picks one of the lift stage's lift.background_variants")
     input: Literal["cache", "backbone"] = Field("cache", description="features from the lift stage's block cache, or the frozen backbone run on the views in the loop")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
     use_gpu: bool = Field(False, description="one GPU per worker, NCCL and bf16 autocast")

@@ -25,7 +25,7 @@ import numpy as np
 from operators.geometry.cameras import project_points, visibility
 from operators.store.readers import RootReader
 from operators.store.storage import RunRoot
-from operators.store.tables import FEATURE_BLOCKS
+from operators.data.backgrounds import replace_background
 from training.pairs import Catalogue, PartMasks
 
 
@@ -33,7 +33,7 @@ from training.pairs import Catalogue, PartMasks
 class AssetArrays:
     """What batches need of one asset (every view, view_id order)."""
 
-    features: np.ndarray      # (V, n_blocks, h, w, C) float16, or (V, H, W, 3) uint8 RGB
+    features: np.ndarray      # (V, K, n_blocks, h, w, C) float16, or (V, H, W, 3) uint8 RGB
     objects: np.ndarray       # (V, H, W) bool
     face_id: np.ndarray       # (V, H, W) int32
     depth: np.ndarray         # (V, H, W) float32
@@ -61,11 +61,12 @@ class PairBatches:
 
     def __init__(self, root: RunRoot, catalogue: Catalogue, manifest: dict[str, dict], *,
                  masks: str, points: int, input: str, n_blocks: int, cache_assets: int,
+                 augment: bool = False,
                  visibility_tol: tuple[float, float] = (0.01, 2e-3)) -> None:
         self.reader = RootReader(root)
         self.catalogue, self.manifest = catalogue, manifest
         self.masks, self.points, self.input, self.n_blocks = masks, points, input, n_blocks
-        self.visibility_tol = visibility_tol
+        self.visibility_tol, self.augment = visibility_tol, augment
         self._cache: OrderedDict[int, AssetArrays] = OrderedDict()
         self._cache_assets = cache_assets
         self.extra_views: dict[str, np.ndarray] = {}  # validation assets' view features
@@ -81,8 +82,8 @@ class PairBatches:
         if self.input == "backbone":
             features = np.asarray(views["rgb"])
         else:
-            blocks = self.reader.table(FEATURE_BLOCKS).arrays(asset_id, ["blocks"])["blocks"]
-            features = np.asarray(blocks)[:, -self.n_blocks:]
+            blocks = self.reader.view_blocks(asset_id, variant=None)  # (V, K, n, h, w, C)
+            features = np.asarray(blocks)[:, :, -self.n_blocks:]
         points = self.reader.points(asset_id, ["xyz", "part"])
         arrays = AssetArrays(features, np.asarray(views["mask"], bool), views["face_id"],
                              views["depth"], views["K"], views["cam_to_world"], points["xyz"],
@@ -114,7 +115,7 @@ class PairBatches:
         function = self.catalogue.functions[entry.function]
         inside = self.part_mask(arrays, part, function)[entry.view] & arrays.objects[entry.view]
         outside = arrays.objects[entry.view] & ~inside
-        return (arrays.features[entry.view], sample_pixels(inside, self.points, rng),
+        return (self.view_input(arrays, entry.view, rng), sample_pixels(inside, self.points, rng),
                 sample_pixels(outside, self.points, rng))
 
     def _spatial_pair(self, entry_index: int, function: int, swap: bool,
@@ -134,7 +135,18 @@ class PairBatches:
                              "shared visible part points")
         pick = rng.choice(shared, size=self.points, replace=shared.size < self.points)
         uv = projection[0][:, pick]
-        return arrays.features[views[0]], arrays.features[views[1]], uv[0], uv[1]
+        return (self.view_input(arrays, views[0], rng), self.view_input(arrays, views[1], rng),
+                uv[0], uv[1])
+
+    def view_input(self, arrays: AssetArrays, view: int, rng: np.random.Generator) -> np.ndarray:
+        """One view's model input. With augmentation: the cache's features of a random
+        background variant, or the RGB view with a new background (backbone path)."""
+        if self.input == "backbone":
+            rgb = arrays.features[view]
+            return replace_background(rgb, arrays.objects[view], rng) if self.augment else rgb
+        n_variants = arrays.features.shape[1]
+        variant = int(rng.integers(n_variants)) if self.augment and n_variants > 1 else 0
+        return arrays.features[view, variant]
 
     def image_size(self) -> tuple[int, int]:
         arrays = self.asset(0) if not self._cache else next(iter(self._cache.values()))

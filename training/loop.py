@@ -207,7 +207,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     text = torch.as_tensor(np.array(setup.text, np.float32), device=device)
     data = PairBatches(setup.root, setup.catalogue, setup.manifest, masks=cfg["masks"],
                        points=cfg["points"], input=cfg["input"], n_blocks=cfg["n_blocks"],
-                       cache_assets=cfg["cache_assets"], visibility_tol=setup.visibility_tol)
+                       cache_assets=cfg["cache_assets"], augment=cfg["augment_backgrounds"],
+                       visibility_tol=setup.visibility_tol)
     blocks = BlockSource(setup.backbone if cfg["input"] == "backbone" else None,
                          cfg["n_blocks"], device)
     functions = setup.catalogue.functions

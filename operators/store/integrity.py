@@ -88,7 +88,7 @@ def stage_settings(root: RunRoot, output: StageOutput) -> dict[str, Any] | None:
 # Settings keys added after roots were made, with the value that describes those older roots
 # (their output was made as if the key had had this value): a root recorded without the key
 # is compared as if it held this value.
-ADDED_SETTINGS: dict[str, Any] = {"lift.cache_blocks": 0}
+ADDED_SETTINGS: dict[str, Any] = {"lift.cache_blocks": 0, "lift.background_variants": 1}
 
 
 def check_stage_settings(root: RunRoot, output: StageOutput, settings: Mapping[str, Any],

@@ -201,6 +201,10 @@ class RootReader:
         """The cached patch grids (V, h, w, C) float16 in view_id order."""
         return self.table(FEATURE_VIEWS).arrays(asset_id, ["features"])["features"]
 
-    def view_blocks(self, asset_id: str) -> np.ndarray:
-        """The cached raw blocks (V, n_blocks, h, w, D) float16 in view_id order."""
-        return self.table(FEATURE_BLOCKS).arrays(asset_id, ["blocks"])["blocks"]
+    def view_blocks(self, asset_id: str, variant: int | None = 0) -> np.ndarray:
+        """The cached raw blocks in view_id order: (V, n_blocks, h, w, D) float16 of one
+        background variant (0 = as rendered), or (V, K, n_blocks, h, w, D) of all (None)."""
+        arrays = self.table(FEATURE_BLOCKS).arrays(asset_id, ["variant", "blocks"])
+        n_variants = int(arrays["variant"].max()) + 1 if arrays["variant"].size else 1
+        blocks = arrays["blocks"].reshape(-1, n_variants, *arrays["blocks"].shape[1:])
+        return blocks if variant is None else blocks[:, variant]

@@ -59,8 +59,9 @@ LABEL_POINTS = table("labels/points", ("asset_id", "function", "part"), ("score"
 # Lifted features: the per-view patch grids (the training cache) and per-point features.
 FEATURE_VIEWS = table("features/views", ("asset_id", "view_id"), ("features",))
 # The correspondence trainer's cache: the last lift.cache_blocks blocks before the final
-# LayerNorm, (n_blocks, h, w, D) float16 per view (DFC §4.2).
-FEATURE_BLOCKS = table("features/blocks", ("asset_id", "view_id"), ("blocks",))
+# LayerNorm, (n_blocks, h, w, D) float16 per view and background variant (0 = as rendered;
+# DFC §4.2).
+FEATURE_BLOCKS = table("features/blocks", ("asset_id", "view_id", "variant"), ("blocks",))
 FEATURE_POINTS = table("features/points", ("asset_id",),
                        ("point_index", "xyz", "features", "n_views_seen"))
 # Row-level failures of every job.

@@ -9,7 +9,9 @@ import open3d as o3d
 import pytest
 from click.testing import CliRunner
 
+from operators.models.backbones import load_backbone
 from operators.models.registry import BackboneNotFoundError
+from operators.store.readers import RootReader
 from operators.store.storage import RunRoot, table_columns
 from rayjobs.assets_job import run_assets_make, run_assets_scan
 from rayjobs.cli import main
@@ -27,7 +29,7 @@ def test_lift_writes_point_and_view_features_and_resumes(tmp_path: Path) -> None
     root = RunRoot(uri)
     run_assets_make(small_config(uri, "assets.n=3"))
     run_render(small_config(uri))
-    report = run_lift(small_config(uri, "lift.n_points=128"))
+    report = run_lift(small_config(uri, "lift.n_points=128", "lift.background_variants=2"))
     assert (report.ok, report.failed) == (3, 0)
     points = table_columns(root.read_table("features/points"))
     assert points["features"].shape[:2] == (3, 128) and points["features"].dtype == np.float16
@@ -37,11 +39,19 @@ def test_lift_writes_point_and_view_features_and_resumes(tmp_path: Path) -> None
     views = table_columns(root.read_table("features/views"))
     # 4 views of 24x32 px at stride 14 -> resized to 28x28 -> a 2x2 grid of 64-d tiny features
     assert views["features"].shape == (12, 2, 2, 64)
-    # the trainer's cache: the tiny model's last 3 of 4 blocks before its final LayerNorm
+    # the trainer's cache: the tiny model's last 3 of 4 blocks before its final LayerNorm, for
+    # the render's background (variant 0) and one replaced background (variant 1)
     blocks = table_columns(root.read_table("features/blocks"))
-    assert blocks["blocks"].shape == (12, 3, 2, 2, 64) and blocks["blocks"].dtype == np.float16
-    assert (blocks["view_id"] == views["view_id"]).all()
-    again = run_lift(small_config(uri, "lift.n_points=128"))
+    assert blocks["blocks"].shape == (24, 3, 2, 2, 64) and blocks["blocks"].dtype == np.float16
+    assert (blocks["variant"] == np.tile([0, 1], 12)).all()
+    asset = str(blocks["asset_id"][0])
+    rgb = RootReader(root).views(asset, ["rgb"])["rgb"]
+    expected = load_backbone("dinov2-random-tiny").block_features(rgb, 3).astype(np.float16)
+    np.testing.assert_allclose(RootReader(root).view_blocks(asset).astype(np.float32),
+                               expected.astype(np.float32), atol=2e-3)
+    assert np.abs(RootReader(root).view_blocks(asset, 1).astype(np.float32)
+                  - expected.astype(np.float32)).max() > 1e-2  # another background
+    again = run_lift(small_config(uri, "lift.n_points=128", "lift.background_variants=2"))
     assert (again.ok, again.skipped_done) == (0, 3)
     assert root.read_table("features/points", columns=["asset_id"]).num_rows == 3
     assert root.read_json("features/_job.json")["inputs"]["backbone"] == "dinov2-random-tiny"

@@ -19,9 +19,11 @@ from operators.store.tables import FEATURE_POINTS, LABEL_POINTS, VIEWS
 from rayjobs.assets_job import run_assets_make
 from rayjobs.config import DemoJob, LiftConfig
 from rayjobs.driver import StageReport
+from rayjobs.eval_job import run_eval
 from rayjobs.label_job import run_label
 from rayjobs.lift_job import run_lift
 from rayjobs.render_job import run_render
+from rayjobs.train_job import run_train
 
 CONTACT_SHEET = "demo/contact_sheet.png"
 LABEL_SHEET = "demo/label_sheet.png"
@@ -211,6 +213,10 @@ def run_demo(config: DemoJob) -> list[StageReport]:
     print(f"partlift demo: {config.assets.n} procedural assets -> {root.display()} ({where})")
     config = with_pretrained_backbone(config)
     reports = [run_assets_make(config), run_render(config), run_label(config), run_lift(config)]
+    if not config.job.name:  # the demo's correspondence run; a rerun resumes (or skips) it
+        config = config.model_copy(update={"job": config.job.model_copy(update={"name": "demo"})})
+    trained = run_train(config)
+    evaluated = run_eval(config, [f"train/{trained.train.name}"], name=trained.train.name)
     root.write_bytes(CONTACT_SHEET, contact_sheet(root))
     root.write_bytes(LABEL_SHEET, label_sheet(root))
     root.write_bytes(FEATURES_SHEET, features_sheet(root))
@@ -221,6 +227,9 @@ def run_demo(config: DemoJob) -> list[StageReport]:
     backbone = config.lift.backbone
     print(f"  features:      {root.display(FEATURES_SHEET)}  (backbone {backbone.name}"
           f"{'' if backbone.spec.pretrained else ', NOT pretrained'})")
+    print(f"  model:         {trained.train.run}/  (--model train/{trained.train.name}; best val "
+          f"PCK@10 {trained.train.best_score or float('nan'):.3f})")
+    print(f"  evaluation:    {evaluated.where}/table.md  (DFC protocol on the validation assets)")
     print(f"  tables:        {root.display()}/{{assets,views,points,labels,features}}/  (see `partlift "
           f"status --root {root.display()}`)")
     return reports

@@ -66,7 +66,7 @@ class TrainSection(Section):
     input: Literal["cache", "backbone"] = Field("cache", description="features from the lift stage's block cache, or the frozen backbone run on the views in the loop")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
     use_gpu: bool = Field(False, description="one GPU per worker, NCCL and bf16 autocast")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per Ray Train worker")
+    cpus_per_worker: float | None = Field(None, gt=0, description="CPUs per Ray Train worker (unset: the cluster's CPUs shared by the workers, at least 1; torch uses as many threads)")
     keep_checkpoints: int = Field(2, ge=1, description="last checkpoints kept (the best is exported to best/ as well)")
     max_failures: int = Field(0, ge=0, description="worker-group restarts from the last checkpoint before the run fails")
     seed: int = Field(0, ge=0, description="seed of the pair plan, the point sampling and the model init")

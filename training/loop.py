@@ -14,6 +14,7 @@ same count, so the ranks stay in step), and truncates the metric log to the chec
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -219,6 +220,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.load(start_step)
         best = max([r[VALIDATION_METRIC] for r in log.rows if VALIDATION_METRIC in r] or [-1.0])
     writer = _tensorboard() if rank == 0 else None
+    progress = Progress(cfg["steps"], start_step)
     shard = ray.train.get_dataset_shard("plan")
     step, tic = 0, time.perf_counter()
     for row in shard.iter_rows():
@@ -240,6 +242,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             for key, value in metrics.items():
                 if key != "step":
                     writer.add_scalar(f"train/{key}", value, step)
+            progress.update(step, metrics["loss"])
         if step % cfg["checkpoint_every"] and step != cfg["steps"]:
             continue
         report = {"step": step, "loss": metrics["loss"]}
@@ -248,9 +251,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(report)
             continue
         score = validate(model, setup.val_pairs, data, blocks, text_of, device)
+        progress.say(f"step {step}/{cfg['steps']}: validation PCK@10 {score:.3f}"
+                     + (" (best so far)" if np.isfinite(score) and score > best else ""))
         report[VALIDATION_METRIC] = score
         log.rows[-1] |= {VALIDATION_METRIC: score, "world_size": context.get_world_size(),
-                         "ranks_in_sync": in_sync}
+                         "ranks_in_sync": in_sync, "peak_rss_mb": _peak_rss_mb()}
         writer.add_scalar("val/pck_10", score, step)  # TensorBoard tags take no @
         log.write()
         if np.isfinite(score) and score > best:
@@ -263,6 +268,35 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _save_checkpoint(folder, model, optimizer, step, report)
             ray.train.report(report, checkpoint=Checkpoint.from_directory(folder))
         tic = time.perf_counter()
+
+
+class Progress:
+    """Rank 0's progress lines (Ray forwards a worker's stdout to the driver): at most one
+    every `every_s` seconds, with the rate of the steps trained in this process."""
+
+    def __init__(self, steps: int, start_step: int, every_s: float = 15.0) -> None:
+        self.steps, self.start, self.every_s = steps, start_step, every_s
+        self.tic = self.last = time.perf_counter()
+
+    def say(self, line: str) -> None:
+        # Not print(): Ray Train patches it to log and echo, which shows each line twice.
+        sys.__stdout__.write(f"train: {line}\n")
+        sys.__stdout__.flush()
+
+    def update(self, step: int, loss: float) -> None:
+        now = time.perf_counter()
+        if now - self.last >= self.every_s or step == self.steps:
+            rate = (step - self.start) / max(now - self.tic, 1e-9)
+            left = (self.steps - step) / max(rate, 1e-9)
+            self.say(f"step {step}/{self.steps}, loss {loss:.4f}, {rate:.2f} steps/s, "
+                     f"~{left:.0f} s left")
+            self.last = now
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this worker process so far (Linux reports KiB)."""
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
 
 
 def ranks_in_sync(model: nn.Module, world_size: int) -> bool:

@@ -25,9 +25,17 @@ from operators.store.storage import RunRoot
 class Scaling:
     num_workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: the cluster's CPUs shared by the workers
     keep_checkpoints: int = 2
     max_failures: int = 0
+
+
+def worker_cpus(num_workers: int) -> float:
+    """CPUs per worker when not configured: the cluster's CPUs shared by the workers (Ray sets
+    each worker's torch threads to its CPUs), at least 1."""
+    import ray
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    return max(1.0, float(int(total // num_workers)))
 
 
 def fit(root: RunRoot, run: str, loop: Callable[[dict[str, Any]], None],
@@ -40,11 +48,13 @@ def fit(root: RunRoot, run: str, loop: Callable[[dict[str, Any]], None],
     parent, name = run.rsplit("/", 1)
     dataset = ray.data.from_items(plan_rows)
     dataset.context.execution_options.preserve_order = True
+    dataset.context.enable_progress_bars = False  # the loop reports progress in steps
+    cpus = scaling.cpus_per_worker or worker_cpus(scaling.num_workers)
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker={"CPU": scaling.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cpus}),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name, storage_path=root.path(parent), storage_filesystem=root.fs,

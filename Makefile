@@ -51,6 +51,7 @@ bench: install
 	$(PY) benchmarks/bench_label.py
 	$(PY) benchmarks/bench_lift.py
 	$(PY) benchmarks/bench_plan.py --s3
+	$(PY) benchmarks/bench_train.py
 
 clean-data:
 	rm -rf partlift-data

@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 
 from operators.geometry.cameras import project_points, visibility
 from operators.geometry.lift import pca_colors
+from operators.settings import ConfigError
 from operators.store.readers import RootReader
 from operators.store.storage import RunRoot
 from operators.store.tables import FEATURE_POINTS, LABEL_POINTS, VIEWS
@@ -213,13 +214,18 @@ def run_demo(config: DemoJob) -> list[StageReport]:
     print(f"partlift demo: {config.assets.n} procedural assets -> {root.display()} ({where})")
     config = with_pretrained_backbone(config)
     reports = [run_assets_make(config), run_render(config), run_label(config), run_lift(config)]
-    if not config.job.name:  # the demo's correspondence run; a rerun resumes (or skips) it
-        config = config.model_copy(update={"job": config.job.model_copy(update={"name": "demo"})})
-    trained = run_train(config)
-    evaluated = run_eval(config, [f"train/{trained.train.name}"], name=trained.train.name)
     root.write_bytes(CONTACT_SHEET, contact_sheet(root))
     root.write_bytes(LABEL_SHEET, label_sheet(root))
     root.write_bytes(FEATURES_SHEET, features_sheet(root))
+    if not config.job.name:  # the demo's correspondence run; a rerun resumes (or skips) it
+        config = config.model_copy(update={"job": config.job.model_copy(update={"name": "demo"})})
+    trained = evaluated = None
+    try:
+        trained = run_train(config)
+    except ConfigError as err:  # e.g. `--n 3`: too few assets to train and validate on
+        print(f"\nnote: correspondence training skipped: {err}")
+    if trained is not None:
+        evaluated = run_eval(config, [f"train/{trained.train.name}"], name=trained.train.name)
     print(f"\ndemo finished in {time.time() - started:.1f} s")
     print(f"  contact sheet: {root.display(CONTACT_SHEET)}")
     print(f"  label sheet:   {root.display(LABEL_SHEET)}  (oracle backend: procedural ground "
@@ -227,9 +233,11 @@ def run_demo(config: DemoJob) -> list[StageReport]:
     backbone = config.lift.backbone
     print(f"  features:      {root.display(FEATURES_SHEET)}  (backbone {backbone.name}"
           f"{'' if backbone.spec.pretrained else ', NOT pretrained'})")
-    print(f"  model:         {trained.train.run}/  (--model train/{trained.train.name}; best val "
-          f"PCK@10 {trained.train.best_score or float('nan'):.3f})")
-    print(f"  evaluation:    {evaluated.where}/table.md  (DFC protocol on the validation assets)")
+    if trained is not None and evaluated is not None:
+        print(f"  model:         {trained.train.run}/  (--model train/{trained.train.name}; best "
+              f"val PCK@10 {trained.train.best_score or float('nan'):.3f})")
+        print(f"  evaluation:    {evaluated.where}/table.md  (DFC protocol on the validation "
+              "assets)")
     print(f"  tables:        {root.display()}/{{assets,views,points,labels,features}}/  (see `partlift "
           f"status --root {root.display()}`)")
     return reports

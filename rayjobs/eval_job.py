@@ -156,8 +156,10 @@ def pairs_picture(reader: RootReader, pairs: list[EvalPair], describe: Describe,
                          outline=c, width=2)
             draw.line([width + t[0] - 3, top + t[1] - 3, width + t[0] + 3, top + t[1] + 3], fill=c)
             draw.line([width + t[0] - 3, top + t[1] + 3, width + t[0] + 3, top + t[1] - 3], fill=c)
-        d_1, _ = describe(feat_1, pair.objects_1, size, pair.function, keys[0])
-        matches, scores, _ = discovery_scores(d_1 @ d_tgt.T, pair.objects_1, pair.objects_2)
+        lattice_1 = pair.objects_1[pair.lattice_1]
+        d_1, _ = describe(feat_1, lattice_1, size, pair.function, keys[0])
+        matches, scores, _ = discovery_scores(d_1 @ d_tgt[pair.lattice_2].T, lattice_1,
+                                              pair.objects_2[pair.lattice_2])
         for k, index in enumerate(np.argsort(-scores, kind="stable")[:PICTURE_MATCHES]):
             u1, v1, u2, v2 = matches[index]
             draw.line([2 * width + u1, top + v1, 3 * width + u2, top + v2], fill=colours[k],

@@ -68,7 +68,8 @@ def run_train(config: TrainJob) -> TrainJobReport:
         options = config.lift.backbone
         options.check_available()
         backbone = {"name": options.name, "model_path": options.model_path,
-                    "stride": options.stride, "allow_download": options.allow_download}
+                    "stride": options.stride, "allow_download": options.allow_download,
+                    "fingerprint": options.fingerprint("lift.backbone")}
     prepared = prepare_run(root, run, name, config.train, config.data, config.eval, record,
                            backbone, progress=lambda line: print(f"train: {line}"))
     print(f"train: run {root.display(run)}/" + (" (resuming)" if prepared.resumed else ""))

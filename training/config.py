@@ -19,7 +19,7 @@ from pydantic import Field, field_validator, model_validator
 from operators.models.registry import BackboneOptions
 from operators.settings import Section
 
-# Per rank and step. paper = the released code (50 + 50 pairs, 128 points per image and sign,
+# Per rank and step (N workers train on N times the pairs a step). paper = the released code (50 + 50 pairs, 128 points per image and sign,
 # 1,000 steps an epoch); cpu = measured on 2 cores at ~0.25 s a step with the ViT-S cache.
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"functional_pairs": 50, "spatial_pairs": 50, "points": 128, "steps": 10_000,
@@ -56,6 +56,7 @@ class TrainSection(Section):
     mask_head: bool = Field(False, description="add the Linear(256, 1) part-mask head and L_mask")
     masks: Literal["pseudo", "gt"] = Field("pseudo", description="part masks of the functional pairs: labels/masks (pseudo-labels) or the procedural ground truth (gt), to measure label noise")
     min_part_pixels: int = Field(32, ge=1, description="a view shows a part when its mask has at least this many pixels")
+    spatial_region: Literal["part", "object"] = Field("part", description="spatial pairs' correspondences: visible points on the functional part (as released) or anywhere on the object")
     min_shared_points: int = Field(128, ge=1, description="spatial pairs: views of one asset sharing at least this many visible part points")
     n_blocks: int = Field(3, ge=1, description="last ViT blocks the model reads (before the final LayerNorm; lift.cache_blocks must be >= this)")
     proj_dim: int = Field(512, ge=1, description="shared per-block projection width")
@@ -94,6 +95,10 @@ class TrainSection(Section):
             raise ValueError("train.functional_pairs and train.spatial_pairs are both 0")
         if self.lambda_functional == 0 and self.lambda_spatial == 0:
             raise ValueError("train.lambda_functional and train.lambda_spatial are both 0")
+        if self.mask_head and (self.lambda_mask == 0 or self.functional_pairs == 0):
+            # an unused head has no gradient, which DDP (find_unused_parameters=False) rejects
+            raise ValueError("train.mask_head=true needs train.lambda_mask > 0 and "
+                             "train.functional_pairs > 0 (the mask loss is on functional pairs)")
         return self
 
 

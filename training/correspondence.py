@@ -9,6 +9,8 @@ trainer driver with the loop of `training.loop`.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +29,8 @@ from training.config import DataSection, EvalSection, TrainSection
 from training.evaluation import draw_pairs
 from training.loop import LoopSetup, train_loop_per_worker
 from training.pairs import NoPairsError, build_catalogue, plan_rows
-from training.runs import RUN_RECORD, TEXT_FILE, read_metric_log, text_bytes
+from training.runs import (RUN_RECORD, TEXT_FILE, ModelRef, checkpoints, read_metric_log,
+                           text_bytes)
 from training.splits import assign_splits
 from training.trainer import Scaling, fit
 
@@ -71,6 +74,22 @@ def check_fingerprints(recorded: dict[str, dict], current: dict[str, dict], what
                               "trained on:\n  " + "\n  ".join(differ or ["(no settings now)"]))
 
 
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _augmentation(train: TrainSection, lift: dict[str, Any]) -> str:
+    """What background augmentation the run gets (recorded, so no one assumes more)."""
+    if not train.augment_backgrounds:
+        return "off"
+    if train.input == "backbone":
+        return "a new background per image and step"
+    variants = int(lift.get("lift.background_variants") or 1)
+    if variants == 1:
+        return "none: the cache holds one background (lift.background_variants=1)"
+    return f"one of {variants} cached backgrounds per image"
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -91,7 +110,25 @@ def prepare_run(root: RunRoot, run: str, name: str, train: TrainSection, data: D
              f"train: features/blocks/ under {where} holds {cached} blocks per view, "
              f"train.n_blocks={train.n_blocks}: re-run `partlift lift --root {root.uri} "
              f"--set lift.cache_blocks={train.n_blocks} --overwrite`")
+    if backbone is not None:  # the backbone in the loop must be the one the cache was made with
+        recorded = {k: v for k, v in lift.items() if k.startswith("lift.backbone.")}
+        current = backbone["fingerprint"]
+        differ = [f"{k}: {recorded.get(k)!r} in features/, {current.get(k)!r} in lift.backbone"
+                  for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]
+        _require(not differ, "train: train.input=backbone runs lift.backbone, which is not the "
+                 "backbone features/ under " + where + " were lifted with:\n  "
+                 + "\n  ".join(differ) + "\nset lift.backbone (and its model_path) to it")
     manifest = {row["asset_id"]: row for row in reader.manifest()}
+    _require(bool(manifest), f"train: {where} has no assets: run `partlift assets make --root "
+             f"{root.uri}` (or `assets scan`), then render, label and lift")
+    categories = {r["category"] for r in manifest.values()}
+    unknown = sorted(set(data.holdout_categories) - categories)
+    _require(not unknown, f"train: data.holdout_categories names {unknown}, which no asset "
+             f"under {where} has; categories: {', '.join(sorted(categories))}")
+    sizes = {tuple(reader.views(next(iter(manifest)), ["mask"])["mask"].shape[1:3])}
+    _require(all(h == w for h, w in sizes), f"train: the views under {where} are "
+             f"{sizes.pop()} (height, width): the DFC protocol's pixel thresholds assume square "
+             "images (render.width = render.height)")
     splits = assign_splits({a: r["category"] for a, r in manifest.items()}, data.val_fraction,
                            data.holdout_categories, data.split_seed)
     train_ids = sorted(a for a, s in splits.items() if s == "train")
@@ -133,10 +170,12 @@ def prepare_run(root: RunRoot, run: str, name: str, train: TrainSection, data: D
     val_pairs = draw_pairs(reader, [manifest[a] for a in val_ids], n_pairs=train.val_pairs,
                            seed=evaluation.seed, max_gt_points=evaluation.max_gt_points,
                            pixel_stride=evaluation.pixel_stride,
-                           min_part_pixels=train.min_part_pixels)
+                           min_part_pixels=train.min_part_pixels,
+                           functions=set(catalogue.functions))
     _require(bool(val_pairs), f"train: validation needs two validation assets with part frames "
-             f"sharing a function; {len(val_ids)} validation assets under {where} have none: "
-             "raise data.val_fraction or add procedural assets")
+             f"sharing a function the training assets show; the {len(val_ids)} validation "
+             f"assets under {where} have none: raise data.val_fraction or add procedural assets "
+             f"(`partlift assets make --root {root.uri} --n N`, then render, label, lift)")
 
     from operators.models.backbones import load_text_encoder
     options = train.text_encoder
@@ -155,8 +194,13 @@ def prepare_run(root: RunRoot, run: str, name: str, train: TrainSection, data: D
               "splits": {"train": len(train_ids), "val": len(val_ids),
                          "holdout": sum(s == "holdout" for s in splits.values())},
               "catalogue": {"part_views": len(catalogue.part_views),
-                            "shared_views": len(catalogue.shared_views)},
+                            "shared_views": len(catalogue.shared_views),
+                            "hash": _digest(catalogue.to_json())},
+              "validation": {"pairs": len(val_pairs), "hash": _digest(
+                  [[p.asset_1, p.view_1, p.asset_2, p.view_2, p.function] for p in val_pairs])},
+              "augmentation": _augmentation(train, lift),
               "text_encoder": options.name}
+    progress(f"background augmentation: {record['augmentation']}")
     resumed = root.exists(f"{run}/{RUN_RECORD}")
     if resumed:
         before = root.read_json(f"{run}/{RUN_RECORD}")
@@ -167,6 +211,11 @@ def prepare_run(root: RunRoot, run: str, name: str, train: TrainSection, data: D
                              for k in changed)
                  + "): a resume continues the same run; use another --name")
         check_fingerprints(before["fingerprints"], fingerprints, f"train: resuming run {name}")
+        for key, what in (("catalogue", "training pairs"), ("validation", "validation pairs")):
+            _require(before.get(key, {}).get("hash") == record[key]["hash"],
+                     f"train: resuming run {name}: its {what} changed since it started (assets "
+                     f"were added or removed under {where}); a resume continues the same plan: "
+                     "use another --name")
         record["created"] = before.get("created")
     else:
         record["created"] = dt.datetime.now(dt.timezone.utc).isoformat()
@@ -196,7 +245,8 @@ class TrainReport:
 
 def train_correspondence(prepared: PreparedRun, train: TrainSection) -> TrainReport:
     setup = prepared.setup
-    before = read_metric_log(setup.root, setup.run) if prepared.resumed else []
+    done = checkpoints(ModelRef(setup.root, setup.run)) if prepared.resumed else {}
+    resumed_from = max(done, default=0)
     tic = time.perf_counter()
     result = fit(setup.root, setup.run, train_loop_per_worker, {"setup": setup}, prepared.plan,
                  Scaling(train.num_workers, train.use_gpu, train.cpus_per_worker,
@@ -205,7 +255,6 @@ def train_correspondence(prepared: PreparedRun, train: TrainSection) -> TrainRep
     if result.error is not None:
         raise result.error
     log = read_metric_log(setup.root, setup.run)
-    resumed_from = max((r["step"] for r in before if "val_pck@10" in r), default=0)
     validated = [r for r in log if "val_pck@10" in r and np.isfinite(r["val_pck@10"])]
     best = max(validated, key=lambda r: r["val_pck@10"], default=None)
     record = {**prepared.record, "status": "finished"}

@@ -46,12 +46,13 @@ class AssetArrays:
     part_points: dict[tuple[str, str], np.ndarray]   # (part, function) -> (N,) bool
 
 
-def sample_pixels(mask: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+def sample_pixels(mask: np.ndarray, n: int, rng: np.random.Generator,
+                  what: str = "mask") -> np.ndarray:
     """n pixel centres (n, 2) float32 of a non-empty (H, W) mask; with replacement only when the
     mask has fewer than n pixels."""
     rows, cols = np.nonzero(mask)
     if rows.size == 0:
-        raise ValueError("cannot sample pixels from an empty mask")
+        raise ValueError(f"cannot sample pixels from an empty {what}")
     pick = rng.choice(rows.size, size=n, replace=rows.size < n)
     return np.stack([cols[pick] + 0.5, rows[pick] + 0.5], axis=1).astype(np.float32)
 
@@ -61,12 +62,13 @@ class PairBatches:
 
     def __init__(self, root: RunRoot, catalogue: Catalogue, manifest: dict[str, dict], *,
                  masks: str, points: int, input: str, n_blocks: int, cache_assets: int,
-                 augment: bool = False,
+                 augment: bool = False, spatial_region: str = "part",
                  visibility_tol: tuple[float, float] = (0.01, 2e-3)) -> None:
         self.reader = RootReader(root)
         self.catalogue, self.manifest = catalogue, manifest
         self.masks, self.points, self.input, self.n_blocks = masks, points, input, n_blocks
         self.visibility_tol, self.augment = visibility_tol, augment
+        self.spatial_region = spatial_region
         self._cache: OrderedDict[int, AssetArrays] = OrderedDict()
         self._cache_assets = cache_assets
         self.extra_views: dict[str, np.ndarray] = {}  # validation assets' view features
@@ -115,16 +117,20 @@ class PairBatches:
         function = self.catalogue.functions[entry.function]
         inside = self.part_mask(arrays, part, function)[entry.view] & arrays.objects[entry.view]
         outside = arrays.objects[entry.view] & ~inside
-        return (self.view_input(arrays, entry.view, rng), sample_pixels(inside, self.points, rng),
-                sample_pixels(outside, self.points, rng))
+        where = (f"asset {self.catalogue.assets[entry.asset]} view {entry.view} part {part} "
+                 f"({function})")
+        return (self.view_input(arrays, entry.view, rng),
+                sample_pixels(inside, self.points, rng, f"part mask of {where}"),
+                sample_pixels(outside, self.points, rng, f"rest of the object of {where}"))
 
     def _spatial_pair(self, entry_index: int, function: int, swap: bool,
                       rng: np.random.Generator) -> tuple[np.ndarray, ...]:
         entry = self.catalogue.shared_views[entry_index]
         arrays = self.asset(entry.asset)
         views = [entry.view_2, entry.view_1] if swap else [entry.view_1, entry.view_2]
-        members = self.part_points(arrays, self.catalogue.parts[entry.part],
-                                   self.catalogue.functions[function])
+        members = (np.ones(arrays.xyz.shape[0], bool) if self.spatial_region == "object" else
+                   self.part_points(arrays, self.catalogue.parts[entry.part],
+                                    self.catalogue.functions[function]))
         xyz = arrays.xyz[members]
         projection = project_points(xyz, arrays.K[views], arrays.cam_to_world[views])
         seen = visibility(xyz, arrays.K[views], arrays.cam_to_world[views], arrays.depth[views],

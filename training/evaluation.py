@@ -41,25 +41,30 @@ class EvalPair:
     function: str
     same_category: bool
     truth: np.ndarray      # (m, 4) ground-truth pixel pairs [u1, v1, u2, v2]
-    objects_1: np.ndarray  # (n1, 2) object pixels of image 1 (at the pixel stride)
+    objects_1: np.ndarray  # (n1, 2) every object pixel of image 1
     objects_2: np.ndarray  # (n2, 2)
+    lattice_1: np.ndarray  # (n1,) bool: on the every-pixel_stride-th row/column lattice
+    lattice_2: np.ndarray  # (n2,) bool
 
     def split(self) -> str:
         return "within" if self.same_category else "across"
 
 
-def strided_pixels(mask: np.ndarray, stride: int) -> np.ndarray:
-    """Centres (n, 2) of the mask's pixels on the every-`stride`-th row/column lattice."""
-    lattice = np.zeros(mask.shape, bool)
-    lattice[::stride, ::stride] = True
-    rows, cols = np.nonzero(mask & lattice)
-    return np.stack([cols + 0.5, rows + 0.5], axis=1).astype(np.float32)
+def object_pixels(mask: np.ndarray, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centres (n, 2) of every pixel of the mask, and which of them lie on the
+    every-`stride`-th row/column lattice (n,) bool."""
+    rows, cols = np.nonzero(mask)
+    pixels = np.stack([cols + 0.5, rows + 0.5], axis=1).astype(np.float32)
+    return pixels, (rows % stride == 0) & (cols % stride == 0)
 
 
 def draw_pairs(reader: RootReader, assets: Sequence[dict], *, n_pairs: int, seed: int,
-               max_gt_points: int, pixel_stride: int, min_part_pixels: int = 32) -> list[EvalPair]:
-    """Seeded evaluation pairs among `assets` (manifest rows with part frames); [] when no
-    function is shown by two of them."""
+               max_gt_points: int, pixel_stride: int, min_part_pixels: int = 32,
+               functions: set[str] | None = None) -> list[EvalPair]:
+    """Seeded evaluation pairs among `assets` (manifest rows with part frames), only of
+    `functions` when given (those a model was trained on); [] when no function is shown by
+    two of them."""
+    allowed = functions
     shows: dict[str, list[tuple[int, int, int]]] = defaultdict(list)  # function -> (a, view, part)
     views: list[dict[str, np.ndarray]] = []
     usable = [row for row in assets if len(row.get("part_frames") or ())]
@@ -73,7 +78,8 @@ def draw_pairs(reader: RootReader, assets: Sequence[dict], *, n_pairs: int, seed
             counts = part_mask(v["face_id"], face_part, [p]).sum(axis=(1, 2))
             for view in np.flatnonzero(counts >= min_part_pixels):
                 for function in functions:
-                    shows[function].append((a, int(view), p))
+                    if allowed is None or function in allowed:
+                        shows[function].append((a, int(view), p))
     functions = sorted(f for f, entries in shows.items() if len({e[0] for e in entries}) >= 2)
     if not functions:
         return []
@@ -98,14 +104,15 @@ def _pair(rows: Sequence[dict], views: Sequence[dict], function: str, first: tup
                                        v["cam_to_world"][view],
                                        np.asarray(rows[a]["face_part"], np.int64), [part])
         frame = np.asarray(rows[a]["part_frames"], np.float64).reshape(-1, 4, 3)[part]
-        sides.append((pixels, surface, frame, strided_pixels(np.asarray(v["mask"][view], bool),
-                                                             pixel_stride)))
+        sides.append((pixels, surface, frame, object_pixels(np.asarray(v["mask"][view], bool),
+                                                            pixel_stride)))
     (pix_1, surf_1, frame_1, obj_1), (pix_2, surf_2, frame_2, obj_2) = sides
     aligned = frame_to_frame(surf_1, frame_1, frame_2)  # asset 1's part onto asset 2's (DFC §3.2)
     truth = ground_truth_matches(pix_1, aligned, pix_2, surf_2, max_points=max_gt_points)
     a1, a2 = rows[first[0]], rows[second[0]]
     return EvalPair(a1["asset_id"], first[1], a2["asset_id"], second[1], function,
-                    a1["category"] == a2["category"], truth, obj_1, obj_2)
+                    a1["category"] == a2["category"], truth, obj_1[0], obj_2[0], obj_1[1],
+                    obj_2[1])
 
 
 # ------------------------------------------------------------------------------ describers
@@ -163,11 +170,8 @@ def chance_describer(seed: int, dim: int = 64) -> Describe:
 # ------------------------------------------------------------------------------ scoring
 
 
-def _transfer(describe: Describe, feat_src: np.ndarray, feat_tgt: np.ndarray, src: np.ndarray,
-              truth_tgt: np.ndarray, candidates: np.ndarray, size: tuple[int, int],
-              function: str, keys: tuple[str, str]) -> np.ndarray:
-    d_src, _ = describe(feat_src, src, size, function, keys[0])
-    d_tgt, logits = describe(feat_tgt, candidates, size, function, keys[1])
+def _transfer(d_src: np.ndarray, d_tgt: np.ndarray, logits: np.ndarray | None,
+              candidates: np.ndarray) -> np.ndarray:
     if logits is not None:  # mask head: predicted mask ∩ object unless it is nearly empty
         inside = logits > 0
         if inside.sum() >= MIN_MASK_PIXELS:
@@ -176,20 +180,32 @@ def _transfer(describe: Describe, feat_src: np.ndarray, feat_tgt: np.ndarray, sr
 
 
 def score_pair(describe: Describe, pair: EvalPair, feat_1: np.ndarray, feat_2: np.ndarray,
-               size: tuple[int, int], discovery: bool = True) -> dict[str, float]:
-    """PCK (both directions, pooled) and, with `discovery`, best-F1/AP of one pair."""
+               size: tuple[int, int], discovery: bool = True,
+               lattice_targets: bool = False) -> dict[str, float]:
+    """PCK (both directions, pooled) and, with `discovery`, best-F1/AP of one pair.
+
+    Label transfer searches every object pixel of the target (`lattice_targets`: only those on
+    the pixel-stride lattice, the cheaper approximation validation uses); discovery runs on the
+    lattice pixels of both images."""
     keys = (f"{pair.asset_1}/{pair.view_1}", f"{pair.asset_2}/{pair.view_2}")
     truth = pair.truth
-    forward = _transfer(describe, feat_1, feat_2, truth[:, :2], truth[:, 2:], pair.objects_2,
-                        size, pair.function, keys)
-    backward = _transfer(describe, feat_2, feat_1, truth[:, 2:], truth[:, :2], pair.objects_1,
-                         size, pair.function, keys[::-1])
+    images = []
+    for key, feat, objects, lattice in ((keys[0], feat_1, pair.objects_1, pair.lattice_1),
+                                        (keys[1], feat_2, pair.objects_2, pair.lattice_2)):
+        pixels = objects[lattice] if lattice_targets else objects
+        described, logits = describe(feat, pixels, size, pair.function, key)
+        on_lattice = np.ones(len(pixels), bool) if lattice_targets else lattice
+        images.append((pixels, described, logits, on_lattice))
+    (pix_1, obj_d1, logit_1, lat_1), (pix_2, obj_d2, logit_2, lat_2) = images
+    src_1, _ = describe(feat_1, truth[:, :2], size, pair.function, keys[0])
+    src_2, _ = describe(feat_2, truth[:, 2:], size, pair.function, keys[1])
+    forward = _transfer(src_1, obj_d2, logit_2, pix_2)
+    backward = _transfer(src_2, obj_d1, logit_1, pix_1)
     metrics = pck(np.concatenate([forward, backward]), np.concatenate([truth[:, 2:], truth[:, :2]]),
                   size[0], PCK_THRESHOLDS)
     if discovery:
-        d_1, _ = describe(feat_1, pair.objects_1, size, pair.function, keys[0])
-        d_2, _ = describe(feat_2, pair.objects_2, size, pair.function, keys[1])
-        matches, scores, _ = discovery_scores(d_1 @ d_2.T, pair.objects_1, pair.objects_2)
+        matches, scores, _ = discovery_scores(obj_d1[lat_1] @ obj_d2[lat_2].T, pix_1[lat_1],
+                                              pix_2[lat_2])
         metrics |= discovery_metrics(matches, scores, truth, DISCOVERY_KS, size[0])
     return metrics
 

@@ -86,6 +86,7 @@ def step_losses(step_module: nn.Module, batch: dict[str, torch.Tensor], text: to
     index = 0
     if "f_feat_1" in batch:
         desc, logits = outputs[index]
+        desc, logits = desc.float(), None if logits is None else logits.float()  # fp32 losses
         index += 1
         half = desc.shape[0] // 2
         d1, d2 = desc[:half], desc[half:]
@@ -95,7 +96,7 @@ def step_losses(step_module: nn.Module, batch: dict[str, torch.Tensor], text: to
             l_mask = mask_loss(logits[:, :n], logits[:, n:])
             losses["loss_mask"] = l_mask
     if "s_feat_1" in batch:
-        desc, _ = outputs[index]
+        desc = outputs[index][0].float()
         half = desc.shape[0] // 2
         l_spatial = spatial_loss(desc[:half], desc[half:], cfg["tau"])
         losses["loss_spatial"] = l_spatial
@@ -114,7 +115,8 @@ class BlockSource:
         self.n_blocks, self.device = n_blocks, device
         if backbone_options is not None:
             from operators.models.backbones import load_backbone
-            self.backbone = load_backbone(**backbone_options, device=device)
+            options = {k: v for k, v in backbone_options.items() if k != "fingerprint"}
+            self.backbone = load_backbone(**options, device=device)
 
     def __call__(self, features: np.ndarray) -> torch.Tensor:
         if self.backbone is None:
@@ -148,7 +150,8 @@ def validate(model: DenseCorrespondenceModel, pairs: list[EvalPair], data: PairB
         feat_1 = blocks(view_features(data, pair.asset_1, pair.view_1)[None])[0].cpu().numpy()
         feat_2 = blocks(view_features(data, pair.asset_2, pair.view_2)[None])[0].cpu().numpy()
         size = data.image_size()
-        values.append(score_pair(describe, pair, feat_1, feat_2, size, discovery=False)["pck@10"])
+        values.append(score_pair(describe, pair, feat_1, feat_2, size, discovery=False,
+                                 lattice_targets=True)["pck@10"])
     model.train()
     return float(np.mean(values))
 
@@ -209,6 +212,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     data = PairBatches(setup.root, setup.catalogue, setup.manifest, masks=cfg["masks"],
                        points=cfg["points"], input=cfg["input"], n_blocks=cfg["n_blocks"],
                        cache_assets=cfg["cache_assets"], augment=cfg["augment_backgrounds"],
+                       spatial_region=cfg["spatial_region"],
                        visibility_tol=setup.visibility_tol)
     blocks = BlockSource(setup.backbone if cfg["input"] == "backbone" else None,
                          cfg["n_blocks"], device)
@@ -222,11 +226,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     writer = _tensorboard() if rank == 0 else None
     progress = Progress(cfg["steps"], start_step)
     shard = ray.train.get_dataset_shard("plan")
-    step, tic = 0, time.perf_counter()
+    world = context.get_world_size()
+    step, tic = start_step, time.perf_counter()
     for row in shard.iter_rows():
+        if int(row["slot"]) != rank or int(row["step"]) < start_step:
+            continue  # another rank's pairs, or a step done before the checkpoint resumed from
+        if int(row["step"]) != step:  # the plan is read in step order: a gap is a bug
+            raise RuntimeError(f"rank {rank}: plan step {int(row['step'])} after step {step}")
         step += 1
-        if step <= start_step:
-            continue  # done before the checkpoint this run resumed from
         batch = to_tensors(data.build(row), blocks, device)
         with autocast:
             losses = step_losses(step_module, batch, text, cfg, data.image_size())
@@ -236,7 +243,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         seconds = time.perf_counter() - tic
         tic = time.perf_counter()
         metrics: dict[str, Any] = {"step": step, "seconds": round(seconds, 4),
-                                   **{k: float(v.detach()) for k, v in losses.items()}}
+                                   **mean_over_ranks(losses, world)}
         if log is not None:
             log.append(metrics)
             for key, value in metrics.items():
@@ -246,28 +253,43 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step % cfg["checkpoint_every"] and step != cfg["steps"]:
             continue
         report = {"step": step, "loss": metrics["loss"]}
-        in_sync = ranks_in_sync(model, context.get_world_size())
+        spread = weights_spread(model, world)
         if rank != 0:
             ray.train.report(report)
             continue
         score = validate(model, setup.val_pairs, data, blocks, text_of, device)
+        improved = bool(np.isfinite(score) and score > best)
         progress.say(f"step {step}/{cfg['steps']}: validation PCK@10 {score:.3f}"
-                     + (" (best so far)" if np.isfinite(score) and score > best else ""))
+                     + (" (best so far)" if improved else ""))
         report[VALIDATION_METRIC] = score
-        log.rows[-1] |= {VALIDATION_METRIC: score, "world_size": context.get_world_size(),
-                         "ranks_in_sync": in_sync, "peak_rss_mb": _peak_rss_mb()}
+        log.rows[-1] |= {VALIDATION_METRIC: score, "world_size": world,
+                         "weights_spread": spread, "peak_rss_mb": _peak_rss_mb()}
         writer.add_scalar("val/pck_10", score, step)  # TensorBoard tags take no @
         log.write()
-        if np.isfinite(score) and score > best:
-            best = score
-            setup.root.write_bytes(f"{setup.run}/{BEST_DIR}/{WEIGHTS_FILE}", weights_bytes(model))
-            setup.root.write_json(f"{setup.run}/{BEST_DIR}/{META_FILE}",
-                                  {"step": step, VALIDATION_METRIC: score})
         _upload_tensorboard(writer, setup.root, setup.run)
         with tempfile.TemporaryDirectory() as folder:
             _save_checkpoint(folder, model, optimizer, step, report)
             ray.train.report(report, checkpoint=Checkpoint.from_directory(folder))
+        if improved:  # after the checkpoint is persisted: best/ never names a lost step
+            best = score
+            setup.root.write_bytes(f"{setup.run}/{BEST_DIR}/{WEIGHTS_FILE}", weights_bytes(model))
+            setup.root.write_json(f"{setup.run}/{BEST_DIR}/{META_FILE}",
+                                  {"step": step, VALIDATION_METRIC: score})
         tic = time.perf_counter()
+    if step != cfg["steps"] and step > start_step:
+        raise RuntimeError(f"rank {rank}: the plan ended at step {step} of {cfg['steps']}")
+
+
+def mean_over_ranks(losses: dict[str, torch.Tensor], world_size: int) -> dict[str, float]:
+    """The step's losses averaged over the ranks (what the log and TensorBoard show): each rank
+    computes them on its own pairs."""
+    names = sorted(losses)
+    values = torch.stack([losses[k].detach().float() for k in names])
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.all_reduce(values)
+        values = values / world_size
+    return {k: float(v) for k, v in zip(names, values.cpu())}
 
 
 class Progress:
@@ -299,19 +321,20 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
 
 
-def ranks_in_sync(model: nn.Module, world_size: int) -> bool:
-    """Whether every rank holds the same weights (DDP keeps them so; a desync is a bug that
-    silently trains diverging models): a float64 checksum gathered from every rank."""
+def weights_spread(model: nn.Module, world_size: int) -> float:
+    """max - min over the ranks of a float64 checksum of the weights (0 when DDP keeps them in
+    sync, as it must; a desync stops the run rather than train diverging models)."""
     if world_size == 1:
-        return True
+        return 0.0
     import torch.distributed as dist
     checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
     gathered = [torch.zeros_like(checksum) for _ in range(world_size)]
     dist.all_gather(gathered, checksum)
     values = torch.stack(gathered)
-    if not bool(torch.allclose(values, values[0], rtol=1e-9, atol=1e-9)):
+    spread = float(values.max() - values.min())
+    if spread > 1e-9 * max(1.0, float(values.abs().max())):
         raise RuntimeError(f"DDP ranks hold different weights (checksums {values.tolist()})")
-    return True
+    return spread
 
 
 def _tensorboard():

@@ -173,22 +173,28 @@ def build_catalogue(reader: RootReader, assets: Sequence[dict], masks: str, *,
         objects = np.asarray(views["mask"], bool)
         for part, functions in sorted(parts.functions.items()):
             p = part_index.setdefault(part, len(part_index))
-            f_ids = tuple(function_index.setdefault(f, len(function_index)) for f in functions)
-            in_part = source.view_masks(part, functions[0], views["face_id"]) & objects
-            counts = in_part.sum(axis=(1, 2))
-            rest = (objects & ~in_part).sum(axis=(1, 2))
-            for view in np.flatnonzero((counts >= min_part_pixels) & (rest >= min_part_pixels)):
-                for f in f_ids:
-                    catalogue.part_views.append(PartView(asset, int(view), p, f))
-            members = source.point_members(part, functions[0], np.asarray(points["part"]))
-            if members.sum() < min_shared_points:
-                continue
-            seen = visibility(points["xyz"][members], views["K"], views["cam_to_world"],
-                              views["depth"], *visibility_tol).astype(np.int32)
-            shared = seen @ seen.T  # (V, V) points visible in both views
-            v1, v2 = np.nonzero(np.triu(shared >= min_shared_points, k=1))
-            catalogue.shared_views += [SharedViews(asset, int(a), int(b), p, f_ids)
-                                       for a, b in zip(v1, v2)]
+            # gt masks are the same for every function of a part; pseudo-labels are per
+            # (function, part) and may differ, so each function gets its own views and pairs
+            for function in (functions[:1] if masks == "gt" else functions):
+                f_ids = (tuple(function_index.setdefault(f, len(function_index))
+                               for f in functions) if masks == "gt"
+                         else (function_index.setdefault(function, len(function_index)),))
+                in_part = source.view_masks(part, function, views["face_id"]) & objects
+                counts = in_part.sum(axis=(1, 2))
+                rest = (objects & ~in_part).sum(axis=(1, 2))
+                for view in np.flatnonzero((counts >= min_part_pixels)
+                                           & (rest >= min_part_pixels)):
+                    for f in f_ids:
+                        catalogue.part_views.append(PartView(asset, int(view), p, f))
+                members = source.point_members(part, function, np.asarray(points["part"]))
+                if members.sum() < min_shared_points:
+                    continue
+                seen = visibility(points["xyz"][members], views["K"], views["cam_to_world"],
+                                  views["depth"], *visibility_tol).astype(np.int32)
+                shared = seen @ seen.T  # (V, V) points visible in both views
+                v1, v2 = np.nonzero(np.triu(shared >= min_shared_points, k=1))
+                catalogue.shared_views += [SharedViews(asset, int(a), int(b), p, f_ids)
+                                           for a, b in zip(v1, v2)]
     catalogue.functions = list(function_index)
     catalogue.parts = list(part_index)
     return catalogue

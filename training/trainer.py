@@ -8,8 +8,10 @@ CMAT/CAST and AffordanceCLIP) hand it a loop, its config and the plan rows.
 - `CheckpointConfig(num_to_keep=k)`: the last k; the loop exports the best to `best/`.
 - Resume = the same (storage path, name): Ray finds its checkpoint manager snapshot there and
   `ray.train.get_checkpoint()` returns the latest checkpoint.
-- The plan goes in as `datasets={"plan": ...}` (Ray Data splits it equally across the ranks);
-  order is preserved so a 1-worker run reads its rows in step order.
+- The plan goes in as `datasets={"plan": ...}`, read by every rank in step order (not split:
+  `DataConfig(datasets_to_split=[])`, `preserve_order`); each rank keeps the rows of its slot, so
+  which pairs a rank trains at a step is fixed by the plan, and a resume skips exactly the steps
+  done (rows are a few integers each, so reading the whole plan costs nothing).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from operators.settings import ConfigError
 from operators.store.storage import RunRoot
 
 
@@ -38,18 +41,36 @@ def worker_cpus(num_workers: int) -> float:
     return max(1.0, float(int(total // num_workers)))
 
 
+def check_schedulable(scaling: Scaling, cpus: float) -> None:
+    """A worker group the cluster cannot hold would wait forever: refuse it, naming the keys."""
+    import ray
+    resources = ray.cluster_resources()
+    need_cpu = scaling.num_workers * cpus
+    if need_cpu > float(resources.get("CPU", 0.0)) + 1e-9:
+        raise ConfigError(f"train: {scaling.num_workers} workers x {cpus:g} CPUs = {need_cpu:g} "
+                          f"CPUs, the cluster has {resources.get('CPU', 0):g}: lower "
+                          "train.num_workers or train.cpus_per_worker")
+    if scaling.use_gpu and scaling.num_workers > float(resources.get("GPU", 0.0)) + 1e-9:
+        raise ConfigError(f"train: {scaling.num_workers} workers with a GPU each, the cluster "
+                          f"has {resources.get('GPU', 0):g} GPUs: lower train.num_workers or "
+                          "set train.use_gpu=false")
+
+
 def fit(root: RunRoot, run: str, loop: Callable[[dict[str, Any]], None],
         loop_config: dict[str, Any], plan_rows: list[dict[str, Any]], scaling: Scaling) -> Any:
     """Run (or resume) one Ray Train run at `<root>/<run>`; returns Ray's `Result`."""
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (CheckpointConfig, DataConfig, FailureConfig, RunConfig,
+                           ScalingConfig)
     from ray.train.torch import TorchConfig, TorchTrainer
 
     parent, name = run.rsplit("/", 1)
     dataset = ray.data.from_items(plan_rows)
-    dataset.context.execution_options.preserve_order = True
     dataset.context.enable_progress_bars = False  # the loop reports progress in steps
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     cpus = scaling.cpus_per_worker or worker_cpus(scaling.num_workers)
+    check_schedulable(scaling, cpus)
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -61,5 +82,6 @@ def fit(root: RunRoot, run: str, loop: Callable[[dict[str, Any]], None],
             checkpoint_config=CheckpointConfig(num_to_keep=scaling.keep_checkpoints),
             failure_config=FailureConfig(max_failures=scaling.max_failures)),
         datasets={"plan": dataset},
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
     )
     return trainer.fit()

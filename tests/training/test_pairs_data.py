@@ -89,7 +89,10 @@ def test_a_batch_samples_inside_the_part_and_on_the_rest_of_the_object(scanned) 
         order = [entry.view_2, entry.view_1] if row["s_swap"][k] else [entry.view_1, entry.view_2]
         xyz = [unproject(batch[f"s_uv_{i + 1}"][k], views["depth"][v], views["K"][v],
                          views["cam_to_world"][v]) for i, v in enumerate(order)]
-        assert np.nanmax(np.linalg.norm(xyz[0] - xyz[1], axis=1)) < 0.05
+        gap = np.linalg.norm(xyz[0] - xyz[1], axis=1)
+        assert not np.isnan(gap).any()  # both pixels are on the object
+        # the same point, up to where in its pixel it lies (~5 mm pixels at 56 px)
+        assert np.median(gap) < 0.01 and gap.max() < 0.03
 
 
 def test_the_backbone_in_the_loop_gives_the_cache_s_numbers(scanned) -> None:
@@ -116,3 +119,39 @@ def test_the_backbone_in_the_loop_gives_the_cache_s_numbers(scanned) -> None:
     b = step_losses(PairStep(model), in_loop, text, TRAIN_CFG, size)
     for key in ("loss", "loss_functional", "loss_spatial"):
         assert abs(float(a[key].detach()) - float(b[key].detach())) < 1e-3
+
+
+def test_validation_and_held_out_assets_never_reach_training(dfc_root: str) -> None:
+    from training.config import DataSection, EvalSection, TrainSection
+    from training.correspondence import prepare_run
+    from training.splits import assign_splits
+    root = RunRoot(dfc_root)
+    manifest = {r["asset_id"]: r for r in RootReader(root).manifest()}
+    data = DataSection(val_fraction=0.3, holdout_categories=["knife"])
+    train = TrainSection(steps=2, checkpoint_every=2, min_part_pixels=8, min_shared_points=16,
+                         points=16, functional_pairs=2, spatial_pairs=2, val_pairs=4,
+                         proj_dim=8, hidden_dim=8, out_dim=8)
+    prepared = prepare_run(root, "runs/train/leak-check", "leak-check", train, data,
+                           EvalSection(max_gt_points=50), {"k": 1}, None, progress=lambda _: None)
+    splits = assign_splits({a: r["category"] for a, r in manifest.items()}, 0.3, ["knife"])
+    trained = set(prepared.setup.catalogue.assets) | set(prepared.setup.manifest)
+    assert trained and all(splits[a] == "train" for a in trained)
+    assert {a for a, s in splits.items() if s == "holdout"} == {
+        a for a, r in manifest.items() if r["category"] == "knife"}
+    for pair in prepared.setup.val_pairs:  # validation pairs: validation assets only
+        assert splits[pair.asset_1] == splits[pair.asset_2] == "val"
+        assert pair.function in prepared.setup.catalogue.functions
+
+
+def test_pseudo_label_masks_drive_the_catalogue_per_function(scanned) -> None:
+    reader, manifest, _ = scanned
+    catalogue = build_catalogue(reader, list(manifest.values()), "pseudo", min_part_pixels=8,
+                                min_shared_points=16)
+    assert catalogue.part_views
+    for entry in catalogue.part_views[:30]:
+        asset = catalogue.assets[entry.asset]
+        found = reader.label_masks(asset, catalogue.functions[entry.function],
+                                   catalogue.parts[entry.part])
+        mask = found["mask"][list(found["view_id"]).index(entry.view)]
+        objects = reader.views(asset, ["mask"])["mask"][entry.view]
+        assert (mask & objects).sum() >= 8  # the view shows that function's pseudo-label

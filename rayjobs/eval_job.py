@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from operators.settings import ConfigError
 from operators.store.readers import RootReader
 from operators.store.storage import RunRoot
-from operators.store.tables import VIEWS
+from operators.store.tables import FEATURE_BLOCKS, VIEWS
 from rayjobs.config import EvalJob
 from training.correspondence import check_fingerprints, data_fingerprints
 from training.evaluation import (Describe, EvalPair, PairFeatures, chance_describer, draw_pairs,
@@ -75,7 +75,18 @@ def run_eval(config: EvalJob, models: list[str], benchmark: str = "dfc", name: s
         check_fingerprints(wanted, data_fingerprints(root, "gt"), f"eval: model {ref}")
         trained[model.record["name"]] = model
     fraction, holdout, seed = _split_settings([m.record for m in trained.values()], config)
+    if trained and (fraction, holdout, seed) != (config.data.val_fraction,
+                                                 list(config.data.holdout_categories),
+                                                 config.data.split_seed) \
+            and "data" in config.model_fields_set:
+        print("eval: note: the models' own split is used (data.* of this command is ignored: "
+              "a model is evaluated on the assets it did not train on)")
+    known = (set.intersection(*(set(m.functions) for m in trained.values())) if trained
+             else None)
     reader = RootReader(root)
+    if not reader.table(FEATURE_BLOCKS).index:
+        raise ConfigError(f"eval: {root.display()} has no features/blocks/ (the block cache the "
+                          f"describers read): run `partlift lift --root {root.uri}`")
     manifest = {row["asset_id"]: row for row in reader.manifest()}
     splits = assign_splits({a: r["category"] for a, r in manifest.items()}, fraction, holdout,
                            seed)
@@ -84,13 +95,16 @@ def run_eval(config: EvalJob, models: list[str], benchmark: str = "dfc", name: s
     for split in ("val", "holdout"):
         rows = [manifest[a] for a in sorted(manifest) if splits[a] == split]
         pairs = draw_pairs(reader, rows, n_pairs=sizes.pairs, seed=sizes.seed,
-                           max_gt_points=sizes.max_gt_points, pixel_stride=sizes.pixel_stride)
+                           max_gt_points=sizes.max_gt_points, pixel_stride=sizes.pixel_stride,
+                           functions=known)
         if pairs:
             pair_sets[split] = pairs
     if "val" not in pair_sets:
         raise ConfigError(f"eval: no two validation assets under {root.display()} share a "
-                          "function (the DFC ground truth needs procedural assets with part "
-                          "frames); add assets or raise data.val_fraction")
+                          "function the models know (the DFC ground truth needs procedural "
+                          "assets with part frames); add assets (`partlift assets make --root "
+                          f"{root.uri} --n N`, then render, label, lift)"
+                          + ("" if trained else " or raise data.val_fraction"))
     describers: dict[str, Describe] = {"chance": chance_describer(sizes.seed),
                                        "raw features": raw_describer()}
     for run_name, model in trained.items():

@@ -93,7 +93,7 @@ def main() -> None:
 
     from rayjobs.eval_job import run_eval
     eval_config = load_config((), ["eval.pairs=48"], root=args.root, model=EvalJob)
-    names = [f"train/{q['name']}" for q in quality.values()]
+    names = [f"{label}=train/{q['name']}" for label, q in quality.items()]
     tic = time.perf_counter()
     evaluated = run_eval(eval_config, names, name="bench")
     eval_s = time.perf_counter() - tic
@@ -118,10 +118,7 @@ def main() -> None:
 
 def render(args: argparse.Namespace, build_s: float | None, quality: dict, evaluated,
            eval_s: float, speed: dict) -> str:
-    rename = {q["name"]: label for label, q in quality.items()}
     table = evaluated.table
-    for run_name, label in rename.items():
-        table = table.replace(f"| {run_name} |", f"| {label} |")
     lines = [SECTION, "",
              f"`benchmarks/bench_train.py --assets {args.assets} --steps {args.steps}` on this "
              "2-core machine, CPU only: procedural assets, 19 views of 224 px, oracle "
@@ -140,7 +137,7 @@ def render(args: argparse.Namespace, build_s: float | None, quality: dict, evalu
         lines.append(f"| {label} | {q['wall_s']:.0f} | {q['steps_per_s']:.2f} | {best} | "
                      f"{q['peak_rss_mb']:.0f} |")
     val = {name: subsets["val"] for name, subsets in evaluated.results.items()}
-    raw, full = val["raw features"], val[quality["full"]["name"]]
+    raw, full = val["raw features"], val["full"]
     aims = (f"Full model vs raw features: PCK@10 {full['pck@10'] / max(raw['pck@10'], 1e-9):.2f}x"
             f" (aim >= 1.25x; DFC Table 1: 0.381 -> 0.480 PCK@23), AP@10 "
             f"{full['ap@10'] / max(raw['ap@10'], 1e-9):.2f}x (aim >= 2x; DFC: 0.130 -> 0.330).")

@@ -244,8 +244,9 @@ def train(name: str | None, preset: str | None, workers: int | None, **common: A
 
 @main.command("eval")
 @click.option("--model", "models", multiple=True,
-              help="A trained model: KIND/NAME (e.g. train/dfc-01) or a run URI (repeatable; "
-                   "chance and raw features are always evaluated).")
+              help="A trained model: KIND/NAME (e.g. train/dfc-01) or a run URI, optionally "
+                   "LABEL=... to name its row (e.g. full=train/dfc-01); repeatable; chance and "
+                   "raw features are always evaluated.")
 @click.option("--benchmark", default="dfc", show_default=True, type=click.Choice(["dfc"]),
               help="Benchmark protocol.")
 @click.option("--checkpoint", default="best", show_default=True,

@@ -57,6 +57,16 @@ def _split_settings(records: list[dict[str, Any]], config: EvalJob) -> tuple[flo
     return config.data.val_fraction, list(config.data.holdout_categories), config.data.split_seed
 
 
+def split_label(given: str) -> tuple[str | None, str]:
+    """`LABEL=REF` (the row's name in the tables) or a bare `REF` (named by its run)."""
+    label, sep, ref = given.partition("=")
+    if sep and "://" not in label and "/" not in label:
+        if not label.strip() or not ref:
+            raise ConfigError(f"eval: --model {given!r}: expected LABEL=KIND/NAME")
+        return label.strip(), ref
+    return None, given
+
+
 def run_eval(config: EvalJob, models: list[str], benchmark: str = "dfc", name: str | None = None,
              checkpoint: str = "best") -> EvalReport:
     if benchmark not in BENCHMARKS:
@@ -69,11 +79,16 @@ def run_eval(config: EvalJob, models: list[str], benchmark: str = "dfc", name: s
         raise ConfigError(f"eval: --checkpoint {checkpoint!r}: expected best, last or a step")
     which = int(checkpoint) if str(checkpoint).isdigit() else checkpoint
     trained = {}
-    for ref in models:
+    for given in models:
+        label, ref = split_label(given)
         model = load_model(root, ref, which)
         wanted = {k: v for k, v in model.record["fingerprints"].items() if k != "label"}
         check_fingerprints(wanted, data_fingerprints(root, "gt"), f"eval: model {ref}")
-        trained[model.record["name"]] = model
+        label = label or model.record["name"]
+        if label in trained or label in ("chance", "raw features"):
+            raise ConfigError(f"eval: two rows would be named {label!r}: give the model a "
+                              "label, --model LABEL=KIND/NAME")
+        trained[label] = model
     fraction, holdout, seed = _split_settings([m.record for m in trained.values()], config)
     if trained and (fraction, holdout, seed) != (config.data.val_fraction,
                                                  list(config.data.holdout_categories),

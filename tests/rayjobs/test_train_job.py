@@ -76,10 +76,10 @@ def test_two_workers_train_with_ddp_and_stay_in_sync(dfc_root: str) -> None:
 
 def test_eval_compares_the_model_with_chance_and_raw_features(trained: str) -> None:
     config = load_config((), DFC_TRAIN_SETTINGS[-6:-4], root=trained, model=EvalJob)
-    report = run_eval(config, ["train/one"], name="t")
+    report = run_eval(config, ["full=train/one"], name="t")
     root = RunRoot(trained)
     metrics = root.read_json("eval/dfc/t/metrics.json")
-    assert set(metrics["results"]) == {"chance", "raw features", "one"}
+    assert set(metrics["results"]) == {"chance", "raw features", "full"}
     for name, subsets in metrics["results"].items():
         val = subsets["val"]
         assert val["pairs"] == 6
@@ -87,7 +87,7 @@ def test_eval_compares_the_model_with_chance_and_raw_features(trained: str) -> N
         assert 0 <= val["ap@5"] <= val["ap@10"] <= val["ap@23"] <= 1
         assert subsets["val-within"]["pairs"] + subsets["val-across"]["pairs"] == 6
     table = root.read_bytes("eval/dfc/t/table.md").decode()
-    assert table == report.table and "| raw features |" in table and "| one |" in table
+    assert table == report.table and "| raw features |" in table and "| full |" in table
     assert root.read_bytes("eval/dfc/t/pairs.png")[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -209,3 +209,12 @@ def test_the_protocol_gives_a_perfect_describer_full_marks(dfc_root: str) -> Non
     perfect = score_pair(oracle, two, features, features, (56, 56))
     chance = score_pair(chance_describer(0), two, features, features, (56, 56))
     assert perfect["pck@10"] > 2 * chance["pck@10"] and perfect["ap@10"] > chance["ap@10"]
+
+
+def test_model_references_take_an_optional_row_label() -> None:
+    from rayjobs.eval_job import split_label
+    assert split_label("full=train/dfc-01") == ("full", "train/dfc-01")
+    assert split_label("train/dfc-01") == (None, "train/dfc-01")
+    assert split_label("s3://bucket/run/runs/train/a=b") == (None, "s3://bucket/run/runs/train/a=b")
+    with pytest.raises(ConfigError, match="LABEL=KIND/NAME"):
+        split_label("=train/dfc-01")

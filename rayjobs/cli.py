@@ -253,18 +253,23 @@ def train(name: str | None, preset: str | None, workers: int | None, **common: A
               help="Which weights of each model: best (validation PCK@10), last, or a step.")
 @click.option("--name", default=None,
               help="Output name: <root>/eval/BENCHMARK/NAME/ [default: <benchmark>-<time>-<hash>].")
-@common_options
+@click.option("--root", default=None,
+              help=f"Run root holding the models and the data [default: {DEFAULT_ROOT}].")
+@click.option("-c", "--config", "configs", multiple=True, type=click.Path(dir_okay=False),
+              help="YAML config file(s); eval.*, data.* (without a model) and storage.* matter.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override one config value, e.g. --set eval.pairs=96 (repeatable).")
 @report_user_errors
 def eval_cmd(models: tuple[str, ...], benchmark: str, checkpoint: str, name: str | None,
-             **common: Any) -> None:
+             root: str | None, configs: tuple[str, ...], overrides: tuple[str, ...]) -> None:
     """Evaluate correspondence models on the DFC protocol (5.1, B.1): label transfer (PCK@23/15/10,
     normalized distance) and discovery (best F1 and AP at 23/15/10/5 px) on pairs of the
     models' validation assets (and held-out categories), against chance and raw backbone
     features. Writes metrics.json, table.md and pairs.png under <root>/eval/BENCHMARK/NAME/.
     Settings (eval.*): pairs [48], max_gt_points [1000; the paper 10,000], pixel_stride [2],
-    seed [0].
+    seed [0]. Runs in this process (no Ray).
     """
-    config = build_config("eval", **common)
+    config = load_config(configs, overrides, model=JOB_MODELS["eval"], root=root)
     api.evaluate(config, list(models), benchmark=benchmark, name=name, checkpoint=checkpoint)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from operators.store.lease import LeaseLostError, hold
 from operators.store.storage import RunRoot
 from rayjobs.config import TrainJob
 from rayjobs.driver import ensure_ray
@@ -60,9 +61,6 @@ def run_train(config: TrainJob) -> TrainJobReport:
     record = config_record(config)
     name = config.job.name or default_run_name("dfc", record)
     run = run_path("train", name)
-    if config.job.overwrite and root.exists(f"{run}/run.json"):
-        root.fs.delete_dir(root.path(run))  # --overwrite: start the run over
-        print(f"train: removed {root.display(run)}/ (--overwrite)")
     backbone = None
     if config.train.input == "backbone":
         options = config.lift.backbone
@@ -70,12 +68,21 @@ def run_train(config: TrainJob) -> TrainJobReport:
         backbone = {"name": options.name, "model_path": options.model_path,
                     "stride": options.stride, "allow_download": options.allow_download,
                     "fingerprint": options.fingerprint("lift.backbone")}
-    prepared = prepare_run(root, run, name, config.train, config.data, config.eval, record,
-                           backbone, progress=lambda line: print(f"train: {line}"))
-    print(f"train: run {root.display(run)}/" + (" (resuming)" if prepared.resumed else ""))
-    # Train V2's controller asks the dashboard's state API about its actors: keep it on
-    ensure_ray(config.ray.model_copy(update={"include_dashboard": True}))
-    report = TrainJobReport(train_correspondence(prepared, config.train))
+    # one writer per run (the stages' lease): another live `partlift train` of this name is refused
+    with hold(root, [run], name, timeout_s=config.job.lease_timeout_s,
+              force=config.job.force) as leases:
+        if config.job.overwrite and root.exists(f"{run}/run.json"):
+            root.fs.delete_dir(root.path(run))  # --overwrite: start the run over
+            print(f"train: removed {root.display(run)}/ (--overwrite)")
+        prepared = prepare_run(root, run, name, config.train, config.data, config.eval, record,
+                               backbone, progress=lambda line: print(f"train: {line}"))
+        print(f"train: run {root.display(run)}/" + (" (resuming)" if prepared.resumed else ""))
+        # Train V2's controller asks the dashboard's state API about its actors: keep it on
+        ensure_ray(config.ray.model_copy(update={"include_dashboard": True}))
+        report = TrainJobReport(train_correspondence(prepared, config.train))
+        if any(lease.lost for lease in leases):
+            raise LeaseLostError(f"the lease of {run} on {root.display()} was taken over while "
+                                 "this run trained; see `partlift status`")
     print("\ntrain finished:")
     print("\n".join(report.summary_lines()))
     return report

@@ -218,3 +218,13 @@ def test_model_references_take_an_optional_row_label() -> None:
     assert split_label("s3://bucket/run/runs/train/a=b") == (None, "s3://bucket/run/runs/train/a=b")
     with pytest.raises(ConfigError, match="LABEL=KIND/NAME"):
         split_label("=train/dfc-01")
+
+
+def test_a_run_another_job_is_writing_is_refused(dfc_root: str) -> None:
+    from operators.store.lease import LeaseHeldError, acquire
+    lease = acquire(RunRoot(dfc_root), "runs/train/busy", "someone-else")
+    try:
+        with pytest.raises(LeaseHeldError, match="runs/train/busy .* is being written by"):
+            run_train(train_config(dfc_root, "job.name=busy"))
+    finally:
+        lease.release()

@@ -242,6 +242,13 @@ class LiftConfig(Section):
                 **self.backbone.fingerprint("lift.backbone")}
 
     @model_validator(mode="after")
+    def _variants_need_the_cache(self) -> "LiftConfig":
+        if self.background_variants > 1 and self.cache_blocks == 0:
+            raise ValueError(f"lift.background_variants={self.background_variants} caches block "
+                             "features of extra backgrounds: it needs lift.cache_blocks > 0")
+        return self
+
+    @model_validator(mode="after")
     def _image_backbone(self) -> "LiftConfig":
         if self.backbone.spec.is_text:
             raise ValueError(f"lift.backbone={self.backbone.name} is a text encoder; lifting "

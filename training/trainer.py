@@ -16,6 +16,7 @@ CMAT/CAST and AffordanceCLIP) hand it a loop, its config and the plan rows.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -67,7 +68,9 @@ def fit(root: RunRoot, run: str, loop: Callable[[dict[str, Any]], None],
     parent, name = run.rsplit("/", 1)
     dataset = ray.data.from_items(plan_rows)
     dataset.context.enable_progress_bars = False  # the loop reports progress in steps
-    ingest = DataConfig.default_ingest_options()
+    with warnings.catch_warnings():  # Ray 2.60 warns about its own default (exclude_resources)
+        warnings.filterwarnings("ignore", message=".*exclude_resources.*")
+        ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
     cpus = scaling.cpus_per_worker or worker_cpus(scaling.num_workers)
     check_schedulable(scaling, cpus)

@@ -63,15 +63,28 @@ def test_a_run_logs_checkpoints_exports_the_best_and_resumes_under_its_name(
         run_train(train_config(trained, "job.name=one", "train.lr=1e-3"))
 
 
-def test_two_workers_train_with_ddp_and_stay_in_sync(dfc_root: str) -> None:
-    report = run_train(train_config(dfc_root, "job.name=ddp", "train.num_workers=2",
-                                    "train.cpus_per_worker=0.5", "train.steps=2")).train
-    assert report.steps == 2
-    log = read_metric_log(RunRoot(dfc_root), "runs/train/ddp")
+@pytest.mark.s3
+def test_two_workers_train_with_ddp_on_s3_and_stay_in_sync(dfc_root: str, s3_root) -> None:
+    """A 2-rank DDP run whose root (data, checkpoints, log, best/) is on the S3 test server."""
+    import pyarrow.fs as pafs
+    uri, options = s3_root
+    root = RunRoot(uri, options)
+    pafs.copy_files(dfc_root, root.base, destination_filesystem=root.fs)  # the data, as made
+    storage = [f"storage.endpoint_url={options.endpoint_url}",
+               f"storage.access_key_id={options.access_key_id}",
+               f"storage.secret_access_key={options.secret_access_key}"]
+    report = run_train(train_config(uri, "job.name=ddp", "train.num_workers=2",
+                                    "train.cpus_per_worker=0.5", "train.steps=2",
+                                    *storage)).train
+    assert report.steps == 2 and report.run == f"{uri}/runs/train/ddp"
+    log = read_metric_log(root, "runs/train/ddp")
     assert [r["step"] for r in log] == [1, 2]
     checked = [r for r in log if "weights_spread" in r]
     # the checksums of both ranks' weights agree to the last bit after DDP steps
     assert [(r["world_size"], r["weights_spread"]) for r in checked] == [(2, 0.0)]
+    assert [d for d in root.list_dirs("runs/train/ddp") if d.startswith("checkpoint_")]
+    model = load_model(root, "train/ddp", "last")  # from the bucket
+    assert model.step == 2 and model.where.startswith("s3://")
 
 
 def test_eval_compares_the_model_with_chance_and_raw_features(trained: str) -> None:

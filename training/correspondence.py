@@ -90,6 +90,13 @@ def _augmentation(train: TrainSection, lift: dict[str, Any]) -> str:
     return f"one of {variants} cached backgrounds per image"
 
 
+def _worker_row(row: dict[str, Any], masks: str) -> dict[str, Any]:
+    """What a rank needs of a manifest row (it travels in train_loop_config to every worker):
+    the part names, and the per-face parts only for ground-truth masks."""
+    keep = ("asset_id", "part_names") + (("face_part",) if masks == "gt" else ())
+    return {k: row.get(k) for k in keep}
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -224,7 +231,8 @@ def prepare_run(root: RunRoot, run: str, name: str, train: TrainSection, data: D
     root.write_bytes(f"{run}/{TEXT_FILE}", text_bytes(catalogue.functions, text))
     root.write_json(f"{run}/catalogue.json", catalogue.to_json())
     setup = LoopSetup(root=root, run=run, catalogue=catalogue,
-                      manifest={a: manifest[a] for a in catalogue.assets}, text=text,
+                      manifest={a: _worker_row(manifest[a], train.masks) for a in catalogue.assets},
+                      text=text,
                       model=model, train=train.model_dump(mode="json"), val_pairs=val_pairs,
                       backbone=backbone)
     return PreparedRun(setup, plan, record, resumed)

@@ -1,7 +1,8 @@
 """`partlift train`: dense functional-correspondence training on Ray Train (DFC §4.2-4.3).
 
-    check the data, splits, catalogue, pair plan, validation pairs, text embeddings (driver,
-    before Ray) -> TorchTrainer (training.trainer) running training.loop on every rank
+    check the data and config (driver, before Ray) -> scan the training assets into the
+    catalogue (Ray Data tasks) -> pair plan, validation pairs, text embeddings (driver)
+    -> TorchTrainer (training.trainer) running training.loop on every rank
 
 The run lives at `<root>/runs/train/<name>/` (training.runs). Re-running with the same name
 resumes from its last checkpoint; settings that change what is trained are refused then.
@@ -9,14 +10,17 @@ resumes from its last checkpoint; settings that change what is trained are refus
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from operators.store.lease import LeaseLostError, hold
+from operators.store.readers import RootReader
 from operators.store.storage import RunRoot
-from rayjobs.config import TrainJob
-from rayjobs.driver import ensure_ray
+from rayjobs.config import StepResources, TrainJob
+from rayjobs.driver import ensure_ray, map_tasks
 from training.correspondence import TrainReport, prepare_run, train_correspondence
+from training.pairs import AssetScan, scan_asset
 from training.runs import default_run_name, run_path
 
 # Keys that may change when a run resumes: they do not change what a step trains on.
@@ -35,6 +39,44 @@ def config_record(config: TrainJob) -> dict[str, Any]:
     if config.train.input == "backbone":
         out |= config.lift.backbone.fingerprint("lift.backbone")
     return out
+
+
+SCAN_RESOURCES = StepResources(num_cpus=1.0, batch_size=4)  # assets per catalogue-scan task
+# From this many training assets the catalogue is scanned on Ray tasks; below, the driver scans
+# them before Ray starts (a second or two), so a root that cannot give pairs fails before Ray.
+SCAN_ON_RAY_FROM = 64
+
+
+def scan_batch(batch: dict[str, Any], root: RunRoot, masks: str, min_part_pixels: int,
+               min_shared_points: int) -> dict[str, list]:
+    """CPU task: a batch of manifest rows (JSON) -> their catalogue scans (JSON)."""
+    reader = RootReader(root)
+    out = []
+    for text in batch["row"]:
+        try:
+            scan = scan_asset(reader, json.loads(str(text)), masks,
+                              min_part_pixels=min_part_pixels,
+                              min_shared_points=min_shared_points)
+        except (OSError, KeyError, ValueError) as err:
+            asset = json.loads(str(text))["asset_id"]
+            raise RuntimeError(f"train: scanning asset {asset} for the catalogue: "
+                               f"{type(err).__name__}: {err}") from err
+        out.append("" if scan is None else json.dumps(scan.to_json()))
+    return {"asset_id": [json.loads(str(t))["asset_id"] for t in batch["row"]], "scan": out}
+
+
+def scan_on_ray(config: TrainJob, root: RunRoot, rows: list[dict]) -> list[AssetScan | None]:
+    """The catalogue scan of the training assets as one Ray Data stream of CPU tasks (the
+    order of the scans follows `rows`, so the catalogue is the sequential one)."""
+    import ray.data
+    ensure_ray(config.ray.model_copy(update={"include_dashboard": True}))
+    ds = ray.data.from_items([{"row": json.dumps(row, default=float)} for row in rows])
+    ds = map_tasks(ds, scan_batch, SCAN_RESOURCES, root=root, masks=config.train.masks,
+                   min_part_pixels=config.train.min_part_pixels,
+                   min_shared_points=config.train.min_shared_points)
+    found = {str(r["asset_id"]): str(r["scan"]) for r in ds.take_all()}
+    return [AssetScan.from_json(json.loads(found[row["asset_id"]]))
+            if found[row["asset_id"]] else None for row in rows]
 
 
 @dataclass(frozen=True)
@@ -75,7 +117,9 @@ def run_train(config: TrainJob) -> TrainJobReport:
             root.fs.delete_dir(root.path(run))  # --overwrite: start the run over
             print(f"train: removed {root.display(run)}/ (--overwrite)")
         prepared = prepare_run(root, run, name, config.train, config.data, config.eval, record,
-                               backbone, progress=lambda line: print(f"train: {line}"))
+                               backbone, progress=lambda line: print(f"train: {line}"),
+                               scan=lambda rows: (scan_on_ray(config, root, rows)
+                                                  if len(rows) >= SCAN_ON_RAY_FROM else None))
         print(f"train: run {root.display(run)}/" + (" (resuming)" if prepared.resumed else ""))
         # Train V2's controller asks the dashboard's state API about its actors: keep it on
         ensure_ray(config.ray.model_copy(update={"include_dashboard": True}))

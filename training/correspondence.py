@@ -28,13 +28,15 @@ from operators.store.tables import (FEATURE_BLOCKS, LABEL_MASKS, LABEL_OUTPUT, L
 from training.config import DataSection, EvalSection, TrainSection
 from training.evaluation import draw_pairs
 from training.loop import LoopSetup, train_loop_per_worker
-from training.pairs import NoPairsError, build_catalogue, plan_rows
+from training.pairs import AssetScan, NoPairsError, build_catalogue, merge_scans, plan_rows
 from training.runs import (RUN_RECORD, TEXT_FILE, ModelRef, checkpoints, read_metric_log,
                            text_bytes)
 from training.splits import assign_splits
 from training.trainer import Scaling, fit
 
 Progress = Callable[[str], None]
+# rows -> their scans in row order, or None to scan them here
+Scan = Callable[[list[dict]], "list[AssetScan | None] | None"]
 
 
 @dataclass
@@ -104,7 +106,11 @@ def _require(condition: bool, message: str) -> None:
 
 def prepare_run(root: RunRoot, run: str, name: str, train: TrainSection, data: DataSection,
                 evaluation: EvalSection, config_record: dict[str, Any],
-                backbone: dict[str, Any] | None, progress: Progress = print) -> PreparedRun:
+                backbone: dict[str, Any] | None, progress: Progress = print,
+                scan: Scan | None = None) -> PreparedRun:
+    """Everything before Ray Train (see the module docstring). `scan` may scan the training
+    assets' rows into `AssetScan`s in row order elsewhere (Ray tasks); otherwise (None, or it
+    returns None) they are scanned here, one after another."""
     reader = RootReader(root)
     where = root.display()
     lift = stage_settings(root, LIFT_OUTPUT)
@@ -160,9 +166,14 @@ def prepare_run(root: RunRoot, run: str, name: str, train: TrainSection, data: D
 
     progress(f"catalogue: scanning {len(train_ids)} training assets' views and points")
     tic = time.perf_counter()
-    catalogue = build_catalogue(reader, [manifest[a] for a in train_ids], train.masks,
-                                min_part_pixels=train.min_part_pixels,
-                                min_shared_points=train.min_shared_points)
+    rows = [manifest[a] for a in train_ids]
+    scans = scan(rows) if scan is not None else None  # e.g. on Ray tasks, after the checks
+    if scans is None:
+        catalogue = build_catalogue(reader, rows, train.masks,
+                                    min_part_pixels=train.min_part_pixels,
+                                    min_shared_points=train.min_shared_points)
+    else:
+        catalogue = merge_scans(scans)
     progress(f"catalogue: {len(catalogue.part_views)} part views, {len(catalogue.shared_views)} "
              f"shared view pairs, {len(catalogue.functions)} functions "
              f"({time.perf_counter() - tic:.1f} s)")

@@ -17,7 +17,7 @@ or labels/points score >= 0.5.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -150,54 +150,96 @@ class PartMasks:
         return np.zeros(point_part.shape, bool)
 
 
-def build_catalogue(reader: RootReader, assets: Sequence[dict], masks: str, *,
-                    min_part_pixels: int, min_shared_points: int,
-                    visibility_tol: tuple[float, float] = (0.01, 2e-3),
-                    progress: Callable[[int, int], None] | None = None) -> Catalogue:
-    """Scan the training assets' views (face ids, masks, depth, cameras) and points once."""
+@dataclass(frozen=True)
+class AssetScan:
+    """What one training asset adds to the catalogue, by name (indices are given when scans are
+    merged, in asset order, so a parallel scan gives the same catalogue as a sequential one)."""
+
+    asset_id: str
+    part_views: tuple[tuple[int, str, tuple[str, ...]], ...]          # (view, part, functions)
+    shared_views: tuple[tuple[int, int, str, tuple[str, ...]], ...]   # (view_1, view_2, ...)
+
+    def to_json(self) -> dict:
+        return {"asset_id": self.asset_id,
+                "part_views": [[v, p, list(f)] for v, p, f in self.part_views],
+                "shared_views": [[a, b, p, list(f)] for a, b, p, f in self.shared_views]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "AssetScan":
+        return cls(data["asset_id"],
+                   tuple((int(v), p, tuple(f)) for v, p, f in data["part_views"]),
+                   tuple((int(a), int(b), p, tuple(f)) for a, b, p, f in data["shared_views"]))
+
+
+def scan_asset(reader: RootReader, row: dict, masks: str, *, min_part_pixels: int,
+               min_shared_points: int,
+               visibility_tol: tuple[float, float] = (0.01, 2e-3)) -> AssetScan | None:
+    """One training asset's views (face ids, masks, depth, cameras) and points, read once:
+    which views show each functional part, which view pairs share its visible points. None
+    when the asset has no functional part (labelled, or in the ground truth)."""
+    asset_id = row["asset_id"]
+    source = PartMasks(reader, asset_id, row, masks)
+    parts = functional_parts(row, masks, source.labelled())
+    if not parts.functions:
+        return None
+    views = reader.views(asset_id, ["face_id", "mask", "depth", "K", "cam_to_world"])
+    points = reader.points(asset_id, ["xyz", "part"])
+    objects = np.asarray(views["mask"], bool)
+    part_views: list[tuple[int, str, tuple[str, ...]]] = []
+    shared_views: list[tuple[int, int, str, tuple[str, ...]]] = []
+    for part, functions in sorted(parts.functions.items()):
+        # gt masks are the same for every function of a part; pseudo-labels are per
+        # (function, part) and may differ, so each function gets its own views and pairs
+        for function in (functions[:1] if masks == "gt" else functions):
+            named = functions if masks == "gt" else (function,)
+            in_part = source.view_masks(part, function, views["face_id"]) & objects
+            counts = in_part.sum(axis=(1, 2))
+            rest = (objects & ~in_part).sum(axis=(1, 2))
+            part_views += [(int(view), part, named) for view in
+                           np.flatnonzero((counts >= min_part_pixels) & (rest >= min_part_pixels))]
+            members = source.point_members(part, function, np.asarray(points["part"]))
+            if members.sum() < min_shared_points:
+                continue
+            seen = visibility(points["xyz"][members], views["K"], views["cam_to_world"],
+                              views["depth"], *visibility_tol).astype(np.int32)
+            shared = seen @ seen.T  # (V, V) points visible in both views
+            v1, v2 = np.nonzero(np.triu(shared >= min_shared_points, k=1))
+            shared_views += [(int(a), int(b), part, named) for a, b in zip(v1, v2)]
+    return AssetScan(asset_id, tuple(part_views), tuple(shared_views))
+
+
+def merge_scans(scans: Sequence[AssetScan | None]) -> Catalogue:
+    """The catalogue of the scans, in their order (None = an asset without functional parts)."""
     catalogue = Catalogue([], [], [])
     function_index: dict[str, int] = {}
     part_index: dict[str, int] = {}
-    for n_done, row in enumerate(assets):
-        asset_id = row["asset_id"]
-        source = PartMasks(reader, asset_id, row, masks)
-        parts = functional_parts(row, masks, source.labelled())
-        if progress is not None:
-            progress(n_done, len(assets))
-        if not parts.functions:
+    for scan in scans:
+        if scan is None:
             continue
-        views = reader.views(asset_id, ["face_id", "mask", "depth", "K", "cam_to_world"])
-        points = reader.points(asset_id, ["xyz", "part"])
         asset = len(catalogue.assets)
-        catalogue.assets.append(asset_id)
-        objects = np.asarray(views["mask"], bool)
-        for part, functions in sorted(parts.functions.items()):
+        catalogue.assets.append(scan.asset_id)
+        for view, part, functions in scan.part_views:
             p = part_index.setdefault(part, len(part_index))
-            # gt masks are the same for every function of a part; pseudo-labels are per
-            # (function, part) and may differ, so each function gets its own views and pairs
-            for function in (functions[:1] if masks == "gt" else functions):
-                f_ids = (tuple(function_index.setdefault(f, len(function_index))
-                               for f in functions) if masks == "gt"
-                         else (function_index.setdefault(function, len(function_index)),))
-                in_part = source.view_masks(part, function, views["face_id"]) & objects
-                counts = in_part.sum(axis=(1, 2))
-                rest = (objects & ~in_part).sum(axis=(1, 2))
-                for view in np.flatnonzero((counts >= min_part_pixels)
-                                           & (rest >= min_part_pixels)):
-                    for f in f_ids:
-                        catalogue.part_views.append(PartView(asset, int(view), p, f))
-                members = source.point_members(part, function, np.asarray(points["part"]))
-                if members.sum() < min_shared_points:
-                    continue
-                seen = visibility(points["xyz"][members], views["K"], views["cam_to_world"],
-                                  views["depth"], *visibility_tol).astype(np.int32)
-                shared = seen @ seen.T  # (V, V) points visible in both views
-                v1, v2 = np.nonzero(np.triu(shared >= min_shared_points, k=1))
-                catalogue.shared_views += [SharedViews(asset, int(a), int(b), p, f_ids)
-                                           for a, b in zip(v1, v2)]
+            for f in functions:
+                f_id = function_index.setdefault(f, len(function_index))
+                catalogue.part_views.append(PartView(asset, view, p, f_id))
+        for view_1, view_2, part, functions in scan.shared_views:
+            p = part_index.setdefault(part, len(part_index))
+            f_ids = tuple(function_index.setdefault(f, len(function_index)) for f in functions)
+            catalogue.shared_views.append(SharedViews(asset, view_1, view_2, p, f_ids))
     catalogue.functions = list(function_index)
     catalogue.parts = list(part_index)
     return catalogue
+
+
+def build_catalogue(reader: RootReader, assets: Sequence[dict], masks: str, *,
+                    min_part_pixels: int, min_shared_points: int,
+                    visibility_tol: tuple[float, float] = (0.01, 2e-3)) -> Catalogue:
+    """Scan the training assets one after another (`rayjobs.train_job` scans them on Ray
+    tasks instead, with the same result)."""
+    return merge_scans([scan_asset(reader, row, masks, min_part_pixels=min_part_pixels,
+                                   min_shared_points=min_shared_points,
+                                   visibility_tol=visibility_tol) for row in assets])
 
 
 # ------------------------------------------------------------------------------------ plan

@@ -155,3 +155,16 @@ def test_pseudo_label_masks_drive_the_catalogue_per_function(scanned) -> None:
         mask = found["mask"][list(found["view_id"]).index(entry.view)]
         objects = reader.views(asset, ["mask"])["mask"][entry.view]
         assert (mask & objects).sum() >= 8  # the view shows that function's pseudo-label
+
+
+def test_the_catalogue_scanned_on_ray_tasks_is_the_sequential_one(dfc_root: str,
+                                                                  scanned) -> None:
+    from rayjobs.config import TrainJob, load_config
+    from rayjobs.train_job import scan_on_ray
+    from training.pairs import merge_scans
+    reader, manifest, catalogue = scanned
+    config = load_config((), ["train.masks=gt", "train.min_part_pixels=8",
+                              "train.min_shared_points=16", "ray.progress_bars=false"],
+                         root=dfc_root, model=TrainJob)
+    scans = scan_on_ray(config, reader.root, list(manifest.values()))
+    assert merge_scans(scans).to_json() == catalogue.to_json()

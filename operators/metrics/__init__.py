@@ -5,4 +5,5 @@ is computed by hand (tests/operators/metrics/).
 - `segmentation`: mask IoU, point precision and recall of per-point scores.
 - `probes`: kNN and closed-form ridge probes of features, accuracy and balanced accuracy.
 - `correspondence`: dense functional correspondence (DFC): ground truth, PCK, discovery F1/AP.
+- `affordance`: 3D per-point affordance (aIoU, AUC, SIM, MAE) and 2D heat maps (KLD, SIM, NSS).
 """

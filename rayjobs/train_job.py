@@ -51,18 +51,17 @@ def scan_batch(batch: dict[str, Any], root: RunRoot, masks: str, min_part_pixels
                min_shared_points: int) -> dict[str, list]:
     """CPU task: a batch of manifest rows (JSON) -> their catalogue scans (JSON)."""
     reader = RootReader(root)
+    rows = [json.loads(str(text)) for text in batch["row"]]
     out = []
-    for text in batch["row"]:
+    for row in rows:
         try:
-            scan = scan_asset(reader, json.loads(str(text)), masks,
-                              min_part_pixels=min_part_pixels,
+            scan = scan_asset(reader, row, masks, min_part_pixels=min_part_pixels,
                               min_shared_points=min_shared_points)
         except (OSError, KeyError, ValueError) as err:
-            asset = json.loads(str(text))["asset_id"]
-            raise RuntimeError(f"train: scanning asset {asset} for the catalogue: "
+            raise RuntimeError(f"train: scanning asset {row['asset_id']} for the catalogue: "
                                f"{type(err).__name__}: {err}") from err
         out.append("" if scan is None else json.dumps(scan.to_json()))
-    return {"asset_id": [json.loads(str(t))["asset_id"] for t in batch["row"]], "scan": out}
+    return {"asset_id": [row["asset_id"] for row in rows], "scan": out}
 
 
 def scan_on_ray(config: TrainJob, root: RunRoot, rows: list[dict]) -> list[AssetScan | None]:

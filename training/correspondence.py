@@ -9,8 +9,6 @@ trainer driver with the loop of `training.loop`.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,10 +72,6 @@ def check_fingerprints(recorded: dict[str, dict], current: dict[str, dict], what
                       if info["settings"].get(k) != (now or {}).get("settings", {}).get(k)]
             raise ConfigError(f"{what}: the {stage} tables differ from those the model was "
                               "trained on:\n  " + "\n  ".join(differ or ["(no settings now)"]))
-
-
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _augmentation(train: TrainSection, lift: dict[str, Any]) -> str:
@@ -213,8 +207,8 @@ def prepare_run(root: RunRoot, run: str, name: str, train: TrainSection, data: D
                          "holdout": sum(s == "holdout" for s in splits.values())},
               "catalogue": {"part_views": len(catalogue.part_views),
                             "shared_views": len(catalogue.shared_views),
-                            "hash": _digest(catalogue.to_json())},
-              "validation": {"pairs": len(val_pairs), "hash": _digest(
+                            "hash": settings_hash(catalogue.to_json())},
+              "validation": {"pairs": len(val_pairs), "hash": settings_hash(
                   [[p.asset_1, p.view_1, p.asset_2, p.view_2, p.function] for p in val_pairs])},
               "augmentation": _augmentation(train, lift),
               "text_encoder": options.name}

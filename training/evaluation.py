@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from operators.geometry.correspondence import frame_to_frame, part_mask, part_surface
+from operators.geometry.correspondence import (frame_to_frame, part_mask, part_surface,
+                                               pixel_centres)
 from operators.metrics.correspondence import (discovery_metrics, discovery_scores,
                                               ground_truth_matches, label_transfer, pck)
 from operators.store.readers import RootReader
@@ -53,8 +54,8 @@ class EvalPair:
 def object_pixels(mask: np.ndarray, stride: int) -> tuple[np.ndarray, np.ndarray]:
     """Centres (n, 2) of every pixel of the mask, and which of them lie on the
     every-`stride`-th row/column lattice (n,) bool."""
-    rows, cols = np.nonzero(mask)
-    pixels = np.stack([cols + 0.5, rows + 0.5], axis=1).astype(np.float32)
+    pixels = pixel_centres(mask)  # row-major, (u, v) = (col + 0.5, row + 0.5)
+    cols, rows = pixels[:, 0].astype(np.int64), pixels[:, 1].astype(np.int64)
     return pixels, (rows % stride == 0) & (cols % stride == 0)
 
 

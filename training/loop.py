@@ -13,6 +13,7 @@ same count, so the ranks stay in step), and truncates the metric log to the chec
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -27,7 +28,7 @@ from torch import nn
 
 from operators.store.storage import RunRoot
 from training.data import PairBatches
-from training.evaluation import EvalPair, model_describer, score_pair
+from training.evaluation import EvalPair, PairFeatures, model_describer, score_pair
 from training.losses import functional_loss, mask_loss, spatial_loss, total_loss
 from training.model import DenseCorrespondenceModel
 from training.pairs import Catalogue
@@ -159,13 +160,11 @@ def validate(model: DenseCorrespondenceModel, pairs: list[EvalPair], data: PairB
 def view_features(data: PairBatches, asset_id: str, view: int) -> np.ndarray:
     """One view's features (blocks, or RGB on the backbone path) of any asset (validation
     assets are not in the catalogue)."""
-    cache = data.extra_views
-    if asset_id not in cache:
-        if data.input == "backbone":
-            cache[asset_id] = np.asarray(data.reader.views(asset_id, ["rgb"])["rgb"])
-        else:
-            cache[asset_id] = np.asarray(data.reader.view_blocks(asset_id))
-    return cache[asset_id][view]
+    if data.input != "backbone":
+        return PairFeatures(data.reader, data.extra_views)(asset_id, view)
+    if asset_id not in data.extra_views:
+        data.extra_views[asset_id] = np.asarray(data.reader.views(asset_id, ["rgb"])["rgb"])
+    return data.extra_views[asset_id][view]
 
 
 def _save_checkpoint(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -174,7 +173,6 @@ def _save_checkpoint(folder: str, model: nn.Module, optimizer: torch.optim.Optim
         f.write(weights_bytes(model))
     with open(os.path.join(folder, STATE_FILE), "wb") as f:
         f.write(state_bytes(optimizer, step))
-    import json
     with open(os.path.join(folder, META_FILE), "w") as f:
         json.dump({"step": step, **metrics}, f)
 

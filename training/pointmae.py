@@ -140,6 +140,32 @@ class MAEOutput:
     target: Tensor         # the same shape: the true points (centred) or centres
 
 
+# The state-dict prefixes of the encoder half (what CAST takes over from a pretrained PointMAE).
+ENCODER_PREFIXES = ("embed.", "position.", "encoder.")
+
+
+def make_patches(xyz: Tensor, n_patches: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, N, 3) -> centres (B, M, 3) by FPS, point indices (B, M, k) of their k nearest points,
+    and the patches' points centred on their centre (B, M, k, 3)."""
+    centre_index = farthest_point_sample(xyz, n_patches)
+    rows = torch.arange(xyz.shape[0], device=xyz.device)[:, None]
+    centres = xyz[rows, centre_index]
+    index = knn(xyz, centres, k)
+    return centres, index, group(xyz, centres, index)
+
+
+def random_patch_mask(batch: int, n_patches: int, ratio: float,
+                      generator: torch.Generator | None = None,
+                      device: torch.device | str = "cpu") -> Tensor:
+    """(B, M) bool with round(ratio * M) patches of each sample masked, uniformly at random
+    (drawn on the CPU generator, so a seed gives the same masks on any device)."""
+    n_masked = int(round(ratio * n_patches))
+    order = torch.rand(batch, n_patches, generator=generator).argsort(dim=1).to(device)
+    masked = torch.zeros(batch, n_patches, dtype=torch.bool, device=device)
+    masked.scatter_(1, order[:, :n_masked], True)
+    return masked
+
+
 class PointMAE(nn.Module):
     def __init__(self, config: PointMAEConfig) -> None:
         super().__init__()
@@ -157,22 +183,13 @@ class PointMAE(nn.Module):
 
     def patches(self, xyz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, N, 3) -> centres (B, M, 3), point indices (B, M, k), centred patches (B, M, k, 3)."""
-        centre_index = farthest_point_sample(xyz, self.config.n_patches)
-        rows = torch.arange(xyz.shape[0], device=xyz.device)[:, None]
-        centres = xyz[rows, centre_index]
-        index = knn(xyz, centres, self.config.k)
-        return centres, index, group(xyz, centres, index)
+        return make_patches(xyz, self.config.n_patches, self.config.k)
 
     def random_mask(self, batch: int, generator: torch.Generator | None = None,
                     device: torch.device | str = "cpu") -> Tensor:
         """(B, M) bool, round(ratio * M) masked patches per sample, uniformly at random."""
-        m = self.config.n_patches
-        n_masked = int(round(self.config.mask_ratio * m))
-        noise = torch.rand(batch, m, generator=generator).to(device)
-        order = noise.argsort(dim=1)
-        masked = torch.zeros(batch, m, dtype=torch.bool, device=device)
-        masked.scatter_(1, order[:, :n_masked], True)
-        return masked
+        return random_patch_mask(batch, self.config.n_patches, self.config.mask_ratio,
+                                 generator, device)
 
     def encode(self, patches: Tensor, centres: Tensor, visible: Tensor | None = None) -> Tensor:
         """Tokens of the patches (B, M or V, width) after the final norm; only the `visible`

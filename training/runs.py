@@ -1,6 +1,6 @@
 """Runs and models, shared by every learning stage.
 
-A run lives at `<root>/runs/<kind>/<name>/` (kind: train; pretrain, finetune, sweep later):
+A run lives at `<root>/runs/<kind>/<name>/` (kind: train, pretrain, finetune; sweep later):
 
     run.json              kind, name, resolved config, model shape, functions, the
                           fingerprints of the tables it trained on, status
@@ -184,17 +184,39 @@ def checkpoints(ref: ModelRef) -> dict[int, str]:
     return found
 
 
-def build_model(record: dict[str, Any]) -> DenseCorrespondenceModel:
-    return DenseCorrespondenceModel(**record["model"])
+def build_model(record: dict[str, Any]) -> torch.nn.Module:
+    """The untrained model a run record describes (its `model_kind`)."""
+    kind = record.get("model_kind", "dense-correspondence")
+    if kind == "dense-correspondence":
+        return DenseCorrespondenceModel(**record["model"])
+    if kind == "pointmae":
+        from training.pointmae import PointMAE, PointMAEConfig
+        return PointMAE(PointMAEConfig(**record["model"]["encoder"]))
+    if kind == "cast":
+        from training.cmat import build_cast
+        return build_cast(record)
+    raise ConfigError(f"run {record.get('name')}: unknown model kind {kind!r}")
 
 
-def load_model(root: RunRoot, ref: str, checkpoint: str | int = "best") -> TrainedModel:
-    """Config + weights of a run's `best` (best validation), `last` or step-N checkpoint."""
+@dataclass
+class TrainedEncoder:
+    """A CMAT-pretrained PointMAE (encoder + decoder)."""
+
+    model: torch.nn.Module
+    record: dict[str, Any]
+    step: int
+    where: str
+
+
+def load_model(root: RunRoot, ref: str, checkpoint: str | int = "best") -> Any:
+    """Config + weights of a run's `best` (best validation), `last` or step-N checkpoint:
+    a `TrainedModel` (train/), `TrainedEncoder` (pretrain/) or `training.cmat.TrainedCast`
+    (finetune/: the encoder + head with its prompt tables)."""
     where = parse_model_ref(root, ref)
     record_path = _join(where.path, RUN_RECORD)
     if not where.root.exists(record_path):
         raise ConfigError(f"model {ref}: no run at {where.display()} ({RUN_RECORD} is missing; "
-                          "train one with `partlift train --name NAME`)")
+                          "train one with `partlift train|pretrain|finetune --name NAME`)")
     record = where.root.read_json(record_path)
     if checkpoint == "best":
         folder = _join(where.path, BEST_DIR)
@@ -212,8 +234,21 @@ def load_model(root: RunRoot, ref: str, checkpoint: str | int = "best") -> Train
         folder = found[step]
     meta = where.root.read_json(_join(folder, META_FILE))
     model = build_model(record)
-    model.load_state_dict(load_torch(where.root.read_bytes(_join(folder, WEIGHTS_FILE))))
+    try:
+        model.load_state_dict(load_torch(where.root.read_bytes(_join(folder, WEIGHTS_FILE))))
+    except RuntimeError as err:  # e.g. a run made by an older version of the model code
+        raise ConfigError(f"model {ref}: the weights at {where.root.display(folder)} do not fit "
+                          f"the {record.get('model_kind', 'dense-correspondence')} model this "
+                          f"partlift builds ({str(err).splitlines()[1].strip()}); retrain it") \
+            from None
     model.eval()
+    step, display = int(meta["step"]), where.root.display(folder)
+    kind = record.get("model_kind", "dense-correspondence")
+    if kind == "pointmae":
+        return TrainedEncoder(model, record, step, display)
+    if kind == "cast":
+        from training.cmat import PROMPTS_FILE, trained_cast
+        return trained_cast(model, record, step, display,
+                            where.root.read_bytes(_join(where.path, PROMPTS_FILE)))
     text = torch.from_numpy(read_text(where.root.read_bytes(_join(where.path, TEXT_FILE))))
-    return TrainedModel(model, record, list(record["functions"]), text, int(meta["step"]),
-                        where.root.display(folder))
+    return TrainedModel(model, record, list(record["functions"]), text, step, display)

@@ -16,17 +16,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from rayjobs.config import (AssetsJob, DemoJob, EvalJob, LabelJob, LiftJob, PipelineJob,
-                            RenderJob, StatusJob, TrainJob, load_config)
+from rayjobs.config import (AssetsJob, DemoJob, EvalJob, FinetuneJob, LabelJob, LiftJob,
+                            PipelineJob, PretrainJob, RenderJob, StatusJob, TrainJob, load_config)
 
 if TYPE_CHECKING:
+    from rayjobs.cmat_job import CmatJobReport
     from rayjobs.driver import StageReport
     from rayjobs.eval_job import EvalReport
     from rayjobs.train_job import TrainJobReport
 
 __all__ = ["AssetsJob", "RenderJob", "LabelJob", "LiftJob", "PipelineJob", "TrainJob",
-           "EvalJob", "DemoJob", "StatusJob", "load_config", "assets_make", "assets_scan",
-           "render", "label", "lift", "run", "train", "evaluate", "demo", "status", "migrate"]
+           "PretrainJob", "FinetuneJob", "EvalJob", "DemoJob", "StatusJob", "load_config",
+           "assets_make", "assets_scan", "render", "label", "lift", "run", "train", "pretrain",
+           "finetune", "evaluate", "demo", "status", "migrate"]
 
 
 def assets_make(config: AssetsJob) -> "StageReport":
@@ -70,6 +72,18 @@ def train(config: TrainJob) -> "TrainJobReport":
     job.name resumes."""
     from rayjobs.train_job import run_train
     return run_train(config)
+
+
+def pretrain(config: PretrainJob) -> "CmatJobReport":
+    """CMAT pretraining of the point encoder on Ray Train (`partlift pretrain`)."""
+    from rayjobs.cmat_job import run_pretrain
+    return run_pretrain(config)
+
+
+def finetune(config: FinetuneJob) -> "CmatJobReport":
+    """CAST on a pretrained or scratch encoder on Ray Train (`partlift finetune`)."""
+    from rayjobs.cmat_job import run_finetune
+    return run_finetune(config)
 
 
 def evaluate(config: EvalJob, models: list[str], benchmark: str = "dfc", name: str | None = None,

@@ -242,13 +242,75 @@ def train(name: str | None, preset: str | None, workers: int | None, **common: A
     api.train(config)
 
 
+@main.command()
+@click.option("--name", default=None,
+              help="Run name: the run is <root>/runs/pretrain/NAME/ and the encoder pretrain/NAME; "
+                   "the same name again resumes [default: cmat-<time>-<config hash>].")
+@click.option("--preset", default=None, type=click.Choice(["cpu", "paper"]),
+              help="Encoder shape and batch [default: cpu = 4 blocks, width 192, batch 8, 200 "
+                   "steps; paper = 12 blocks, width 384, batch 32, 30,000 steps, for GPUs].")
+@click.option("--workers", type=int, default=None, help="Ray Train workers (DDP ranks) [default: 1].")
+@common_options
+@report_user_errors
+def pretrain(name: str | None, preset: str | None, workers: int | None, **common: Any) -> None:
+    """CMAT-pretrain a PointMAE point encoder (CMAT 3.2) on Ray Train (DDP): masked-patch
+    reconstruction (Chamfer-L2), affinity alignment to the lifted 2D features, KoLeo diversity.
+
+    Reads features/points/ (farthest-point samples of them are cached under
+    <root>/cache/points/). Writes <root>/runs/pretrain/NAME/: run.json, metrics.jsonl,
+    checkpoint_*/, best/ (lowest validation reconstruction loss), tensorboard/. Settings
+    (pretrain.*): preset, points [1024], n_patches [64], k [32], width, depth, heads,
+    decoder_depth, drop_path [0.1], mask_ratio [0.6], target [points|centres], lambda_rec [1],
+    lambda_aff [0.1], lambda_div [0.2], teacher [lifted|random], batch_size, steps,
+    checkpoint_every, warmup_steps, lr [1e-4], weight_decay [0.05], num_workers, use_gpu, seed;
+    data.*: val_fraction, holdout_categories, split_seed.
+    """
+    config = build_config("pretrain", **common, job__name=name, pretrain__preset=preset,
+                          pretrain__num_workers=workers)
+    api.pretrain(config)
+
+
+@main.command()
+@click.option("--name", default=None,
+              help="Run name: the run is <root>/runs/finetune/NAME/ and the model finetune/NAME; "
+                   "the same name again resumes [default: cast-<time>-<config hash>].")
+@click.option("--from", "init", default=None,
+              help="The encoder: pretrain/NAME (a CMAT run's best weights) or scratch "
+                   "[default: scratch, or cast.init].")
+@click.option("--preset", default=None, type=click.Choice(["cpu", "paper"]),
+              help="Fusion depth and batch [default: cpu = 2 fusion blocks, batch 8, 200 steps; "
+                   "paper = 6 blocks, batch 32, 10,000 steps].")
+@click.option("--workers", type=int, default=None, help="Ray Train workers (DDP ranks) [default: 1].")
+@common_options
+@report_user_errors
+def finetune(name: str | None, init: str | None, preset: str | None, workers: int | None,
+             **common: Any) -> None:
+    """Train CAST, the prompt-driven affordance head (CMAT 3.3), on an encoder: per-point
+    function masks from a text prompt ("which part of the mug do you pour with?") and/or an
+    image exemplar, with focal + dice loss and a 10x lower encoder learning rate.
+
+    Reads the point inputs, features/views/ (exemplars) and the procedural ground truth
+    (cast.targets=gt) or labels/points/ (pseudo). Writes <root>/runs/finetune/NAME/: run.json,
+    prompts.safetensors, metrics.jsonl, checkpoint_*/, best/ (best validation aIoU),
+    tensorboard/. Settings (cast.*): init, preset, targets [gt|pseudo], prompts
+    [both|text|image], text_encoder [minilm-text], fusion_depth, batch_size, steps,
+    checkpoint_every, warmup_steps, lr [1e-4], lr_encoder [1e-5], weight_decay [0.05],
+    lambda_focal [1], lambda_dice [1], val_samples [64], num_workers, use_gpu, seed.
+    """
+    config = build_config("finetune", **common, job__name=name, cast__init=init,
+                          cast__preset=preset, cast__num_workers=workers)
+    api.finetune(config)
+
+
 @main.command("eval")
 @click.option("--model", "models", multiple=True,
               help="A trained model: KIND/NAME (e.g. train/dfc-01) or a run URI, optionally "
                    "LABEL=... to name its row (e.g. full=train/dfc-01); repeatable; chance and "
                    "raw features are always evaluated.")
-@click.option("--benchmark", default="dfc", show_default=True, type=click.Choice(["dfc"]),
-              help="Benchmark protocol.")
+@click.option("--benchmark", default="dfc", show_default=True,
+              type=click.Choice(["dfc", "affordance"]),
+              help="Benchmark protocol: dfc (train/ models) or affordance (finetune/ models: "
+                   "aIoU, AUC, SIM, MAE per point, text / image / both prompts).")
 @click.option("--checkpoint", default="best", show_default=True,
               help="Which weights of each model: best (validation PCK@10), last, or a step.")
 @click.option("--name", default=None,

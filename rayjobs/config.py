@@ -27,7 +27,7 @@ from operators.models.registry import GROUNDING_BACKENDS, BackboneOptions, groun
 from operators.settings import ConfigError, LabelSettings, ReadLimits, RenderSettings, Section
 from operators.store.records import REDACTED, redact, redact_url
 from operators.store.storage import StorageOptions
-from training.config import DataSection, EvalSection, TrainSection
+from training.config import CastSection, DataSection, EvalSection, PretrainSection, TrainSection
 
 DEFAULT_ROOT = "./partlift-data"
 
@@ -335,6 +335,19 @@ class TrainJob(LiftJob):
     eval: EvalSection = EvalSection()
 
 
+class PretrainJob(JobBase):
+    """CMAT pretraining of the point encoder."""
+
+    pretrain: PretrainSection = PretrainSection()
+    data: DataSection = DataSection()
+
+
+class FinetuneJob(PretrainJob):
+    """CAST on a pretrained (or a scratch) encoder; pretrain.* gives a scratch encoder's shape."""
+
+    cast: CastSection = CastSection()
+
+
 class EvalJob(JobBase):
     data: DataSection = DataSection()
     eval: EvalSection = EvalSection()
@@ -342,10 +355,12 @@ class EvalJob(JobBase):
 
 DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"val_fraction": 0.25}, "eval": {"pairs": 16},
-    "train": {"steps": 100, "checkpoint_every": 25, "val_pairs": 8}}
+    "train": {"steps": 100, "checkpoint_every": 25, "val_pairs": 8},
+    "pretrain": {"steps": 50, "checkpoint_every": 25},
+    "cast": {"steps": 80, "checkpoint_every": 40}}
 
 
-class DemoJob(AssetsJob, RenderJob, LabelJob, TrainJob):
+class DemoJob(AssetsJob, RenderJob, LabelJob, TrainJob, FinetuneJob):
     """The demo runs every stage: its model holds every stage section. A quarter of its 24
     assets validate (so that validation assets share functions); 100 training steps and 16
     evaluation pairs keep training and evaluation near two minutes on 2 cores."""
@@ -353,6 +368,8 @@ class DemoJob(AssetsJob, RenderJob, LabelJob, TrainJob):
     data: DataSection = DataSection(**DEMO_DEFAULTS["data"])
     eval: EvalSection = EvalSection(**DEMO_DEFAULTS["eval"])
     train: TrainSection = TrainSection(**DEMO_DEFAULTS["train"])
+    pretrain: PretrainSection = PretrainSection(**DEMO_DEFAULTS["pretrain"])
+    cast: CastSection = CastSection(**DEMO_DEFAULTS["cast"])
 
     @model_validator(mode="before")
     @classmethod
@@ -367,13 +384,14 @@ class DemoJob(AssetsJob, RenderJob, LabelJob, TrainJob):
         return value
 
 
-class ProjectConfig(AssetsJob, PipelineJob, TrainJob):
+class ProjectConfig(AssetsJob, PipelineJob, TrainJob, FinetuneJob):
     """Every section of every command: what a project file may hold."""
 
 
 JOB_MODELS: dict[str, type[Section]] = {
     "assets": AssetsJob, "render": RenderJob, "label": LabelJob, "lift": LiftJob,
-    "run": PipelineJob, "train": TrainJob, "eval": EvalJob, "demo": DemoJob,
+    "run": PipelineJob, "train": TrainJob, "pretrain": PretrainJob, "finetune": FinetuneJob,
+    "eval": EvalJob, "demo": DemoJob,
     "status": StatusJob}
 
 

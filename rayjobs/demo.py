@@ -19,16 +19,19 @@ from operators.store.storage import RunRoot
 from operators.store.tables import FEATURE_POINTS, LABEL_POINTS, VIEWS
 from rayjobs.assets_job import run_assets_make
 from rayjobs.config import DemoJob, LiftConfig
+from training.config import DataSection
 from rayjobs.driver import StageReport
 from rayjobs.eval_job import run_eval
 from rayjobs.label_job import run_label
 from rayjobs.lift_job import run_lift
 from rayjobs.render_job import run_render
+from rayjobs.cmat_job import run_finetune, run_pretrain
 from rayjobs.train_job import run_train
 
 CONTACT_SHEET = "demo/contact_sheet.png"
 LABEL_SHEET = "demo/label_sheet.png"
 FEATURES_SHEET = "demo/features_sheet.png"
+AFFORDANCE_SHEET = "demo/affordance_sheet.png"
 SHEET_ASSETS = 4
 SHEET_VIEWS = 4
 # Distinct colours for part indices in the overlay column (index 0 = first part, usually body).
@@ -157,6 +160,54 @@ def _grid_png(rows: list[tuple[str, list[np.ndarray]]]) -> bytes:
     return buffer.getvalue()
 
 
+def affordance_sheet(root: RunRoot, model_ref: str, data: DataSection, n_rows: int = 2) -> bytes:
+    """PNG: CAST's per-point predictions for the question prompt of validation samples of
+    different functions: the view that shows most of the part, the ground truth and the
+    prediction (blue 0 -> red 1) on the model's input points."""
+    from training.affordance_data import (QUESTION, PointInputs, asset_samples, gt_target,
+                                          prompt_texts)
+    from training.runs import load_model
+    from training.splits import assign_splits
+    model = load_model(root, model_ref)
+    reader = RootReader(root)
+    manifest = {r["asset_id"]: r for r in reader.manifest()}
+    splits = assign_splits({a: r["category"] for a, r in manifest.items()}, data.val_fraction,
+                           data.holdout_categories, data.split_seed)
+    inputs = PointInputs(root, model.record["point_cache"])
+    rows: list[tuple[str, list[np.ndarray]]] = []
+    functions: set[str] = set()
+    for asset_id in sorted(a for a, s in splits.items() if s == "val"):
+        row = manifest[asset_id]
+        data_ = inputs(asset_id)
+        samples = [s for s in asset_samples(row, None) if s.function not in functions]
+        if not samples:
+            continue
+        # the most selective function of the asset makes the clearest picture
+        truths = [gt_target(data_, list(row["part_names"]), s.parts) for s in samples]
+        pick = int(np.argmin([t.mean() if t.any() else 2.0 for t in truths]))
+        sample, truth = samples[pick], truths[pick]
+        question = prompt_texts(sample.category, sample.function, sample.parts)[QUESTION]
+        predicted = model.predict(np.asarray(data_["xyz"])[None], model.embed([question]),
+                                  None)[0]
+        xyz = reader.points(asset_id)["xyz"][np.asarray(data_["point_index"])]
+        views = reader.views(asset_id, ["rgb", "depth", "K", "cam_to_world"])
+        seen = [int((visibility(xyz, views["K"][i][None], views["cam_to_world"][i][None],
+                                views["depth"][i][None])[0] & (truth > 0.5)).sum())
+                for i in range(len(views["rgb"]))]
+        best = int(np.argmax(seen))
+        camera = (views["K"][best], views["cam_to_world"][best], views["depth"][best])
+        rows.append((f'{sample.category} "{question}"   view | ground truth | CAST',
+                     [views["rgb"][best], _points_picture(xyz, _score_colors(truth), *camera,
+                                                          truth),
+                      _points_picture(xyz, _score_colors(predicted), *camera, predicted)]))
+        functions.add(sample.function)
+        if len(rows) == n_rows:
+            break
+    if not rows:
+        raise FileNotFoundError("no validation asset with procedural parts to draw")
+    return _grid_png(rows)
+
+
 def features_sheet(root: RunRoot, n_assets: int = 4, n_views: int = 3) -> bytes:
     """PNG: per asset, its lifted point features coloured by their first three principal
     components (PCA over that asset's points), seen from a few of its render cameras."""
@@ -226,6 +277,16 @@ def run_demo(config: DemoJob) -> list[StageReport]:
         print(f"\nnote: correspondence training skipped: {err}")
     if trained is not None:
         evaluated = run_eval(config, [f"train/{trained.train.name}"], name=trained.train.name)
+    cast = None
+    try:
+        pretrained = run_pretrain(config)
+        config = config.model_copy(update={"cast": config.cast.model_copy(
+            update={"init": f"pretrain/{pretrained.run.name}"})})
+        cast = run_finetune(config)
+        root.write_bytes(AFFORDANCE_SHEET, affordance_sheet(root, f"finetune/{cast.run.name}",
+                                                            config.data))
+    except ConfigError as err:
+        print(f"\nnote: CMAT pretraining / CAST skipped: {err}")
     print(f"\ndemo finished in {time.time() - started:.1f} s")
     print(f"  contact sheet: {root.display(CONTACT_SHEET)}")
     print(f"  label sheet:   {root.display(LABEL_SHEET)}  (oracle backend: procedural ground "
@@ -238,6 +299,10 @@ def run_demo(config: DemoJob) -> list[StageReport]:
               f"val PCK@10 {trained.train.best_score or float('nan'):.3f})")
         print(f"  evaluation:    {evaluated.where}/table.md  (DFC protocol on the validation "
               "assets)")
+    if cast is not None:
+        print(f"  affordance:    {root.display(AFFORDANCE_SHEET)}  (CAST, model "
+              f"finetune/{cast.run.name}: best val aIoU {cast.run.best_score or float('nan'):.3f};"
+              " a short CPU run)")
     print(f"  tables:        {root.display()}/{{assets,views,points,labels,features}}/  (see `partlift "
           f"status --root {root.display()}`)")
     return reports

@@ -29,7 +29,9 @@ from training.evaluation import (Describe, EvalPair, PairFeatures, chance_descri
 from training.runs import default_run_name, load_model
 from training.splits import assign_splits
 
-BENCHMARKS = ("dfc",)
+BENCHMARKS = ("dfc", "affordance")
+MODEL_KINDS = {"dfc": "dense-correspondence", "affordance": "cast"}
+RUN_KINDS = {"dfc": "train/NAME", "affordance": "finetune/NAME"}
 PICTURE_PAIRS = 3
 PICTURE_POINTS = 8
 PICTURE_MATCHES = 10
@@ -72,6 +74,9 @@ def run_eval(config: EvalJob, models: list[str], benchmark: str = "dfc", name: s
     if benchmark not in BENCHMARKS:
         raise ConfigError(f"eval: unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}"
                           " (SOCO, InstructPart, AGD20K come with later versions)")
+    if benchmark == "affordance" and not models:
+        raise ConfigError("eval: --benchmark affordance scores CAST models: give --model "
+                          "finetune/NAME")
     tic = time.perf_counter()
     root = RunRoot(config.root, config.storage.options())
     root.check_reachable(create=False)
@@ -82,6 +87,11 @@ def run_eval(config: EvalJob, models: list[str], benchmark: str = "dfc", name: s
     for given in models:
         label, ref = split_label(given)
         model = load_model(root, ref, which)
+        kind = model.record.get("model_kind", "dense-correspondence")
+        if kind != MODEL_KINDS[benchmark]:
+            raise ConfigError(f"eval: --model {ref} is a {model.record.get('kind')} run "
+                              f"({kind}); --benchmark {benchmark} scores {RUN_KINDS[benchmark]} "
+                              "runs")
         wanted = {k: v for k, v in model.record["fingerprints"].items() if k != "label"}
         check_fingerprints(wanted, data_fingerprints(root, "gt"), f"eval: model {ref}")
         label = label or model.record["name"]
@@ -90,6 +100,9 @@ def run_eval(config: EvalJob, models: list[str], benchmark: str = "dfc", name: s
                               "label, --model LABEL=KIND/NAME")
         trained[label] = model
     fraction, holdout, seed = _split_settings([m.record for m in trained.values()], config)
+    if benchmark == "affordance":
+        return run_affordance(config, root, models, trained, (fraction, holdout, seed), name,
+                              checkpoint, tic)
     if trained and (fraction, holdout, seed) != (config.data.val_fraction,
                                                  list(config.data.holdout_categories),
                                                  config.data.split_seed) \
@@ -152,6 +165,40 @@ def run_eval(config: EvalJob, models: list[str], benchmark: str = "dfc", name: s
           f"pairs.png: {last})\n")
     print(table)
     return report
+
+
+def run_affordance(config: EvalJob, root: RunRoot, models: list[str], trained: dict[str, Any],
+                   split: tuple[float, list, int], name: str | None, checkpoint: str,
+                   tic: float) -> EvalReport:
+    """The affordance protocol (training.affordance_eval) of CAST models."""
+    from training.affordance_eval import eval_samples, evaluate_cast, markdown_table
+    sizes = config.eval
+    samples = eval_samples(root, split, sizes.pairs, sizes.seed)
+    if "seen" not in samples:
+        raise ConfigError(f"eval: the models' validation assets under {root.display()} have no "
+                          "(asset, function) samples")
+    print("eval: affordance on " + ", ".join(f"{len(v)} {k} samples" for k, v in
+                                             samples.items()) + f", {len(trained)} models")
+    results = evaluate_cast(root, trained, samples, sizes.seed)
+    table = markdown_table(results)
+    name = name or default_run_name("affordance", {"models": models, "eval": sizes.model_dump()})
+    where = f"eval/affordance/{name}"
+    root.write_json(f"{where}/metrics.json", {
+        "benchmark": "affordance", "models": models, "checkpoint": checkpoint,
+        "steps": {n: m.step for n, m in trained.items()},
+        "samples": {k: [[s.asset_id, s.function, t] for s, t in v] for k, v in samples.items()},
+        "split": {"val_fraction": split[0], "holdout_categories": split[1], "seed": split[2]},
+        "results": results,
+        "notes": {"metrics": "PIAD/LASO per point (IAGNet's definitions); in [0, 1], the table "
+                             "in percent",
+                  "prompts": "text = the question phrasing; image = a training exemplar of the "
+                             "function (samples without one are left out of image/both)"}})
+    root.write_bytes(f"{where}/table.md", table.encode())
+    seconds = time.perf_counter() - tic
+    print(f"\neval finished in {seconds:.1f} s: {root.display(where)}/ (metrics.json, "
+          "table.md)\n")
+    print(table)
+    return EvalReport(name, root.display(where), results, table, seconds)
 
 
 def pairs_picture(reader: RootReader, pairs: list[EvalPair], describe: Describe,

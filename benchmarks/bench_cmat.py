@@ -159,9 +159,9 @@ def ray_speed(root: str, steps: int) -> dict[str, dict[int, float]]:
 
 
 def _cell(values: list[float], percent: bool = True) -> str:
-    scale = 100.0 if percent else 1.0
-    arr = np.asarray(values, float) * scale
-    return f"{arr.mean():.2f} ± {arr.std():.2f}"
+    arr = np.asarray(values, float) * (100.0 if percent else 1.0)
+    digits = 2 if percent else 4
+    return f"{arr.mean():.{digits}f} ± {arr.std():.{digits}f}"
 
 
 def render(args: argparse.Namespace, results: dict, pre: dict, chance: dict, grouping: dict,

@@ -52,6 +52,7 @@ bench: install
 	$(PY) benchmarks/bench_lift.py
 	$(PY) benchmarks/bench_plan.py --s3
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_cmat.py
 
 clean-data:
 	rm -rf partlift-data

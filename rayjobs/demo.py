@@ -20,7 +20,7 @@ from operators.store.tables import FEATURE_POINTS, LABEL_POINTS, VIEWS
 from rayjobs.assets_job import run_assets_make
 from rayjobs.config import DemoJob, LiftConfig
 from training.config import DataSection
-from rayjobs.driver import StageReport
+from rayjobs.driver import StageReport, ensure_ray
 from rayjobs.eval_job import run_eval
 from rayjobs.label_job import run_label
 from rayjobs.lift_job import run_lift
@@ -264,6 +264,9 @@ def run_demo(config: DemoJob) -> list[StageReport]:
     where = f"Ray at {address}" if address else "a private local Ray"
     print(f"partlift demo: {config.assets.n} procedural assets -> {root.display()} ({where})")
     config = with_pretrained_backbone(config)
+    # the training stages need the dashboard (Train V2 asks its state API about its actors):
+    # start Ray with it, or the first stage's Ray without it stays for the whole demo
+    ensure_ray(config.ray.model_copy(update={"include_dashboard": True}))
     reports = [run_assets_make(config), run_render(config), run_label(config), run_lift(config)]
     root.write_bytes(CONTACT_SHEET, contact_sheet(root))
     root.write_bytes(LABEL_SHEET, label_sheet(root))

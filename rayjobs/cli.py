@@ -294,7 +294,8 @@ def finetune(name: str | None, init: str | None, preset: str | None, workers: in
     prompts.safetensors, metrics.jsonl, checkpoint_*/, best/ (best validation aIoU),
     tensorboard/. Settings (cast.*): init, preset, targets [gt|pseudo], prompts
     [both|text|image], text_encoder [minilm-text], fusion_depth, batch_size, steps,
-    checkpoint_every, warmup_steps, lr [1e-4], lr_encoder [1e-5], weight_decay [0.05],
+    checkpoint_every, warmup_steps, lr and lr_encoder [cpu preset 1e-3 / 1e-4; paper preset
+    1e-4 / 1e-5, the paper's], weight_decay [0.05],
     lambda_focal [1], lambda_dice [1], val_samples [64], num_workers, use_gpu, seed.
     """
     config = build_config("finetune", **common, job__name=name, cast__init=init,

@@ -27,8 +27,8 @@ from training.cmat import (PreparedTask, TaskReport, local_map, pretrain_config_
 from training.runs import default_run_name, run_path
 
 # Keys that may change when a run resumes: they do not change what a step trains on. (Not
-# `steps`: the cosine schedule of every step depends on it.)
-RESUMABLE = {"keep_checkpoints", "max_failures", "cpus_per_worker", "use_gpu"}
+# `steps`: the cosine schedule of every step depends on it; not `use_gpu`: bf16 autocast.)
+RESUMABLE = {"keep_checkpoints", "max_failures", "cpus_per_worker"}
 MAP_ON_RAY_FROM = 64   # from this many items the per-asset work runs on Ray tasks
 MAP_RESOURCES = StepResources(num_cpus=1.0, batch_size=1)
 
@@ -62,8 +62,10 @@ def resumable_keys(section: str) -> set[str]:
 
 def finetune_config_record(config: FinetuneJob) -> dict[str, Any]:
     out = pretrain_config_record(config.pretrain, config.data, resumable_keys("pretrain"))
-    if config.cast.init != "scratch":  # the encoder's shape comes from the pretrained run
-        out = {k: v for k, v in out.items() if not k.startswith("pretrain.")}
+    # only the scratch encoder's shape matters here (a pretrained one brings its own)
+    shape = {f"pretrain.{k}" for k in (*config.pretrain.encoder(), "points")}
+    out = {k: v for k, v in out.items() if not k.startswith("pretrain.")
+           or (config.cast.init == "scratch" and k in shape)}
     for key, value in config.cast.model_dump(mode="json").items():
         if f"cast.{key}" not in resumable_keys("cast"):
             out[f"cast.{key}"] = value

@@ -286,10 +286,15 @@ def run_demo(config: DemoJob) -> list[StageReport]:
         config = config.model_copy(update={"cast": config.cast.model_copy(
             update={"init": f"pretrain/{pretrained.run.name}"})})
         cast = run_finetune(config)
-        root.write_bytes(AFFORDANCE_SHEET, affordance_sheet(root, f"finetune/{cast.run.name}",
-                                                            config.data))
-    except ConfigError as err:
+    except ConfigError as err:  # e.g. too few assets or lifted points
         print(f"\nnote: CMAT pretraining / CAST skipped: {err}")
+    sheet = None
+    if cast is not None:
+        try:
+            sheet = affordance_sheet(root, f"finetune/{cast.run.name}", config.data)
+            root.write_bytes(AFFORDANCE_SHEET, sheet)
+        except FileNotFoundError as err:
+            print(f"\nnote: no affordance picture: {err}")
     print(f"\ndemo finished in {time.time() - started:.1f} s")
     print(f"  contact sheet: {root.display(CONTACT_SHEET)}")
     print(f"  label sheet:   {root.display(LABEL_SHEET)}  (oracle backend: procedural ground "
@@ -302,9 +307,10 @@ def run_demo(config: DemoJob) -> list[StageReport]:
               f"val PCK@10 {trained.train.best_score or float('nan'):.3f})")
         print(f"  evaluation:    {evaluated.where}/table.md  (DFC protocol on the validation "
               "assets)")
-    if cast is not None:
+    if cast is not None and sheet is not None:
         print(f"  affordance:    {root.display(AFFORDANCE_SHEET)}  (CAST, model "
-              f"finetune/{cast.run.name}: best val aIoU {cast.run.best_score or float('nan'):.3f};"
+              f"finetune/{cast.run.name}: best val aIoU "
+              f"{float('nan') if cast.run.best_score is None else cast.run.best_score:.3f};"
               " a short CPU run)")
     print(f"  tables:        {root.display()}/{{assets,views,points,labels,features}}/  (see `partlift "
           f"status --root {root.display()}`)")

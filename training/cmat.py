@@ -26,9 +26,10 @@ from torch import Tensor, nn
 from operators.metrics.affordance import affordance_metrics
 from operators.settings import ConfigError
 from operators.store.commits import settings_hash
+from operators.store.integrity import stage_settings
 from operators.store.readers import RootReader
 from operators.store.storage import RunRoot
-from operators.store.tables import FEATURE_POINTS, FEATURE_VIEWS, LABEL_POINTS
+from operators.store.tables import FEATURE_POINTS, FEATURE_VIEWS, LABEL_POINTS, LIFT_OUTPUT
 from training.affordance_data import (QUESTION, PointInputs, Sample, asset_exemplars,
                                       asset_samples, cache_path, cached_assets, fill_inputs,
                                       gt_target, label_functions, prompt_texts, pseudo_target,
@@ -80,21 +81,23 @@ def pretrain_plan(n_assets: int, steps: int, world_size: int, batch_size: int,
 
 
 def cast_plan(samples: list[Sample], steps: int, world_size: int, batch_size: int,
-              prompts: str, seed: int) -> list[dict[str, Any]]:
+              prompts: str, seed: int, has_exemplar: list[bool] | None = None
+              ) -> list[dict[str, Any]]:
     """One row per step and rank: samples, text phrasings, exemplar samples (another training
-    sample with the function, itself when it is the only one) and prompt modalities."""
+    sample with the function and an exemplar, else itself) and prompt modalities."""
     rng = np.random.default_rng(seed + 1)
     stream = index_stream(len(samples), seed)
     by_function: dict[str, list[int]] = {}
     for i, sample in enumerate(samples):
-        by_function.setdefault(sample.function, []).append(i)
+        if has_exemplar is None or has_exemplar[i]:
+            by_function.setdefault(sample.function, []).append(i)
     rows = []
     for step in range(steps):
         for slot in range(world_size):
             items = [next(stream) for _ in range(batch_size)]
             exemplars = []
             for i in items:
-                others = [j for j in by_function[samples[i].function]
+                others = [j for j in by_function.get(samples[i].function, [])
                           if samples[j].asset_id != samples[i].asset_id] or [i]
                 exemplars.append(int(others[rng.integers(len(others))]))
             rows.append({"step": step, "slot": slot, "items": items,
@@ -127,6 +130,13 @@ def check_data(root: RunRoot, stage: str, data: DataSection, n_points: int,
     lifted = reader.table(FEATURE_POINTS).index
     _require(bool(lifted), f"{stage}: {where} has no features/points/ (the lifted per-point "
              f"features): run `partlift lift --root {root.uri}`")
+    lift = stage_settings(root, LIFT_OUTPUT) or {}
+    lifted_points = int(lift.get("lift.n_points") or 0)
+    _require(lifted_points == 0 or lifted_points >= n_points,
+             f"{stage}: {where} has {lifted_points} lifted points per asset "
+             f"(lift.n_points), fewer than pretrain.points={n_points}: lower pretrain.points or "
+             f"re-run `partlift lift --root {root.uri} --set lift.n_points={n_points} "
+             "--overwrite`")
     manifest = {row["asset_id"]: row for row in reader.manifest()}
     categories = {r["category"] for r in manifest.values()}
     unknown = sorted(set(data.holdout_categories) - categories)
@@ -204,16 +214,20 @@ def pretrain_losses(model: PointMAE, xyz: Tensor, features: Tensor, masked: Tens
                     cfg: dict[str, Any]) -> dict[str, Tensor]:
     """L_rec, L_aff, L_div and their weighted sum (CMAT Eq. 6) of one batch."""
     centres, _, patches = model.patches(xyz)
-    out = model.reconstruct(centres, patches, masked)
-    prediction, target = out.prediction.float(), out.target.float()
-    if model.config.target == "points":
-        l_rec = chamfer_l2(prediction.flatten(0, 1), target.flatten(0, 1))
-    else:
-        l_rec = centre_mse(prediction.flatten(0, 1), target.flatten(0, 1))
-    losses = {"loss_rec": l_rec}
     visible = ~masked
-    tokens = out.visible_tokens.float()
-    l_aff = l_div = None
+    losses: dict[str, Tensor] = {}
+    l_rec = l_aff = l_div = None
+    if cfg["lambda_rec"] > 0:
+        out = model.reconstruct(centres, patches, masked)
+        prediction, target = out.prediction.float(), out.target.float()
+        if model.config.target == "points":
+            l_rec = chamfer_l2(prediction.flatten(0, 1), target.flatten(0, 1))
+        else:
+            l_rec = centre_mse(prediction.flatten(0, 1), target.flatten(0, 1))
+        losses["loss_rec"] = l_rec
+        tokens = out.visible_tokens.float()
+    else:  # no decoder: the encoder's visible tokens only
+        tokens = model.encode(patches, centres, visible).float()
     if cfg["lambda_aff"] > 0:
         teacher = pool_patch_features(features, xyz, centres)                  # Eq. (1)
         student = tokens.new_zeros(*masked.shape, tokens.shape[-1])
@@ -230,7 +244,7 @@ def pretrain_losses(model: PointMAE, xyz: Tensor, features: Tensor, masked: Tens
 
 class PretrainTask(StepTask):
     stage = "pretrain"
-    metric = "val_rec"
+    metric = "val_loss"      # the weighted objective (Eq. 6) on the validation assets
     higher_is_better = False
 
     def __init__(self, root: RunRoot, run: str, cfg: dict[str, Any], cache: str,
@@ -298,7 +312,7 @@ class PretrainTask(StepTask):
                 totals[key] = totals.get(key, 0.0) + float(value) * len(chunk)
         model.train()
         return {"val_" + key.removeprefix("loss_"): value / len(ids)
-                for key, value in sorted(totals.items()) if key != "loss"}
+                for key, value in sorted(totals.items())}
 
 
 def pretrain_config_record(pretrain: PretrainSection, data: DataSection,
@@ -502,9 +516,11 @@ def _asset_samples_and_exemplars(root: RunRoot, targets: str,
                            f"{type(err).__name__}: {err}") from err
 
 
-def resolve_init(root: RunRoot, init: str, pretrain: PretrainSection
+def resolve_init(root: RunRoot, init: str, pretrain: PretrainSection, data: DataSection
                  ) -> tuple[dict[str, Any], int, dict[str, Tensor] | None, dict[str, Any]]:
-    """(encoder kwargs, points, weights or None, lineage) of cast.init."""
+    """(encoder kwargs, points, weights or None, lineage) of cast.init. A pretrained encoder
+    must come from the same split: with another, it would have trained on this run's
+    validation or held-out assets."""
     if init == "scratch":
         return pretrain.encoder(), pretrain.points, None, {"init": "scratch"}
     from safetensors.torch import load as load_torch
@@ -515,6 +531,12 @@ def resolve_init(root: RunRoot, init: str, pretrain: PretrainSection
     record = ref.root.read_json(record_path)
     _require(record.get("model_kind") == "pointmae", f"finetune: --from {init} is a "
              f"{record.get('kind')} run, not a CMAT pretraining (pretrain/NAME)")
+    differ = [f"{key}: {record['config'].get(key)!r} there, {value!r} here"
+              for key, value in ((f"data.{k}", v) for k, v in data.model_dump(mode="json").items())
+              if record["config"].get(key) != value]
+    _require(not differ, f"finetune: --from {init} was pretrained on another split of the "
+             "assets (it may have seen this run's validation or held-out assets):\n  "
+             + "\n  ".join(differ) + "\nuse its data.* settings, or pretrain with these")
     best = f"{ref.path}/{BEST_DIR}".lstrip("/")
     _require(ref.root.exists(f"{best}/{WEIGHTS_FILE}"), f"finetune: --from {init}: the run has "
              f"no validated checkpoint yet ({ref.root.display(best)} is missing)")
@@ -530,7 +552,7 @@ def prepare_finetune(root: RunRoot, run: str, name: str, cast: CastSection,
                      pretrain: PretrainSection, data: DataSection,
                      config_record: dict[str, Any], progress: Progress = print,
                      mapper: Mapper = local_map) -> PreparedTask:
-    encoder, points, weights, lineage = resolve_init(root, cast.init, pretrain)
+    encoder, points, weights, lineage = resolve_init(root, cast.init, pretrain, data)
     reader = RootReader(root)
     if cast.targets == "pseudo":
         _require(bool(reader.table(LABEL_POINTS).index), f"finetune: cast.targets=pseudo reads "
@@ -574,6 +596,12 @@ def prepare_finetune(root: RunRoot, run: str, name: str, cast: CastSection,
     progress(f"prompts: {len(samples)} samples, {len(texts)} texts, {int(has.sum())} "
              f"exemplars ({time.perf_counter() - tic:.1f} s)")
     train_samples = [samples[i] for i in by_split["train"]]
+    needs_labels = [s.asset_id for s in samples if s.asset_id in found.manifest
+                    and not found.manifest[s.asset_id].get("part_names")]
+    _require(not needs_labels or bool(reader.table(LABEL_POINTS).index),
+             f"finetune: {len(set(needs_labels))} assets have no procedural parts (e.g. "
+             f"{needs_labels[0] if needs_labels else ''}): they are scored against their "
+             f"pseudo-labels, and {root.display()} has no labels/points/: run `partlift label`")
     prompts = Prompts(texts, embedded, sample_texts[by_split["train"]],
                       exemplars[by_split["train"]], has[by_split["train"]])
     # validation (and held-out) entries are appended to the training-sample table; their
@@ -591,7 +619,7 @@ def prepare_finetune(root: RunRoot, run: str, name: str, cast: CastSection,
                       np.concatenate([prompts.has_exemplar, np.zeros(len(extra), bool)]))
     all_samples = train_samples + [samples[i] for i in extra]
     plan = cast_plan(train_samples, cast.steps, cast.num_workers, cast.batch_size,
-                     cast.prompts, cast.seed)
+                     cast.prompts, cast.seed, has[by_split["train"]].tolist())
     cfg = cast.model_dump(mode="json") | {"encoder": encoder, "points": points}
     record = {"kind": "finetune", "name": name, "model_kind": "cast", "config": config_record,
               "model": {"encoder": encoder, "points": points, "text_dim": int(embedded.shape[1]),
@@ -600,6 +628,8 @@ def prepare_finetune(root: RunRoot, run: str, name: str, cast: CastSection,
               "splits": {s: len(found.ids(s)) for s in ("train", "val", "holdout")},
               "samples": {s: len(v) for s, v in by_split.items()},
               "point_cache": found.cache, "text_encoder": cast.text_encoder.name,
+              "text_encoder_options": {"model_path": cast.text_encoder.model_path,
+                                       "allow_download": cast.text_encoder.allow_download},
               "functions": sorted({s.function for s in train_samples})}
     lineage |= {"samples_hash": settings_hash([[s.asset_id, s.function] for s in all_samples])}
     resumed = _write_record(root, run, name, "finetune", record, lineage)
@@ -732,7 +762,10 @@ class TrainedCast:
             return self.text[[known[t] for t in texts]]
         if not hasattr(self, "_encoder"):
             from operators.models.backbones import load_text_encoder
-            self._encoder = load_text_encoder(self.record["text_encoder"])
+            options = self.record.get("text_encoder_options") or {}
+            self._encoder = load_text_encoder(self.record["text_encoder"],
+                                              options.get("model_path"),
+                                              allow_download=bool(options.get("allow_download")))
         with torch.no_grad():
             return np.asarray(self._encoder.embed(texts), np.float32)
 

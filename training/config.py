@@ -189,6 +189,11 @@ class PretrainSection(RunScaling):
         if self.n_patches * 2 > self.points or self.k > self.points:
             raise ValueError(f"pretrain.points={self.points} is too few for "
                              f"pretrain.n_patches={self.n_patches} and pretrain.k={self.k}")
+        masked = round(self.mask_ratio * self.n_patches)
+        if not 1 <= masked <= self.n_patches - 2:
+            raise ValueError(f"pretrain.mask_ratio={self.mask_ratio} of pretrain.n_patches="
+                             f"{self.n_patches} masks {masked}: at least 1 patch must be masked "
+                             "and 2 stay visible (KoLeo compares visible patches)")
         if self.lambda_rec == 0 and self.lambda_aff == 0 and self.lambda_div == 0:
             raise ValueError("pretrain.lambda_rec, lambda_aff and lambda_div are all 0")
         return self

@@ -122,6 +122,13 @@ def _upload_tensorboard(writer, root: RunRoot, run: str) -> None:
             root.write_bytes(f"{run}/tensorboard/{name}", f.read())
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of one step on one rank (drop-path, random draws in a step): set before
+    every step, so that ranks draw differently and a resume - on CPU or GPU, whose RNG states
+    a checkpoint does not hold - draws exactly what the interrupted run would have."""
+    return (seed * 1_000_003 + step * 1_009 + rank) % (2 ** 63)
+
+
 def lr_factor(step: int, steps: int, warmup: int) -> float:
     """The multiplier of the peak learning rate for optimizer step `step` (0-based): linear
     warm-up over `warmup` steps to 1, then a cosine decay to 0 at `steps`."""
@@ -233,6 +240,7 @@ def task_loop_per_worker(config: dict[str, Any]) -> None:
         factor = task.schedule(step)
         for group, lr in zip(optimizer.param_groups, peak):
             group["lr"] = lr * factor
+        torch.manual_seed(step_seed(cfg["seed"], step, rank))
         batch = task.batch(row, rank, device)
         step += 1
         with autocast:
@@ -304,6 +312,7 @@ def run_in_process(task: StepTask, plan: list[dict[str, Any]],
             continue
         tic = time.perf_counter()
         factor = task.schedule(int(row["step"]))
+        torch.manual_seed(step_seed(cfg["seed"], int(row["step"]), 0))
         for group, lr in zip(optimizer.param_groups, peak):
             group["lr"] = lr * factor
         losses = task.losses(module, task.batch(row, 0, device))

@@ -57,13 +57,15 @@ def test_pretraining_caches_points_logs_every_step_and_resumes_by_name(pretraine
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(np.isfinite(r[k]) for r in log for k in ("loss", "loss_rec", "loss_aff",
                                                          "loss_div"))
-    assert [r["step"] for r in log if "val_rec" in r] == [2, 4]
+    assert [r["step"] for r in log if "val_loss" in r] == [2, 4]
+    assert all(r["val_loss"] == pytest.approx(r["val_rec"] + 0.1 * r["val_aff"]
+                                              + 0.2 * r["val_div"]) for r in log if "val_loss" in r)
     peak = 1e-4  # warm-up over 1 step, then the cosine over the other 3
     assert [r["lr"] for r in log] == pytest.approx([peak * lr_factor(s, 4, 1) for s in range(4)])
     assert log[-1]["lr"] < log[2]["lr"] < log[1]["lr"] == pytest.approx(peak)
     encoder = load_model(root, "pretrain/p1")
     assert isinstance(encoder, TrainedEncoder) and encoder.step in (2, 4)
-    best = min((r for r in log if "val_rec" in r), key=lambda r: r["val_rec"])
+    best = min((r for r in log if "val_loss" in r), key=lambda r: r["val_loss"])
     assert encoder.step == best["step"]                        # best = lowest validation loss
     # the same name again resumes from its last checkpoint: a finished run trains nothing more
     report = run_pretrain(pretrain_config(pretrained, "job.name=p1", "pretrain.keep_checkpoints=3"))
@@ -141,7 +143,16 @@ def test_eval_scores_cast_models_against_chance_and_refuses_the_other_kind(
 def test_finetune_refusals_name_the_missing_run_or_data(dfc_root: str) -> None:
     with pytest.raises(ConfigError, match="pretrain/nothing: no run at .*partlift pretrain"):
         run_finetune(finetune_config(dfc_root, "job.name=f2", "cast.init=pretrain/nothing"))
-    with pytest.raises(ConfigError, match="256 lifted points .* fewer than pretrain.points=512"):
+    with pytest.raises(ConfigError, match="256 lifted points per asset .* fewer than "
+                                          "pretrain.points=512"):
         run_pretrain(pretrain_config(dfc_root, "job.name=p2", "pretrain.points=512"))
-    with pytest.raises(ConfigError, match="train/x is a|not a CMAT|expected scratch"):
+    with pytest.raises(ConfigError, match="expected scratch, pretrain/NAME or a run URI"):
         load_config((), ["cast.init=train/x"], root=dfc_root, model=FinetuneJob)
+    with pytest.raises(ConfigError, match="mask_ratio=0.99 .* masks 16"):
+        load_config((), [*SMALL, "pretrain.mask_ratio=0.99"], root=dfc_root, model=PretrainJob)
+
+
+def test_an_encoder_pretrained_on_another_split_is_refused(pretrained: str) -> None:
+    with pytest.raises(ConfigError, match="(?s)another split .*data.val_fraction: 0.3 there, 0.5 here"):
+        run_finetune(finetune_config(pretrained, "job.name=f3", "cast.init=pretrain/p1",
+                                     "data.val_fraction=0.5"))

@@ -128,6 +128,9 @@ def _check_terms(model, xyz, features, masked, cfg) -> None:
     rec_only = pretrain_losses(model, xyz, features, masked, {**cfg, "lambda_aff": 0.0,
                                                               "lambda_div": 0.0})
     assert set(rec_only) == {"loss", "loss_rec"}
+    no_decoder = pretrain_losses(model, xyz, features, masked, {**cfg, "lambda_rec": 0.0})
+    assert set(no_decoder) == {"loss", "loss_aff", "loss_div"}   # the decoder is not run
+    assert float(no_decoder["loss_aff"]) == pytest.approx(float(full["loss_aff"]), rel=1e-5)
     assert float(rec_only["loss"]) == pytest.approx(float(full["loss_rec"]), rel=1e-6)
     # the affinity target: features proportional to each other give the same L_aff
     scaled = pretrain_losses(model, xyz, 3.0 * features, masked, cfg)

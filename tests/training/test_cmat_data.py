@@ -48,6 +48,13 @@ def test_the_cast_plan_draws_exemplars_of_the_function_from_other_assets() -> No
             assert 0 <= text < 4
             seen_modalities[modality] += 1
     assert set(seen_modalities) == {0, 1, 2}
+    # exemplars only from samples that have one: b's pour-with has none -> a's own
+    no_b = cast_plan(samples, 10, 1, 4, "image", 0, has_exemplar=[True, False, True, True])
+    for row in no_b:
+        for item, exemplar in zip(row["items"], row["exemplars"]):
+            assert exemplar != 1
+            if item == 0:
+                assert exemplar == 0
     text_only = cast_plan(samples, 5, 1, 4, "text", 0)
     assert {m for r in text_only for m in r["modality"]} == {1}
 

@@ -17,18 +17,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rayjobs.config import (AssetsJob, DemoJob, EvalJob, FinetuneJob, LabelJob, LiftJob,
-                            PipelineJob, PretrainJob, RenderJob, StatusJob, TrainJob, load_config)
+                            PipelineJob, PretrainJob, RenderJob, StatusJob, SweepJob, TrainJob,
+                            load_config)
 
 if TYPE_CHECKING:
     from rayjobs.cmat_job import CmatJobReport
     from rayjobs.driver import StageReport
     from rayjobs.eval_job import EvalReport
+    from rayjobs.sweep_job import SweepReport
     from rayjobs.train_job import TrainJobReport
 
 __all__ = ["AssetsJob", "RenderJob", "LabelJob", "LiftJob", "PipelineJob", "TrainJob",
            "PretrainJob", "FinetuneJob", "EvalJob", "DemoJob", "StatusJob", "load_config",
            "assets_make", "assets_scan", "render", "label", "lift", "run", "train", "pretrain",
-           "finetune", "evaluate", "demo", "status", "migrate"]
+           "finetune", "sweep", "SweepJob", "evaluate", "demo", "status", "migrate"]
 
 
 def assets_make(config: AssetsJob) -> "StageReport":
@@ -84,6 +86,13 @@ def finetune(config: FinetuneJob) -> "CmatJobReport":
     """CAST on a pretrained or scratch encoder on Ray Train (`partlift finetune`)."""
     from rayjobs.cmat_job import run_finetune
     return run_finetune(config)
+
+
+def sweep(config: SweepJob) -> "SweepReport":
+    """A Ray Tune search over a learning job's settings (`partlift sweep`); the same name
+    resumes an unfinished sweep."""
+    from rayjobs.sweep_job import run_sweep
+    return run_sweep(config)
 
 
 def evaluate(config: EvalJob, models: list[str], benchmark: str = "dfc", name: str | None = None,

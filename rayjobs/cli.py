@@ -303,6 +303,28 @@ def finetune(name: str | None, init: str | None, preset: str | None, workers: in
     api.finetune(config)
 
 
+@main.command()
+@click.option("--name", default=None,
+              help="Sweep name (required): <root>/runs/sweep/NAME/; the same name resumes an "
+                   "unfinished sweep and shows a finished one's results.")
+@common_options
+@report_user_errors
+def sweep(name: str | None, **common: Any) -> None:
+    """Search a learning job's settings on Ray Tune (DFC C.3, CMAT 4.4): every trial is a Ray
+    Train run of `train`, `pretrain` or `finetune`.
+
+    The config (-c configs/sweep_correspondence.yaml, configs/sweep_cmat.yaml) holds the job's
+    sections and `sweep.*`: job, metric [the job's validation metric], mode, space (KEY: {choice
+    | grid: [...]} or {uniform | loguniform | randint: [low, high]} over any key of the job),
+    searcher [random|optuna], num_samples [2], scheduler [none|asha], max_concurrent_trials
+    [what the cluster holds], max_failures [1]. Writes <root>/runs/sweep/NAME/: results.parquet,
+    results.md, best.yaml (`partlift JOB -c best.yaml`), metric_vs_params.png,
+    learning_curves.png, trials/<id>/ (each trial's run, with TensorBoard logs).
+    """
+    config = build_config("sweep", **common, job__name=name)
+    api.sweep(config)
+
+
 @main.command("eval")
 @click.option("--model", "models", multiple=True,
               help="A trained model: KIND/NAME (e.g. train/dfc-01) or a run URI, optionally "

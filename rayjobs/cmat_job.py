@@ -92,11 +92,12 @@ class CmatJobReport:
 
 
 def _run(config: PretrainJob, kind: str, prefix: str, record: dict[str, Any],
-         prepare: Callable[[RunRoot, str, str], PreparedTask]) -> CmatJobReport:
+         prepare: Callable[[RunRoot, str, str], PreparedTask], run: str | None,
+         callbacks: list[Any] | None) -> CmatJobReport:
     root = RunRoot(config.root, config.storage.options())
     root.check_reachable(create=False)
     name = config.job.name or default_run_name(prefix, record)
-    run = run_path(kind, name)
+    run = run or run_path(kind, name)
     with hold(root, [run], name, timeout_s=config.job.lease_timeout_s,
               force=config.job.force) as leases:
         if config.job.overwrite and root.exists(f"{run}/run.json"):
@@ -106,7 +107,7 @@ def _run(config: PretrainJob, kind: str, prefix: str, record: dict[str, Any],
         print(f"{kind}: run {root.display(run)}/" + (" (resuming)" if prepared.resumed else ""))
         # Train V2's controller asks the dashboard's state API about its actors: keep it on
         ensure_ray(config.ray.model_copy(update={"include_dashboard": True}))
-        report = CmatJobReport(run_task(prepared))
+        report = CmatJobReport(run_task(prepared, callbacks))
         if any(lease.lost for lease in leases):
             raise LeaseLostError(f"the lease of {run} on {root.display()} was taken over while "
                                  "this run trained; see `partlift status`")
@@ -115,15 +116,21 @@ def _run(config: PretrainJob, kind: str, prefix: str, record: dict[str, Any],
     return report
 
 
-def run_pretrain(config: PretrainJob) -> CmatJobReport:
+def run_pretrain(config: PretrainJob, run: str | None = None,
+                 callbacks: list[Any] | None = None) -> CmatJobReport:
+    """`partlift pretrain`; `run` and `callbacks` as in rayjobs.train_job.run_train."""
     record = pretrain_config_record(config.pretrain, config.data, resumable_keys("pretrain"))
     return _run(config, "pretrain", "cmat", record, lambda root, run, name: prepare_pretrain(
         root, run, name, config.pretrain, config.data, record,
-        progress=lambda line: print(f"pretrain: {line}"), mapper=ray_mapper(config)))
+        progress=lambda line: print(f"pretrain: {line}"), mapper=ray_mapper(config)),
+        run, callbacks)
 
 
-def run_finetune(config: FinetuneJob) -> CmatJobReport:
+def run_finetune(config: FinetuneJob, run: str | None = None,
+                 callbacks: list[Any] | None = None) -> CmatJobReport:
+    """`partlift finetune`; `run` and `callbacks` as in rayjobs.train_job.run_train."""
     record = finetune_config_record(config)
     return _run(config, "finetune", "cast", record, lambda root, run, name: prepare_finetune(
         root, run, name, config.cast, config.pretrain, config.data, record,
-        progress=lambda line: print(f"finetune: {line}"), mapper=ray_mapper(config)))
+        progress=lambda line: print(f"finetune: {line}"), mapper=ray_mapper(config)),
+        run, callbacks)

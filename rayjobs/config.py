@@ -28,6 +28,7 @@ from operators.settings import ConfigError, LabelSettings, ReadLimits, RenderSet
 from operators.store.records import REDACTED, redact, redact_url
 from operators.store.storage import StorageOptions
 from training.config import CastSection, DataSection, EvalSection, PretrainSection, TrainSection
+from tuning.space import SweepSection
 
 DEFAULT_ROOT = "./partlift-data"
 
@@ -348,6 +349,13 @@ class FinetuneJob(PretrainJob):
     cast: CastSection = CastSection()
 
 
+class SweepJob(FinetuneJob, TrainJob):
+    """`partlift sweep`: the sections of every learning job plus `sweep.*` (which job, metric,
+    search space)."""
+
+    sweep: SweepSection | None = None
+
+
 class EvalJob(JobBase):
     data: DataSection = DataSection()
     eval: EvalSection = EvalSection()
@@ -384,14 +392,14 @@ class DemoJob(AssetsJob, RenderJob, LabelJob, TrainJob, FinetuneJob):
         return value
 
 
-class ProjectConfig(AssetsJob, PipelineJob, TrainJob, FinetuneJob):
+class ProjectConfig(AssetsJob, PipelineJob, SweepJob):
     """Every section of every command: what a project file may hold."""
 
 
 JOB_MODELS: dict[str, type[Section]] = {
     "assets": AssetsJob, "render": RenderJob, "label": LabelJob, "lift": LiftJob,
     "run": PipelineJob, "train": TrainJob, "pretrain": PretrainJob, "finetune": FinetuneJob,
-    "eval": EvalJob, "demo": DemoJob,
+    "sweep": SweepJob, "eval": EvalJob, "demo": DemoJob,
     "status": StatusJob}
 
 

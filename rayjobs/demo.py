@@ -18,7 +18,7 @@ from operators.store.readers import RootReader
 from operators.store.storage import RunRoot
 from operators.store.tables import FEATURE_POINTS, LABEL_POINTS, VIEWS
 from rayjobs.assets_job import run_assets_make
-from rayjobs.config import DemoJob, LiftConfig
+from rayjobs.config import DemoJob, LiftConfig, SweepJob
 from training.config import DataSection
 from rayjobs.driver import StageReport, ensure_ray
 from rayjobs.eval_job import run_eval
@@ -26,6 +26,7 @@ from rayjobs.label_job import run_label
 from rayjobs.lift_job import run_lift
 from rayjobs.render_job import run_render
 from rayjobs.cmat_job import run_finetune, run_pretrain
+from rayjobs.sweep_job import run_sweep
 from rayjobs.train_job import run_train
 
 CONTACT_SHEET = "demo/contact_sheet.png"
@@ -208,6 +209,17 @@ def affordance_sheet(root: RunRoot, model_ref: str, data: DataSection, n_rows: i
     return _grid_png(rows)
 
 
+def demo_sweep(config: DemoJob) -> SweepJob:
+    """The demo's sweep: train.lambda_spatial in {1, 10} for 20 steps each (DFC Table 4's axis),
+    the two trials side by side."""
+    sections = {k: getattr(config, k) for k in SweepJob.model_fields if k != "sweep"}
+    sections["train"] = config.train.model_copy(update={"steps": 20, "checkpoint_every": 10})
+    sections["job"] = config.job.model_copy(update={"name": "demo"})
+    return SweepJob.model_validate({**sections, "sweep": {
+        "job": "train", "num_samples": 1,
+        "space": {"train.lambda_spatial": {"grid": [1.0, 10.0]}}}})
+
+
 def features_sheet(root: RunRoot, n_assets: int = 4, n_views: int = 3) -> bytes:
     """PNG: per asset, its lifted point features coloured by their first three principal
     components (PCA over that asset's points), seen from a few of its render cameras."""
@@ -288,6 +300,9 @@ def run_demo(config: DemoJob) -> list[StageReport]:
         cast = run_finetune(config)
     except ConfigError as err:  # e.g. too few assets or lifted points
         print(f"\nnote: CMAT pretraining / CAST skipped: {err}")
+    swept = None
+    if trained is not None:  # the data trains: a 2-trial sweep of the correspondence model
+        swept = run_sweep(demo_sweep(config))
     sheet = None
     if cast is not None:
         try:
@@ -312,6 +327,10 @@ def run_demo(config: DemoJob) -> list[StageReport]:
               f"finetune/{cast.run.name}: best val aIoU "
               f"{float('nan') if cast.run.best_score is None else cast.run.best_score:.3f};"
               " a short CPU run)")
+    if swept is not None and swept.best is not None:
+        print(f"  sweep:         {swept.where}/results.md  (train.lambda_spatial 1 vs 10, 20 "
+              f"steps each: best {swept.metric} {swept.best.best:.3f} at "
+              f"{swept.best.params['train.lambda_spatial']:g}; best.yaml, plots)")
     print(f"  tables:        {root.display()}/{{assets,views,points,labels,features}}/  (see `partlift "
           f"status --root {root.display()}`)")
     return reports

@@ -145,6 +145,47 @@ def verify(root: RunRoot, statuses: list[StageStatus]) -> dict[tuple[StageOutput
     return failing
 
 
+RUN_KINDS = ("train", "pretrain", "finetune", "sweep")
+RUN_METRICS = {"train": "val_pck@10", "pretrain": "val_loss", "finetune": "val_aiou"}
+
+
+def run_lines(root: RunRoot) -> list[str]:
+    """One line per learning run and sweep under runs/ (status, steps or trials, best metric),
+    from their run.json / sweep.json and best/meta.json only (no torch here)."""
+    lines = []
+    for kind in RUN_KINDS:
+        if not root.exists(f"runs/{kind}"):
+            continue
+        for name in sorted(root.list_dirs(f"runs/{kind}")):
+            folder = f"runs/{kind}/{name}"
+            try:
+                if kind == "sweep":
+                    if not root.exists(f"{folder}/sweep.json"):
+                        continue
+                    record = root.read_json(f"{folder}/sweep.json")
+                    best = record.get("best") or {}
+                    metric = record.get("metric", "")
+                    value = best.get(metric)
+                    detail = (f"{record.get('trials', '?')} trials, best {metric} "
+                              f"{value if not isinstance(value, float) else round(value, 4)} "
+                              f"({best.get('trial', '-')})"
+                              if record.get("status") == "finished" else
+                              f"{record.get('job')} trials, {metric}")
+                else:
+                    if not root.exists(f"{folder}/run.json"):
+                        continue
+                    record = root.read_json(f"{folder}/run.json")
+                    meta = (root.read_json(f"{folder}/best/meta.json")
+                            if root.exists(f"{folder}/best/meta.json") else {})
+                    metric = RUN_METRICS[kind]
+                    detail = (f"best at step {meta.get('step')}: {metric} {meta[metric]:.4f}"
+                              if metric in meta else "no validated checkpoint yet")
+                lines.append(f"  {kind + '/' + name:<28} {record.get('status', '?'):<9} {detail}")
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                lines.append(f"  {kind + '/' + name:<28} unreadable ({type(err).__name__})")
+    return (["", "  runs (partlift train|pretrain|finetune|sweep):"] + lines) if lines else []
+
+
 def print_status(config: StatusJob, check_all: bool = False, repair: bool = False) -> None:
     root = RunRoot(config.root, config.storage.options())
     root.check_reachable(create=False)  # a mistyped local root is an error, not "empty"
@@ -198,6 +239,8 @@ def print_status(config: StatusJob, check_all: bool = False, repair: bool = Fals
         print(f"  verify: read every committed shard: {len(failing)} shard sets fail")
         problems += [f"{output.record_dir}/_commits/{shard}.json: {why}"
                      for (output, shard), why in failing.items()]
+    for line in run_lines(root):
+        print(line)
     for problem in problems:
         print(f"  problem: {problem}")
     if repair and failing:

@@ -96,12 +96,15 @@ class TrainJobReport:
         return [f"  {k.ljust(width)}  {v}" for k, v in rows]
 
 
-def run_train(config: TrainJob) -> TrainJobReport:
+def run_train(config: TrainJob, run: str | None = None,
+              callbacks: list[Any] | None = None) -> TrainJobReport:
+    """`partlift train`; `run` (a run directory under the root, default runs/train/<name>) and
+    Ray Train `callbacks` are what a sweep's trial sets."""
     root = RunRoot(config.root, config.storage.options())
     root.check_reachable(create=False)
     record = config_record(config)
     name = config.job.name or default_run_name("dfc", record)
-    run = run_path("train", name)
+    run = run or run_path("train", name)
     backbone = None
     if config.train.input == "backbone":
         options = config.lift.backbone
@@ -122,7 +125,7 @@ def run_train(config: TrainJob) -> TrainJobReport:
         print(f"train: run {root.display(run)}/" + (" (resuming)" if prepared.resumed else ""))
         # Train V2's controller asks the dashboard's state API about its actors: keep it on
         ensure_ray(config.ray.model_copy(update={"include_dashboard": True}))
-        report = TrainJobReport(train_correspondence(prepared, config.train))
+        report = TrainJobReport(train_correspondence(prepared, config.train, callbacks))
         if any(lease.lost for lease in leases):
             raise LeaseLostError(f"the lease of {run} on {root.display()} was taken over while "
                                  "this run trained; see `partlift status`")

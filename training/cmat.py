@@ -692,13 +692,13 @@ class TaskReport:
     samples_per_s: float
 
 
-def run_task(prepared: PreparedTask) -> TaskReport:
+def run_task(prepared: PreparedTask, callbacks: list[Any] | None = None) -> TaskReport:
     task = prepared.task
     done = checkpoints(ModelRef(task.root, task.run)) if prepared.resumed else {}
     resumed_from = max(done, default=0)
     tic = time.perf_counter()
     result = fit(task.root, task.run, task_loop_per_worker, {"task": task}, prepared.plan,
-                 prepared.scaling)
+                 prepared.scaling, callbacks)
     seconds = time.perf_counter() - tic
     if result.error is not None:
         raise result.error

@@ -256,14 +256,15 @@ class TrainReport:
     steps_per_s: float
 
 
-def train_correspondence(prepared: PreparedRun, train: TrainSection) -> TrainReport:
+def train_correspondence(prepared: PreparedRun, train: TrainSection,
+                         callbacks: list[Any] | None = None) -> TrainReport:
     setup = prepared.setup
     done = checkpoints(ModelRef(setup.root, setup.run)) if prepared.resumed else {}
     resumed_from = max(done, default=0)
     tic = time.perf_counter()
     result = fit(setup.root, setup.run, train_loop_per_worker, {"setup": setup}, prepared.plan,
                  Scaling(train.num_workers, train.use_gpu, train.cpus_per_worker,
-                         train.keep_checkpoints, train.max_failures))
+                         train.keep_checkpoints, train.max_failures), callbacks)
     seconds = time.perf_counter() - tic
     if result.error is not None:
         raise result.error

@@ -58,8 +58,10 @@ def check_schedulable(scaling: Scaling, cpus: float) -> None:
 
 
 def fit(root: RunRoot, run: str, loop: Callable[[dict[str, Any]], None],
-        loop_config: dict[str, Any], plan_rows: list[dict[str, Any]], scaling: Scaling) -> Any:
-    """Run (or resume) one Ray Train run at `<root>/<run>`; returns Ray's `Result`."""
+        loop_config: dict[str, Any], plan_rows: list[dict[str, Any]], scaling: Scaling,
+        callbacks: list[Any] | None = None) -> Any:
+    """Run (or resume) one Ray Train run at `<root>/<run>`; returns Ray's `Result`.
+    `callbacks`: Ray Train callbacks (a sweep's trial passes Tune's TuneReportCallback)."""
     import ray.data
     from ray.train import (CheckpointConfig, DataConfig, FailureConfig, RunConfig,
                            ScalingConfig)
@@ -83,7 +85,8 @@ def fit(root: RunRoot, run: str, loop: Callable[[dict[str, Any]], None],
         run_config=RunConfig(
             name=name, storage_path=root.path(parent), storage_filesystem=root.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=scaling.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=scaling.max_failures)),
+            failure_config=FailureConfig(max_failures=scaling.max_failures),
+            callbacks=callbacks),
         datasets={"plan": dataset},
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
     )

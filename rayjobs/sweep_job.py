@@ -34,7 +34,7 @@ from rayjobs.driver import ensure_ray
 from training.runs import read_metric_log, run_path
 from tuning.results import (TrialRow, best_trial, best_yaml, learning_curves, markdown,
                             metric_vs_params, table_bytes)
-from tuning.space import space_for_tune
+from tuning.space import SweepSection, space_for_tune
 
 SECTIONS = {"train": "train", "pretrain": "pretrain", "finetune": "cast"}
 TRIAL_CPU = 0.01   # a trial driver's CPU (Ray 2.60 refuses 0)
@@ -117,6 +117,25 @@ def concurrency(config: SweepJob, trial_tree: dict[str, Any]) -> tuple[int, floa
                           f"cluster's {cpus:g} CPUs: lower sweep.max_concurrent_trials or "
                           f"{SECTIONS[config.sweep.job]}.cpus_per_worker")
     return at_once, per_worker
+
+
+def make_search(sweep: SweepSection, steps: int) -> tuple[Any, Any]:
+    """(search algorithm, trial scheduler) of `sweep.*`: None means Tune's default (random
+    sampling with grid dimensions crossed; FIFO)."""
+    search_alg = scheduler = None
+    if sweep.searcher == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+            search_alg = OptunaSearch(seed=0)
+        except ImportError as err:
+            raise ConfigError(f"sweep.searcher=optuna needs optuna (`pip install optuna`, the "
+                              f"`sweep` extra): {err}") from None
+    if sweep.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+        # time = the trainer's step (reported at each checkpoint); a trial past max_t is done
+        scheduler = ASHAScheduler(time_attr="step", grace_period=sweep.grace_period,
+                                  reduction_factor=sweep.reduction_factor, max_t=steps)
+    return search_alg, scheduler
 
 
 @dataclass(frozen=True)
@@ -227,16 +246,8 @@ def run_sweep(config: SweepJob) -> SweepReport:
                                    resume_errored=False, restart_errored=False,
                                    storage_filesystem=root.fs)
     else:
-        search_alg = None
-        if config.sweep.searcher == "optuna":
-            from ray.tune.search.optuna import OptunaSearch
-            search_alg = OptunaSearch(seed=0)
-        scheduler = None
-        if config.sweep.scheduler == "asha":
-            from ray.tune.schedulers import ASHAScheduler
-            scheduler = ASHAScheduler(time_attr="step", grace_period=config.sweep.grace_period,
-                                      reduction_factor=config.sweep.reduction_factor,
-                                      max_t=int(tree[SECTIONS[config.sweep.job]]["steps"]))
+        search_alg, scheduler = make_search(config.sweep,
+                                            int(tree[SECTIONS[config.sweep.job]]["steps"]))
         tuner = tune.Tuner(
             trainable, param_space=space_for_tune(config.sweep.space),
             tune_config=tune.TuneConfig(metric=metric, mode=mode,

@@ -106,3 +106,21 @@ def test_plots_have_one_panel_per_swept_key() -> None:
     assert panels.size[0] == 2 * panels.size[1] * 320 // 220 and curves.size[0] > curves.size[1]
     empty = Image.open(io.BytesIO(metric_vs_params(rows[2:], ["train.n_blocks"], "m", set())))
     assert empty.size[1] == 220
+
+
+def test_optuna_and_asha_are_built_from_the_section() -> None:
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from rayjobs.sweep_job import make_search
+    from tuning.space import space_for_tune
+    section = SweepSection(searcher="optuna", scheduler="asha", grace_period=2,
+                           space={"train.lr": {"loguniform": [1e-5, 1e-3]},
+                                  "train.n_blocks": {"choice": [1, 3]}})
+    search, scheduler = make_search(section, steps=100)
+    assert isinstance(search, OptunaSearch) and isinstance(scheduler, ASHAScheduler)
+    assert scheduler._time_attr == "step" and scheduler._max_t == 100
+    assert scheduler._reduction_factor == 2.0
+    space = space_for_tune(section.space)
+    assert space["train.lr"].lower == 1e-5 and space["train.n_blocks"].categories == [1, 3]
+    assert make_search(SweepSection(space={"train.lr": {"grid": [1e-4]}}), 10) == (None, None)

@@ -53,6 +53,7 @@ bench: install
 	$(PY) benchmarks/bench_plan.py --s3
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_cmat.py
+	$(PY) benchmarks/bench_sweep.py
 
 clean-data:
 	rm -rf partlift-data

@@ -86,7 +86,8 @@ class CmatJobReport:
                 (f"best {t.metric}", "-" if t.best_score is None else
                  f"{t.best_score:.4f} at step {t.best_step}"),
                 ("wall time", f"{t.seconds:.1f} s"), ("output", t.run + "/"),
-                ("model", f"{t.kind}/{t.name}")]
+                ("model", f"{t.kind}/{t.name}" if t.run.endswith(f"runs/{t.kind}/{t.name}")
+                 else t.run)]
         width = max(len(k) for k, _ in rows)
         return [f"  {k.ljust(width)}  {v}" for k, v in rows]
 

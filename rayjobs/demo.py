@@ -327,6 +327,9 @@ def run_demo(config: DemoJob) -> list[StageReport]:
               f"finetune/{cast.run.name}: best val aIoU "
               f"{float('nan') if cast.run.best_score is None else cast.run.best_score:.3f};"
               " a short CPU run)")
+    if swept is not None and swept.best is None:
+        print(f"  sweep:         {swept.where}/results.md  (no trial finished: see the errors "
+              "there)")
     if swept is not None and swept.best is not None:
         print(f"  sweep:         {swept.where}/results.md  (train.lambda_spatial 1 vs 10, 20 "
               f"steps each: best {swept.metric} {swept.best.best:.3f} at "

@@ -148,6 +148,7 @@ class SweepReport:
     best: TrialRow | None
     table: str
     seconds: float
+    at_once: int = 0          # trials run side by side (0: nothing ran)
 
 
 def collect(root: RunRoot, sweep: str, grid: Any, keys: list[str], metric: str,
@@ -228,6 +229,7 @@ def run_sweep(config: SweepJob) -> SweepReport:
                               "continues the same search; use another --name or --overwrite")
     ensure_ray(config.ray.model_copy(update={"include_dashboard": True}))
     tree = job_tree(config)
+    tree["root"] = root.uri  # absolute: Tune runs each trial in its own working directory
     at_once, per_worker = concurrency(config, tree)
     tree[SECTIONS[config.sweep.job]]["cpus_per_worker"] = per_worker
     trainable = tune.with_resources(
@@ -242,8 +244,9 @@ def run_sweep(config: SweepJob) -> SweepReport:
     print(f"sweep: {name}: {config.sweep.job} trials, {metric} ({mode}), {at_once} at once, "
           f"{per_worker:g} CPUs per worker" + (" (resuming)" if restoring else ""))
     if restoring:
+        # errored trials run again too: each resumes its run from its last checkpoint
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False,
+                                   resume_errored=True, restart_errored=False,
                                    storage_filesystem=root.fs)
     else:
         search_alg, scheduler = make_search(config.sweep,
@@ -262,7 +265,11 @@ def run_sweep(config: SweepJob) -> SweepReport:
     rows = collect(root, name, grid, keys, metric, mode)
     table = write_results(root, config, rows, keys, metric, mode, where, base_settings(config))
     best = best_trial(rows, mode)
-    root.write_json(record_path, {**root.read_json(record_path), "status": "finished",
+    errored = [r.trial_id for r in rows if r.status == "error"]
+    # a sweep with failed trials is not finished: the same name runs them again
+    root.write_json(record_path, {**root.read_json(record_path),
+                                  "status": "failed trials" if errored else "finished",
+                                  "errored": errored,
                                   "finished": dt.datetime.now(dt.timezone.utc).isoformat(),
                                   "trials": len(rows),
                                   "best": None if best is None else {
@@ -270,6 +277,9 @@ def run_sweep(config: SweepJob) -> SweepReport:
                                       "params": {k: str(v) for k, v in best.params.items()}}})
     seconds = time.perf_counter() - tic
     print(f"\nsweep finished in {seconds:.1f} s: {root.display(where)}/ (results.md, "
-          "results.parquet, best.yaml, metric_vs_params.png, learning_curves.png)\n")
+          "results.parquet, best.yaml, metric_vs_params.png, learning_curves.png)"
+          + (f"; {len(errored)} trials failed (their errors are in the table): the same "
+             "--name runs them again" if errored else "") + "\n")
     print(table)
-    return SweepReport(name, root.display(where), rows, metric, mode, best, table, seconds)
+    return SweepReport(name, root.display(where), rows, metric, mode, best, table, seconds,
+                       at_once)

@@ -91,7 +91,8 @@ class TrainJobReport:
                 ("best val PCK@10", "-" if t.best_score is None else
                  f"{t.best_score:.3f} at step {t.best_step}"),
                 ("wall time", f"{t.seconds:.1f} s"), ("output", t.run + "/"),
-                ("model", f"--model train/{t.name}")]
+                ("model", "--model " + (f"train/{t.name}" if t.run.endswith(f"runs/train/{t.name}")
+                                        else t.run))]
         width = max(len(k) for k, _ in rows)
         return [f"  {k.ljust(width)}  {v}" for k, v in rows]
 

@@ -32,9 +32,11 @@ def sweep_config(root: str, *extra: str) -> SweepJob:
                             *extra], root=root, model=SweepJob)
 
 
-def test_a_two_trial_sweep_writes_its_table_best_config_and_plots(dfc_root: str,
-                                                                  capsys) -> None:
-    report = run_sweep(sweep_config(dfc_root, "job.name=s1"))
+def test_a_two_trial_sweep_writes_its_table_best_config_and_plots(dfc_root: str, capsys,
+                                                                  monkeypatch) -> None:
+    # a relative root, as `make demo` gives: the trials run in their own working directories
+    monkeypatch.chdir(Path(dfc_root).parent)
+    report = run_sweep(sweep_config(Path(dfc_root).name, "job.name=s1"))
     root = RunRoot(dfc_root)
     assert [r.status for r in report.rows] == ["finished", "finished"]
     assert sorted(r.params["train.lambda_spatial"] for r in report.rows) == [1.0, 10.0]

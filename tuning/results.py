@@ -185,8 +185,3 @@ def learning_curves(rows: list[TrialRow], metric: str, mode: str, top: int = 5) 
         draw.text((W + 10, 20 + 14 * best.index(r)),
                   f"{r.trial_id}: {_fmt(r.best)}", fill=colour)
     return _to_png(image)
-
-
-def is_log(kind: str) -> bool:
-    return kind == "loguniform"
-

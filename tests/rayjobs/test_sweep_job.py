@@ -59,8 +59,14 @@ def test_a_two_trial_sweep_writes_its_table_best_config_and_plots(dfc_root: str,
     for picture in ("metric_vs_params.png", "learning_curves.png"):
         assert root.read_bytes(f"runs/sweep/s1/{picture}")[:4] == b"\x89PNG"
     assert np.isfinite(best.best)
-    # the same name again shows the finished sweep instead of running it
+    # `partlift status` lists the sweep and the trials' runs are not mistaken for train runs
+    from rayjobs.config import StatusJob
+    from rayjobs.status import print_status
     capsys.readouterr()
+    print_status(StatusJob(root=dfc_root))
+    listed = capsys.readouterr().out
+    assert "sweep/s1" in listed and "2 trials, best val_pck@10" in listed
+    # the same name again shows the finished sweep instead of running it
     again = run_sweep(sweep_config(dfc_root, "job.name=s1"))
     assert again.rows == [] and "finished on" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="give the sweep a name"):

@@ -44,7 +44,7 @@ def test_a_two_trial_sweep_writes_its_table_best_config_and_plots(dfc_root: str,
         log = read_metric_log(root, f"runs/sweep/s1/trials/{row.trial_id}")
         assert [r["step"] for r in log] == [1, 2, 3, 4]
         assert row.best == max(r["val_pck@10"] for r in log if "val_pck@10" in r)
-        assert row.steps == 4 and row.seconds is not None   # Tune recorded its wall time
+        assert row.steps == 4
     table = pq.read_table(io.BytesIO(root.read_bytes("runs/sweep/s1/results.parquet")))
     assert table.num_rows == 2 and "train.lambda_spatial" in table.column_names
     best = report.best

@@ -365,15 +365,6 @@ def prepare_pretrain(root: RunRoot, run: str, name: str, pretrain: PretrainSecti
 # ------------------------------------------------------------------------------ CAST
 
 
-class CastStep(nn.Module):
-    def __init__(self, model: CastModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *inputs: Tensor) -> Tensor:
-        return self.model(*inputs)
-
-
 @dataclass(frozen=True)
 class Prompts:
     """What a CAST run's prompts are: the text table and every sample's exemplar."""
@@ -418,9 +409,6 @@ class CastTask(StepTask):
         self.inputs = PointInputs(self.root, self.cache, keep=512)
         self.reader = RootReader(self.root)
         self.device = device
-
-    def step_module(self, model: nn.Module) -> nn.Module:
-        return CastStep(model)
 
     def target(self, sample: Sample, mode: str) -> np.ndarray:
         data = self.inputs(sample.asset_id)

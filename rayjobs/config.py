@@ -28,7 +28,7 @@ from operators.settings import ConfigError, LabelSettings, ReadLimits, RenderSet
 from operators.store.records import REDACTED, redact, redact_url
 from operators.store.storage import StorageOptions
 from training.config import CastSection, DataSection, EvalSection, PretrainSection, TrainSection
-from tuning.space import SweepSection
+from tuning.space import SweepSection, TrackingSection
 
 DEFAULT_ROOT = "./partlift-data"
 
@@ -354,6 +354,7 @@ class SweepJob(FinetuneJob, TrainJob):
     search space)."""
 
     sweep: SweepSection | None = None
+    tracking: TrackingSection = TrackingSection()
 
 
 class EvalJob(JobBase):

@@ -21,6 +21,7 @@ import copy
 import datetime as dt
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -34,10 +35,11 @@ from rayjobs.driver import ensure_ray
 from training.runs import read_metric_log, run_path
 from tuning.results import (TrialRow, best_trial, best_yaml, learning_curves, markdown,
                             metric_vs_params, table_bytes)
-from tuning.space import SweepSection, space_for_tune
+from tuning.space import SweepSection, TrackingSection, space_for_tune
 
 SECTIONS = {"train": "train", "pretrain": "pretrain", "finetune": "cast"}
 TRIAL_CPU = 0.01   # a trial driver's CPU (Ray 2.60 refuses 0)
+QUICK_MLFLOW = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def job_tree(config: SweepJob) -> dict[str, Any]:
@@ -93,6 +95,46 @@ def run_trial(params: dict[str, Any], tree: dict[str, Any], job: str, sweep: str
     else:
         from rayjobs.cmat_job import run_finetune
         run_finetune(config, run=run, callbacks=callbacks)
+
+
+def state_api_answers() -> bool:
+    """Whether the connected cluster serves Ray's state API (its dashboard)."""
+    from ray.util.state import list_nodes
+    try:
+        list_nodes(limit=1, timeout=10, raise_on_missing_output=False)
+    except Exception:  # noqa: BLE001 - any failure means no state API
+        return False
+    return True
+
+
+def mlflow_callback(tracking: TrackingSection, sweep: str, root: RunRoot) -> Any:
+    """Ray Tune's MLflow logger, with the trainer's step as MLflow's step and metric names
+    MLflow accepts. Checked here, before Ray starts: mlflow installed, the store reachable."""
+    try:
+        import mlflow
+
+        from rayjobs.mlflow_logger import StepMLflowLogger
+    except ImportError as err:
+        raise ConfigError(f"tracking.mlflow_uri needs mlflow (the `tracking` extra: "
+                          f"`pip install mlflow-skinny`): {err}") from None
+    experiment = tracking.mlflow_experiment or f"partlift-sweep-{sweep}"
+    # one quick try (MLflow's own default retries an HTTP store for minutes)
+    saved = {k: os.environ.get(k) for k in QUICK_MLFLOW}
+    os.environ.update(QUICK_MLFLOW)
+    try:
+        mlflow.MlflowClient(tracking_uri=tracking.mlflow_uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - any store error means no tracking: say which
+        raise ConfigError(f"tracking.mlflow_uri={tracking.mlflow_uri}: the MLflow store does "
+                          f"not answer: {str(err).strip().splitlines()[0][:200]}") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    return StepMLflowLogger(tracking.mlflow_uri, experiment_name=experiment, tags={
+        "partlift.sweep": sweep, "partlift.root": root.display(run_path("sweep", sweep))})
 
 
 def concurrency(config: SweepJob, trial_tree: dict[str, Any]) -> tuple[int, float]:
@@ -227,9 +269,17 @@ def run_sweep(config: SweepJob) -> SweepReport:
         if record.get("config") != json.loads(json.dumps(config.sweep.model_dump(mode="json"))):
             raise ConfigError(f"sweep: {name} exists with another sweep.* section: a resume "
                               "continues the same search; use another --name or --overwrite")
+    callbacks = ([mlflow_callback(config.tracking, name, root)]
+                 if config.tracking.mlflow_uri else [])
     ensure_ray(config.ray.model_copy(update={"include_dashboard": True}))
     tree = job_tree(config)
     tree["root"] = root.uri  # absolute: Tune runs each trial in its own working directory
+    if config.sweep.scheduler == "asha" and not state_api_answers():
+        raise ConfigError("sweep.scheduler=asha stops trials by killing them, and Ray Train "
+                          "frees a killed run's CPUs through Ray's state API, which this "
+                          "cluster does not serve (it runs without its dashboard): start it "
+                          "with the dashboard (`ray start --head` has it unless "
+                          "--include-dashboard=false), or use sweep.scheduler=none")
     at_once, per_worker = concurrency(config, tree)
     tree[SECTIONS[config.sweep.job]]["cpus_per_worker"] = per_worker
     trainable = tune.with_resources(
@@ -259,7 +309,7 @@ def run_sweep(config: SweepJob) -> SweepReport:
                                         max_concurrent_trials=at_once),
             run_config=tune.RunConfig(
                 name=name, storage_path=root.path(run_path("sweep", name).rsplit("/", 1)[0]),
-                storage_filesystem=root.fs,
+                storage_filesystem=root.fs, callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=config.sweep.max_failures)))
     grid = tuner.fit()
     rows = collect(root, name, grid, keys, metric, mode)

@@ -40,8 +40,10 @@ def s3_root(s3_endpoint: str) -> tuple[str, "object"]:
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     import ray
-    # address="local": a private cluster, never one that `ray start` left on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",
+    # address="local": a private cluster, never one that `ray start` left on this machine.
+    # The dashboard serves the state API, through which Ray Train frees the placement group of a
+    # run whose controller was killed (a trial that ASHA stops); without it that group leaks.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="ERROR",
              log_to_driver=False)
     import ray.data
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -22,6 +22,7 @@ sweep runs.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -127,6 +128,28 @@ class SweepSection(Section):
             lower = any(part in self.metric for part in LOWER_IS_BETTER)
             return self.metric, self.mode or ("min" if lower else "max")
         return metric, self.mode or mode
+
+
+class TrackingSection(Section):
+    """`tracking.*`: where a sweep's trials are logged besides TensorBoard (which is always on:
+    each trial's folder under the sweep holds its event files)."""
+
+    mlflow_uri: str | None = Field(None, description="an MLflow tracking URI: one run per trial (params = the swept values, metrics = every report); a local `sqlite:///path.db` store needs no server, `http(s)://` is a tracking server")
+    mlflow_experiment: str | None = Field(None, description="the MLflow experiment (default: partlift-sweep-<name>)")
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _absolute_sqlite(cls, value: str | None) -> str | None:
+        """A relative sqlite path would be resolved in whichever directory the logger runs."""
+        if value is None:
+            return None
+        prefix = "sqlite:///"
+        if value.startswith(prefix) and not value[len(prefix):].startswith("/"):
+            return prefix + str(Path(value[len(prefix):]).resolve())
+        if "://" not in value and not value.startswith("databricks"):
+            raise ValueError(f"{value!r} is not a tracking URI (sqlite:///path.db, "
+                             "http://host:5000, file:///dir, databricks)")
+        return value
 
 
 def space_for_tune(space: dict[str, Dimension]) -> dict[str, Any]:

@@ -33,10 +33,13 @@ def sweep_config(root: str, *extra: str) -> SweepJob:
 
 
 def test_a_two_trial_sweep_writes_its_table_best_config_and_plots(dfc_root: str, capsys,
-                                                                  monkeypatch) -> None:
+                                                                  monkeypatch,
+                                                                  tmp_path: Path) -> None:
     # a relative root, as `make demo` gives: the trials run in their own working directories
     monkeypatch.chdir(Path(dfc_root).parent)
-    report = run_sweep(sweep_config(Path(dfc_root).name, "job.name=s1"))
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    report = run_sweep(sweep_config(Path(dfc_root).name, "job.name=s1",
+                                    f"tracking.mlflow_uri={store}"))
     root = RunRoot(dfc_root)
     assert [r.status for r in report.rows] == ["finished", "finished"]
     assert sorted(r.params["train.lambda_spatial"] for r in report.rows) == [1.0, 10.0]
@@ -59,6 +62,20 @@ def test_a_two_trial_sweep_writes_its_table_best_config_and_plots(dfc_root: str,
     for picture in ("metric_vs_params.png", "learning_curves.png"):
         assert root.read_bytes(f"runs/sweep/s1/{picture}")[:4] == b"\x89PNG"
     assert np.isfinite(best.best)
+    # MLflow: one finished run per trial, the swept value as a param, the validation curve
+    # at the trainer's steps (2 and 4)
+    import mlflow
+    client = mlflow.MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("partlift-sweep-s1")
+                               .experiment_id])
+    assert sorted(r.data.params["train.lambda_spatial"] for r in runs) == ["1.0", "10.0"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    by_value = {float(r.data.params["train.lambda_spatial"]): r for r in runs}
+    for row in report.rows:
+        run = by_value[row.params["train.lambda_spatial"]]
+        history = client.get_metric_history(run.info.run_id, "val_pck_at_10")
+        assert [m.step for m in history] == [2, 4]
+        assert history[-1].value == pytest.approx(row.last)
     # `partlift status` lists the sweep and the trials' runs are not mistaken for train runs
     from rayjobs.config import StatusJob
     from rayjobs.status import print_status
@@ -112,3 +129,19 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(dfc_root: str,
     table = pq.read_table(root / "runs/sweep/k/results.parquet").to_pydict()
     assert sorted(table["train.lambda_spatial"]) == ["1.0", "10.0", "3.0"]
     assert (first.parent / "metrics.jsonl").stat().st_mtime == stamp   # not trained again
+
+
+@pytest.mark.slow
+def test_an_optuna_sweep_with_asha_runs_its_samples(dfc_root: str) -> None:
+    """The model-based searcher and the early-stopping scheduler on real trials: 3 samples of a
+    log-uniform weight, one at a time; ASHA may stop a trial at step 2, never before."""
+    report = run_sweep(load_config((), [
+        *DFC_TRAIN_SETTINGS, "sweep.job=train", "sweep.num_samples=3", "sweep.searcher=optuna",
+        "sweep.scheduler=asha", "sweep.grace_period=2", "sweep.max_concurrent_trials=1",
+        "sweep.space={train.lambda_mask: {loguniform: [0.1, 10.0]}}", "job.name=opt"],
+        root=dfc_root, model=SweepJob))
+    assert len(report.rows) == 3 and {r.status for r in report.rows} == {"finished"}
+    values = [r.params["train.lambda_mask"] for r in report.rows]
+    assert all(0.1 <= v <= 10.0 for v in values) and len(set(values)) == 3
+    assert all(r.steps in (2, 3, 4) for r in report.rows)
+    assert report.best is not None and report.best.best == max(r.best for r in report.rows)

@@ -5,6 +5,7 @@ plots."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -12,6 +13,7 @@ import yaml
 from PIL import Image
 
 from operators.settings import ConfigError
+from operators.store.storage import RunRoot
 from rayjobs.config import SweepJob, TrainJob, load_config
 from rayjobs.sweep_job import check_space
 from tuning.results import (TrialRow, best_trial, best_yaml, learning_curves, markdown,
@@ -124,3 +126,18 @@ def test_optuna_and_asha_are_built_from_the_section() -> None:
     space = space_for_tune(section.space)
     assert space["train.lr"].lower == 1e-5 and space["train.n_blocks"].categories == [1, 3]
     assert make_search(SweepSection(space={"train.lr": {"grid": [1e-4]}}), 10) == (None, None)
+
+
+def test_tracking_uris_are_checked_before_ray_starts(tmp_path: Path, monkeypatch) -> None:
+    from rayjobs.sweep_job import mlflow_callback
+    from tuning.space import TrackingSection
+    monkeypatch.chdir(tmp_path)
+    # a relative sqlite store is pinned to where the command ran
+    assert TrackingSection(mlflow_uri="sqlite:///m.db").mlflow_uri == \
+        f"sqlite:///{tmp_path}/m.db"
+    with pytest.raises(ValueError, match="is not a tracking URI"):
+        TrackingSection(mlflow_uri="mlflow.db")
+    # a server that does not answer: one line naming the URI, no retries for minutes
+    with pytest.raises(ConfigError, match=r"tracking.mlflow_uri=http://127.0.0.1:9: the MLflow "
+                                          r"store does not answer"):
+        mlflow_callback(TrackingSection(mlflow_uri="http://127.0.0.1:9"), "s", RunRoot(str(tmp_path)))

@@ -441,15 +441,79 @@ def demo(n: int | None, **common: Any) -> None:
 @click.option("--repair", is_flag=True, default=False,
               help="Verify, and remove the shard sets that fail, so the next run of their stage "
                    "redoes their assets.")
+@click.option("--address", default=None,
+              help="A cluster's dashboard (http://HEAD:8265): list its partlift jobs (run, "
+                   "state, times, command) instead of a root.")
 @report_user_errors
 def status(root: str, configs: tuple[str, ...], overrides: tuple[str, ...], verify: bool,
-           repair: bool) -> None:
+           repair: bool, address: str | None) -> None:
     """What a run root holds: rows per table; per stage the assets held, coverage of the
     manifest, missing, stale, duplicated, broken and uncommitted shard sets (named), its
     settings and last job; errors still current and those resolved by a later success. Damaged
-    files are named, never a traceback."""
+    files are named, never a traceback. With --address: the cluster's partlift jobs."""
+    if address:
+        from rayjobs import submit as jobs
+        click.echo(jobs.job_table(jobs.list_jobs(address)))
+        return
     config = load_config(configs, overrides, model=JOB_MODELS["status"], root=root)
     api.status(config, verify=verify, repair=repair)
+
+
+@main.command(context_settings={"ignore_unknown_options": True,
+                                "allow_interspersed_args": False})
+@click.option("--address", default=None, envvar="RAY_API_SERVER_ADDRESS",
+              help="The cluster's dashboard (Jobs API), e.g. http://HEAD:8265 "
+                   "[default: RAY_API_SERVER_ADDRESS].")
+@click.option("--name", default=None,
+              help="The run name: a resubmission under the same name resumes the run "
+                   "[default: the command's own --name, else derived from the command line].")
+@click.option("--follow", is_flag=True, default=False,
+              help="Stream the job's logs until it ends and exit with its outcome (0 succeeded, "
+                   "1 failed or stopped).")
+@click.option("--stop", "stop_id", default=None, metavar="SUBMISSION_ID",
+              help="Stop a submitted job instead of submitting one.")
+@click.option("--entrypoint-num-cpus", type=float, default=None,
+              help="CPUs reserved for the job's driver [default: none].")
+@click.option("--entrypoint-num-gpus", type=float, default=None,
+              help="GPUs reserved for the job's driver (eval on GPU) [default: none].")
+@click.option("--pip-lock", is_flag=True, default=False,
+              help="Install the pinned set (requirements.lock) into the job's environment "
+                   "(default: the cluster's Python has it: the image of cluster/Dockerfile, or "
+                   "`ray start` from the project's venv).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@report_user_errors
+def submit(address: str | None, name: str | None, follow: bool, stop_id: str | None,
+           entrypoint_num_cpus: float | None, entrypoint_num_gpus: float | None,
+           pip_lock: bool, command: tuple[str, ...]) -> None:
+    """Submit a partlift command to a Ray cluster as a Ray Job:
+    `partlift submit --address http://HEAD:8265 [--follow] [--name RUN] -- render --root s3://b/run`.
+
+    The project ships as the job's working_dir (less .git, .venv, data); the run name goes into
+    the command (its --name, else job.name) and the job's metadata; every attempt gets a new
+    submission id. `partlift status --address URL` lists partlift jobs."""
+    from rayjobs import submit as jobs
+    if not address:
+        raise ConfigError("submit: give the cluster's dashboard address (--address "
+                          "http://HEAD:8265, or RAY_API_SERVER_ADDRESS)")
+    if stop_id:
+        stopped = jobs.stop(address, stop_id)
+        click.echo(f"{stop_id}: " + ("stop requested" if stopped else "already ended"))
+        return
+    done = jobs.submit(address, command, main.commands, name=name,
+                       entrypoint_num_cpus=entrypoint_num_cpus,
+                       entrypoint_num_gpus=entrypoint_num_gpus, pip_lock=pip_lock)
+    click.echo(f"submitted {done.submission_id} (run {done.run}) to {address}\n"
+               f"  {done.entrypoint}\n"
+               f"  logs: ray job logs --address {address} -f {done.submission_id}\n"
+               f"  stop: partlift submit --address {address} --stop {done.submission_id}")
+    if not follow:
+        return
+    status, message = jobs.follow(address, done.submission_id)
+    click.echo(f"\n{done.submission_id}: {status}" + (f": {message}" if message and
+                                                       status != "SUCCEEDED" else ""))
+    if status != "SUCCEEDED":
+        raise JobFailedError(f"the job {done.submission_id} (run {done.run}) {status.lower()}; "
+                             f"resubmit with --name {done.run} to resume it")
 
 
 @main.command()

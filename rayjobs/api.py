@@ -17,20 +17,22 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rayjobs.config import (AssetsJob, DemoJob, EvalJob, FinetuneJob, LabelJob, LiftJob,
-                            PipelineJob, PretrainJob, RenderJob, StatusJob, SweepJob, TrainJob,
-                            load_config)
+                            PipelineJob, PretrainJob, RenderJob, ScoreJob, StatusJob, SweepJob,
+                            TrainJob, load_config)
 
 if TYPE_CHECKING:
     from rayjobs.cmat_job import CmatJobReport
     from rayjobs.driver import StageReport
     from rayjobs.eval_job import EvalReport
+    from rayjobs.score_job import QueryReport
     from rayjobs.sweep_job import SweepReport
     from rayjobs.train_job import TrainJobReport
 
 __all__ = ["AssetsJob", "RenderJob", "LabelJob", "LiftJob", "PipelineJob", "TrainJob",
            "PretrainJob", "FinetuneJob", "EvalJob", "DemoJob", "StatusJob", "load_config",
            "assets_make", "assets_scan", "render", "label", "lift", "run", "train", "pretrain",
-           "finetune", "sweep", "SweepJob", "evaluate", "demo", "status", "migrate"]
+           "finetune", "sweep", "SweepJob", "evaluate", "ScoreJob", "score", "demo", "status",
+           "migrate"]
 
 
 def assets_make(config: AssetsJob) -> "StageReport":
@@ -100,6 +102,12 @@ def evaluate(config: EvalJob, models: list[str], benchmark: str = "dfc", name: s
     """A benchmark on trained models and the baselines (`partlift eval`)."""
     from rayjobs.eval_job import run_eval
     return run_eval(config, models, benchmark=benchmark, name=name, checkpoint=checkpoint)
+
+
+def score(config: ScoreJob) -> tuple["StageReport", "QueryReport | None"]:
+    """Score the root's rendered assets with trained models (`partlift score`)."""
+    from rayjobs.score_job import run_score
+    return run_score(config)
 
 
 def demo(config: DemoJob) -> list["StageReport"]:

@@ -325,6 +325,38 @@ def sweep(name: str | None, **common: Any) -> None:
     api.sweep(config)
 
 
+@main.command()
+@click.option("--model", "models", multiple=True,
+              help="A trained run: train/NAME (required: embeddings, masks) and optionally "
+                   "finetune/NAME (CAST per-point scores); repeatable.")
+@click.option("--name", default=None,
+              help="The scores' name: <root>/scores/<name>/ [default: the model names joined "
+                   "by +].")
+@click.option("--functions", default=None,
+              help="Comma-separated functions to score [default: every function of the "
+                   "correspondence model].")
+@click.option("--query", default=None, metavar="ASSET:FUNCTION",
+              help="After scoring, rank the collection by similarity to this asset's "
+                   "functional part (writes scores/<name>/queries/).")
+@click.option("--top-k", type=int, default=None, help="Assets a query returns [default: 5].")
+@click.option("--checkpoint", default=None,
+              help="best, last or a step number [default: best].")
+@common_options
+@report_user_errors
+def score(models: tuple[str, ...], name: str | None, functions: str | None, query: str | None,
+          top_k: int | None, checkpoint: str | None, **common: Any) -> None:
+    """Score every rendered asset of the root with trained models, in one stream: views (read
+    back) -> model actors (backbone + correspondence model + CAST; GPUs when the cluster has
+    them) -> write. Per asset and function: per-point scores, per-view masks, per-point
+    functional embeddings and a pooled functional descriptor, under <root>/scores/<name>/.
+    Resumes per asset; `--query ASSET:FUNCTION --top-k K` then searches the collection."""
+    config = build_config("score", **common, score__models=list(models) or None,
+                          score__name=name,
+                          score__functions=functions.split(",") if functions else None,
+                          score__query=query, score__top_k=top_k, score__checkpoint=checkpoint)
+    api.score(config)
+
+
 @main.command("eval")
 @click.option("--model", "models", multiple=True,
               help="A trained model: KIND/NAME (e.g. train/dfc-01) or a run URI, optionally "

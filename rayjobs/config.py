@@ -324,6 +324,46 @@ class LiftJob(JobBase):
     lift: LiftConfig = LiftConfig()
 
 
+class ScoreResources(Section):
+    load: StepResources = Field(StepResources(batch_size=2), description="read views and points back from storage")
+    model: StepResources = Field(StepResources(batch_size=1, concurrency=None), description="model actors (backbone + correspondence model + CAST; a GPU each when the cluster has them; default pool: the cluster's GPUs, else half its CPUs)")
+    write: StepResources = Field(StepResources(batch_size=2), description="post-processing and write tasks (one shard per task)")
+
+
+class ScoreSection(Section):
+    """`partlift score`: trained models over every rendered asset of a root."""
+
+    name: str | None = Field(None, description="the scores' name: they go to <root>/scores/<name>/ (default: the model names joined by +)")
+    models: list[str] = Field(default_factory=list, description="model references: a correspondence run (train/NAME, required: embeddings and masks) and optionally a CAST run (finetune/NAME: per-point scores)")
+    checkpoint: str = Field("best", description="which checkpoint of each run: best, last or a step")
+    functions: list[str] | None = Field(None, description="functions to score (default: every function of the correspondence model)")
+    n_points: int = Field(512, ge=16, description="points per asset scored (a seeded subsample of points/)")
+    mask_stride: int = Field(4, ge=1, description="pixels between the samples of the per-view masks")
+    seed: int = Field(0, description="seed of the point subsample")
+    query: str | None = Field(None, description="ASSET:FUNCTION: after scoring, rank the collection by similarity to this asset's functional part")
+    top_k: int = Field(5, ge=1, description="how many assets a query returns")
+    resources: ScoreResources = ScoreResources()
+
+    @field_validator("query")
+    @classmethod
+    def _query_form(cls, value: str | None) -> str | None:
+        if value is not None and (value.count(":") != 1 or not all(value.split(":"))):
+            raise ValueError(f"{value!r}: give ASSET_ID:FUNCTION")
+        return value
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What shapes the rows (not the query, which reads them)."""
+        return {f"score.{k}": v for k, v in self.model_dump(
+            mode="json", exclude={"name", "query", "top_k", "resources"}).items()}
+
+
+class ScoreJob(LiftJob):
+    """`partlift score`: `lift.backbone` must be the backbone the correspondence model was trained
+    on (the root's features/)."""
+
+    score: ScoreSection = ScoreSection()
+
+
 class PipelineJob(RenderJob, LabelJob, LiftJob):
     pipeline: PipelineConfig = PipelineConfig()
 
@@ -393,14 +433,14 @@ class DemoJob(AssetsJob, RenderJob, LabelJob, TrainJob, FinetuneJob):
         return value
 
 
-class ProjectConfig(AssetsJob, PipelineJob, SweepJob):
+class ProjectConfig(AssetsJob, PipelineJob, SweepJob, ScoreJob):
     """Every section of every command: what a project file may hold."""
 
 
 JOB_MODELS: dict[str, type[Section]] = {
     "assets": AssetsJob, "render": RenderJob, "label": LabelJob, "lift": LiftJob,
     "run": PipelineJob, "train": TrainJob, "pretrain": PretrainJob, "finetune": FinetuneJob,
-    "sweep": SweepJob, "eval": EvalJob, "demo": DemoJob,
+    "sweep": SweepJob, "eval": EvalJob, "demo": DemoJob, "score": ScoreJob,
     "status": StatusJob}
 
 

@@ -77,8 +77,11 @@ def head() -> Iterator[tuple[str, dict[str, str]]]:
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
         # `ray stop` would stop every Ray on the machine: stop only this cluster's processes
-        mine = [p for p in psutil.process_iter(["cmdline"])
-                if any(temp in part for part in (p.info["cmdline"] or []))]
+        # (its agents rename themselves `ray::...`: take the named processes' children too)
+        named = [p for p in psutil.process_iter(["cmdline"])
+                 if any(temp in part for part in (p.info["cmdline"] or []))]
+        mine = list({p.pid: p for p in named + [c for p in named
+                                                 for c in p.children(recursive=True)]}.values())
         for proc in mine:
             proc.kill()
         psutil.wait_procs(mine, timeout=30)

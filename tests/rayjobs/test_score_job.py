@@ -1,0 +1,84 @@
+"""`partlift score` on the shared local Ray: a correspondence model with a mask head and a CAST
+run (tiny, from scratch) score the shared root's 8 assets into scores/<name>/; a rerun resumes
+with nothing redone, other models under the same name are refused, and a query ranks the
+collection by functional descriptor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from operators.settings import ConfigError
+from operators.store.readers import read_arrays
+from operators.store.storage import RunRoot
+from rayjobs.cmat_job import run_finetune
+from rayjobs.config import FinetuneJob, ScoreJob, TrainJob, load_config
+from rayjobs.score_job import run_score, score_output
+from rayjobs.train_job import run_train
+from tests.conftest import DFC_ROOT_SETTINGS, DFC_TRAIN_SETTINGS
+from tests.rayjobs.test_cmat_job import CAST, SMALL
+
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
+
+SCORE = ["score.n_points=64", "score.mask_stride=8", "lift.backbone.name=dinov2-random-tiny"]
+
+
+@pytest.fixture(scope="module")
+def models(dfc_root: str) -> str:
+    run_train(load_config((), [*DFC_TRAIN_SETTINGS, "train.mask_head=true", "job.name=sm"],
+                          root=dfc_root, model=TrainJob))
+    run_finetune(load_config((), [*SMALL, *CAST, "cast.steps=2", "cast.checkpoint_every=2",
+                                  "job.name=sc"], root=dfc_root, model=FinetuneJob))
+    return dfc_root
+
+
+def score_config(root: str, *extra: str) -> ScoreJob:
+    return load_config((), [*DFC_ROOT_SETTINGS, *SCORE, *extra], root=root, model=ScoreJob)
+
+
+def test_scores_land_per_asset_and_function_resume_and_answer_a_query(models: str) -> None:
+    root = RunRoot(models)
+    config = score_config(models, "score.models=[train/sm, finetune/sc]", "score.name=s1")
+    report, _ = run_score(config)
+    assert (report.ok, report.failed) == (8, 0)
+    points = read_arrays(root, score_output("s1").commit)
+    functions = set(points["function"].tolist())
+    assert len(points["asset_id"]) == 8 * len(functions) and len(set(points["asset_id"])) == 8
+    assert len(set(zip(points["asset_id"], points["function"], strict=True))) == \
+        len(points["asset_id"])                                   # no duplicated rows
+    assert points["score"].shape == (8 * len(functions), 64)
+    assert ((points["score"] >= 0) & (points["score"] <= 1)).all()
+    assert not np.isnan(points["score_mask"]).all()              # the mask head scored
+    assert not np.isnan(points["score_cast"]).any()              # CAST scored every point
+    assert np.array_equal(points["score"], points["score_cast"])  # CAST's is the score
+    seen = points["n_views_seen"] > 0
+    norms = np.linalg.norm(points["embedding"].astype(np.float32), axis=2)
+    assert np.allclose(norms[seen], 1, atol=2e-3) and np.allclose(norms[~seen], 0)
+    assert np.allclose(np.linalg.norm(points["descriptor"], axis=1), 1, atol=1e-4)
+    masks = read_arrays(root, score_output("s1").tables[0])
+    assert len(masks["asset_id"]) == 8 * 4 * len(functions)   # 4 views a function
+    assert masks["mask"].shape[1:] == (7, 7)                  # 56 px, a sample every 8
+    # the same name again: nothing to do
+    again, _ = run_score(config)
+    assert (again.ok, again.skipped_done) == (0, 8)
+    # another model under the same name: refused, naming what differs
+    with pytest.raises(ConfigError, match="score.models"):
+        run_score(score_config(models, "score.models=[train/sm]", "score.name=s1"))
+    # the query: the other assets of the function, best first, the asset itself excluded
+    asset, function = str(points["asset_id"][0]), str(points["function"][0])
+    _, query = run_score(score_config(models, "score.models=[train/sm, finetune/sc]",
+                                      "score.name=s1", f"score.query={asset}:{function}",
+                                      "score.top_k=3"))
+    # by hand: dot products of the descriptors of the function's other assets
+    rows = [i for i, f in enumerate(points["function"]) if f == function and
+            points["asset_id"][i] != asset]
+    similarity = {str(points["asset_id"][i]): float(points["descriptor"][i] @
+                                                    points["descriptor"][0]) for i in rows}
+    expected = sorted(similarity, key=lambda a: -similarity[a])[:3]
+    assert [m.asset_id for m in query.matches] == expected
+    assert [round(m.similarity, 5) for m in query.matches] == \
+        [round(similarity[a], 5) for a in expected]
+    assert root.read_bytes(f"scores/s1/queries/{asset}-{function}.png")[:4] == b"\x89PNG"
+    with pytest.raises(ConfigError, match="holds no row for asset nope"):
+        run_score(score_config(models, "score.models=[train/sm, finetune/sc]", "score.name=s1",
+                               f"score.query=nope:{function}"))

@@ -14,17 +14,18 @@ from PIL import Image, ImageDraw
 from operators.geometry.cameras import project_points, visibility
 from operators.geometry.lift import pca_colors
 from operators.settings import ConfigError
-from operators.store.readers import RootReader
+from operators.store.readers import RootReader, TableReader
 from operators.store.storage import RunRoot
 from operators.store.tables import FEATURE_POINTS, LABEL_POINTS, VIEWS
 from rayjobs.assets_job import run_assets_make
-from rayjobs.config import DemoJob, LiftConfig, SweepJob
+from rayjobs.config import DemoJob, LiftConfig, ScoreJob, SweepJob
 from training.config import DataSection
 from rayjobs.driver import StageReport, ensure_ray
 from rayjobs.eval_job import run_eval
 from rayjobs.label_job import run_label
 from rayjobs.lift_job import run_lift
 from rayjobs.render_job import run_render
+from rayjobs.score_job import QueryReport, run_score, score_output
 from rayjobs.cmat_job import run_finetune, run_pretrain
 from rayjobs.sweep_job import run_sweep
 from rayjobs.train_job import run_train
@@ -33,6 +34,7 @@ CONTACT_SHEET = "demo/contact_sheet.png"
 LABEL_SHEET = "demo/label_sheet.png"
 FEATURES_SHEET = "demo/features_sheet.png"
 AFFORDANCE_SHEET = "demo/affordance_sheet.png"
+SCORES_SHEET = "demo/scores_sheet.png"
 SHEET_ASSETS = 4
 SHEET_VIEWS = 4
 # Distinct colours for part indices in the overlay column (index 0 = first part, usually body).
@@ -209,6 +211,38 @@ def affordance_sheet(root: RunRoot, model_ref: str, data: DataSection, n_rows: i
     return _grid_png(rows)
 
 
+def demo_score(config: DemoJob, models: list[str]) -> ScoreJob:
+    """The demo's scoring: its trained models over its own assets (views and backbone as the
+    demo made them), then a query by the first asset's first function."""
+    sections = {k: getattr(config, k) for k in ("root", "storage", "ray", "lift")}
+    return ScoreJob.model_validate({**sections, "job": {"name": "demo-score"}, "score": {
+        "name": "demo", "models": models, "n_points": 256, "top_k": 3}})
+
+
+def scores_sheet(root: RunRoot, name: str, n_assets: int = 3) -> bytes:
+    """PNG: per asset of different categories, its render and its per-point scores (blue 0 ->
+    red 1) for each scored function, seen from its first camera."""
+    points = TableReader(root, score_output(name).commit)
+    reader = RootReader(root)
+    category = {r["asset_id"]: r["category"] for r in reader.manifest(["category"])}
+    rows, seen = [], set()
+    for asset_id in sorted(points.index):
+        if category.get(asset_id) in seen:
+            continue
+        seen.add(category.get(asset_id))
+        arrays = points.arrays(asset_id)
+        views = reader.views(asset_id, ["rgb", "depth", "K", "cam_to_world"])
+        camera = (views["K"][0], views["cam_to_world"][0], views["depth"][0])
+        pictures = [views["rgb"][0]] + [
+            _points_picture(arrays["xyz"][f], _score_colors(arrays["score"][f]), *camera,
+                            arrays["score"][f]) for f in range(len(arrays["function"]))]
+        rows.append((f"{category.get(asset_id)}: view | "
+                     + " | ".join(str(f) for f in arrays["function"]), pictures))
+        if len(rows) == n_assets:
+            break
+    return _grid_png(rows)
+
+
 def demo_sweep(config: DemoJob) -> SweepJob:
     """The demo's sweep: train.lambda_spatial in {1, 10} for 20 steps each (DFC Table 4's axis),
     the two trials side by side."""
@@ -310,6 +344,19 @@ def run_demo(config: DemoJob) -> list[StageReport]:
             root.write_bytes(AFFORDANCE_SHEET, sheet)
         except FileNotFoundError as err:
             print(f"\nnote: no affordance picture: {err}")
+    scored: QueryReport | None = None
+    if trained is not None:  # score the collection with the models the demo trained
+        models = [f"train/{trained.train.name}"] + ([f"finetune/{cast.run.name}"] if cast
+                                                     else [])
+        score_config = demo_score(config, models)
+        run_score(score_config)
+        points = TableReader(root, score_output("demo").commit)
+        asset = sorted(points.index)[0]
+        function = str(points.arrays(asset, ["function"])["function"][0])
+        score_config = score_config.model_copy(update={"score": score_config.score.model_copy(
+            update={"query": f"{asset}:{function}"})})
+        scored = run_score(score_config)[1]
+        root.write_bytes(SCORES_SHEET, scores_sheet(root, "demo"))
     print(f"\ndemo finished in {time.time() - started:.1f} s")
     print(f"  contact sheet: {root.display(CONTACT_SHEET)}")
     print(f"  label sheet:   {root.display(LABEL_SHEET)}  (oracle backend: procedural ground "
@@ -334,6 +381,12 @@ def run_demo(config: DemoJob) -> list[StageReport]:
         print(f"  sweep:         {swept.where}/results.md  (train.lambda_spatial 1 vs 10, 20 "
               f"steps each: best {swept.metric} {swept.best.best:.3f} at "
               f"{swept.best.params['train.lambda_spatial']:g}; best.yaml, plots)")
+    if scored is not None:
+        best = scored.matches[0] if scored.matches else None
+        print(f"  scores:        {root.display(SCORES_SHEET)}  (scores/demo/: per-point scores, "
+              f"embeddings, descriptors; query {scored.query[0]}:{scored.query[1]} -> "
+              + (f"{best.asset_id} ({best.similarity:.2f}); {scored.where}.png)" if best else
+                 "no other asset)"))
     print(f"  tables:        {root.display()}/{{assets,views,points,labels,features}}/  (see `partlift "
           f"status --root {root.display()}`)")
     return reports

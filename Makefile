@@ -54,6 +54,7 @@ bench: install
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_cmat.py
 	$(PY) benchmarks/bench_sweep.py
+	$(PY) benchmarks/bench_score.py
 
 clean-data:
 	rm -rf partlift-data

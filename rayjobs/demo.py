@@ -246,7 +246,8 @@ def scores_sheet(root: RunRoot, name: str, n_assets: int = 3) -> bytes:
 def demo_sweep(config: DemoJob) -> SweepJob:
     """The demo's sweep: train.lambda_spatial in {1, 10} for 20 steps each (DFC Table 4's axis),
     the two trials side by side."""
-    sections = {k: getattr(config, k) for k in SweepJob.model_fields if k != "sweep"}
+    sections = {k: getattr(config, k) for k in SweepJob.model_fields
+                if k != "sweep" and k in DemoJob.model_fields}
     sections["train"] = config.train.model_copy(update={"steps": 20, "checkpoint_every": 10})
     sections["job"] = config.job.model_copy(update={"name": "demo"})
     return SweepJob.model_validate({**sections, "sweep": {

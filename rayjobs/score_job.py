@@ -33,7 +33,9 @@ from operators.settings import ConfigError
 from operators.store.integrity import stage_settings
 from operators.store.storage import (RunRoot, concatenated, make_table, rows_to_columns,
                                      shard_name, table_columns)
-from operators.store.tables import LIFT_OUTPUT, StageOutput, Table
+from operators.store.commits import read_output
+from operators.store.readers import TableReader
+from operators.store.tables import FEATURE_BLOCKS, LIFT_OUTPUT, StageOutput, Table
 from rayjobs.config import ScoreJob, StepResources
 from rayjobs.driver import (AssetErrors, JobContext, Plan, StageReport, TaskContext, map_actors,
                             map_tasks, run_stage)
@@ -68,6 +70,7 @@ class Models:
     cast: str | None
     steps: dict[str, int]
     functions: list[str]
+    n_blocks: int               # backbone blocks the correspondence model reads
 
 
 def resolve_models(root: RunRoot, config: ScoreJob) -> Models:
@@ -99,13 +102,15 @@ def resolve_models(root: RunRoot, config: ScoreJob) -> Models:
         raise ConfigError("score: a correspondence model is required (--model train/NAME): it "
                           "makes the embeddings and masks")
     functions = model_functions(correspondence[1], None, cfg.functions)
-    return Models(correspondence[0], cast, steps, functions)
+    return Models(correspondence[0], cast, steps, functions,
+                  int(correspondence[1].model.block_logits.numel()))
 
 
 class ScoreActor:
     """Actor: loads the backbone and the models once, then scores each asset of a batch."""
 
-    def __init__(self, config: ScoreJob, models: Models, task: TaskContext, stage: str):
+    def __init__(self, config: ScoreJob, models: Models, task: TaskContext, stage: str,
+                 cached: dict[str, str]):
         from operators.models.backbones import load_backbone
         from operators.models.loading import resolve_device, resolve_dtype
         from training.runs import load_model
@@ -118,9 +123,13 @@ class ScoreActor:
         device = resolve_device(options.device)
         correspondence = load_model(root, models.correspondence, checkpoint)
         cast = load_model(root, models.cast, checkpoint) if models.cast else None
-        backbone = load_backbone(options.name, options.model_path, device=device,
-                                 dtype=resolve_dtype(options.dtype, device), stride=options.stride,
-                                 n_last_blocks=1, allow_download=options.allow_download)
+        # the backbone only when some asset has no cached blocks (loading it costs seconds)
+        backbone = None if cfg.features == "cache" else load_backbone(
+            options.name, options.model_path, device=device,
+            dtype=resolve_dtype(options.dtype, device), stride=options.stride, n_last_blocks=1,
+            allow_download=options.allow_download)
+        self.cached = TableReader(root, FEATURE_BLOCKS, index=cached)
+        self.features = cfg.features
         self.scorer = AssetScorer(correspondence, cast, backbone, n_points=cfg.n_points,
                                   mask_stride=cfg.mask_stride,
                                   visibility_tol=(config.lift.visibility_rel_tol,
@@ -134,8 +143,16 @@ class ScoreActor:
 
         def score(i: int) -> list[Any]:
             views = {k: batch[k][i] for k in ("rgb", "depth", "mask", "K", "cam_to_world")}
+            grids = None
+            if ids[i] in self.cached:   # variant 0: the render's own background
+                arrays = self.cached.arrays(ids[i], ["variant", "blocks"])
+                grids = arrays["blocks"][arrays["variant"] == 0]
+            elif self.features == "cache":
+                raise ValueError("score.features=cache: features/blocks holds no blocks of this "
+                                 "asset's current render (run `partlift lift` with "
+                                 "lift.cache_blocks > 0)")
             return self.scorer.score(ids[i], views, batch["xyz"][i], self.models.functions,
-                                     self.seed)
+                                     self.seed, grids)
 
         done = dict(errors.attempt([i for i in range(len(ids)) if todo(batch, self.stage, i)],
                                    score, asset_of=ids.__getitem__))
@@ -192,6 +209,7 @@ class ScoreStage(RenderedAssetsStage):
         self.output = score_output(self.score_name)
         self.outputs = (self.output,)
         self.models = models
+        self.cached: dict[str, str] = {}
 
     def check(self, config: ScoreJob) -> None:
         config.lift.backbone.check_available()
@@ -209,6 +227,27 @@ class ScoreStage(RenderedAssetsStage):
                                   f"{k}={made_with[k]!r}" for k in differ)
                               + "; give the same lift.* settings (the lift config you used)")
         return source
+
+    def plan(self, ctx: JobContext, source: Any) -> Plan:
+        """The assets left, and which of them have cached blocks of their current render (asset
+        -> features/blocks shard; sorted by shard, as the items are)."""
+        plan = super().plan(ctx, source)
+        self.cached = {}
+        config: ScoreJob = ctx.config  # type: ignore[assignment]
+        made = stage_settings(ctx.root, LIFT_OUTPUT) or {}
+        if config.score.features == "backbone" or \
+                int(made.get("lift.cache_blocks", 0)) < self.models.n_blocks:
+            return plan
+        holding = read_output(ctx.root, LIFT_OUTPUT).holding(FEATURE_BLOCKS.name)
+        for item in plan.items:
+            commit = holding.get(item["asset_id"])
+            if commit is not None and commit.upstream.get(item["asset_id"]) == \
+                    item["render_commit"]:
+                self.cached[item["asset_id"]] = commit.shard
+        if config.score.features == "cache" and len(self.cached) < len(plan.items):
+            print(f"note: {len(plan.items) - len(self.cached)} assets have no cached blocks of "
+                  "their current render: they fail (score.features=cache)")
+        return plan
 
     def settings(self, config: ScoreJob) -> dict[str, dict[str, Any]]:
         return {self.output.stage: {
@@ -230,7 +269,7 @@ class ScoreStage(RenderedAssetsStage):
             size = gpus if gpus and model.num_gpus != 0 else max(1, int(cpus // (2 * model.num_cpus)))
             model = model.model_copy(update={"concurrency": size})
         ds = map_actors(ds, ScoreActor, model, config=config, models=self.models, task=ctx.task,
-                        stage=self.name)
+                        stage=self.name, cached=self.cached)
         return map_tasks(ds, score_write_batch, config.score.resources.write, task=ctx.task,
                          output=self.output)
 
@@ -279,7 +318,6 @@ def run_query(root: RunRoot, config: ScoreJob) -> QueryReport:
     """Rank the scored collection by similarity to the query's functional part: the top-k
     assets of the same function, with each match's point correspondences to the query, as
     markdown, Parquet and a picture."""
-    from operators.store.readers import TableReader
     from training.scoring import point_matches, top_matches
     name = score_name(config)
     output = score_output(name)

@@ -121,6 +121,12 @@ class DenseCorrespondenceModel(nn.Module):
                              f"got {tuple(text.shape)}")
         # normalise the grid first, then sample (DFC §4.2: weighted grid -> bilinear per pixel)
         points = sample_grid(self.feature_grid(blocks), uv, image_size)  # (B, P, proj_dim)
+        return self.condition(points, text)
+
+    def condition(self, points: Tensor, text: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The function-conditioned part of `forward`, on sampled grid features (B, P,
+        proj_dim): descriptors (B, P, out_dim) and mask logits (B, P) or None. Scoring several
+        functions samples the grid once and calls this per function."""
         # the same function embedding conditions every point of the image
         condition = text.to(points.dtype).unsqueeze(1).expand(-1, points.shape[1], -1)
         descriptors = F.normalize(self.mlp(torch.cat([points, condition], dim=-1)), dim=-1)

@@ -79,12 +79,20 @@ class AssetScorer:
         self._cast_text: dict[str, np.ndarray] = {}
 
     @torch.no_grad()
-    def _describe(self, blocks: torch.Tensor, uv: np.ndarray, size: tuple[int, int],
-                  function: str) -> tuple[np.ndarray, np.ndarray | None]:
-        """Descriptors (V, P, D) and mask logits (V, P) at pixels uv (V, P, 2)."""
-        text = self.text_of(function).to(self.device)[None].expand(blocks.shape[0], -1)
+    def _sample(self, blocks: torch.Tensor, uv: np.ndarray, size: tuple[int, int]
+                ) -> torch.Tensor:
+        """The model's block-weighted grid features (V, P, proj_dim) at pixels uv (V, P, 2):
+        the function-independent part, computed once per asset."""
+        from training.model import sample_grid
         uv_t = torch.as_tensor(np.nan_to_num(uv, nan=0.0), device=self.device)
-        descriptors, logits = self.model(blocks, uv_t, size, text)
+        return sample_grid(self.model.feature_grid(blocks), uv_t, size)
+
+    @torch.no_grad()
+    def _condition(self, points: torch.Tensor, function: str
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Descriptors (V, P, D) and mask logits (V, P) of one function."""
+        text = self.text_of(function).to(self.device)[None].expand(points.shape[0], -1)
+        descriptors, logits = self.model.condition(points, text)
         return (descriptors.float().cpu().numpy(),
                 None if logits is None else logits.float().cpu().numpy())
 
@@ -111,7 +119,10 @@ class AssetScorer:
         return predicted[nearest].astype(np.float32)
 
     def score(self, asset_id: str, views: dict[str, np.ndarray], xyz_all: np.ndarray,
-              functions: Sequence[str], seed: int) -> list[FunctionScores]:
+              functions: Sequence[str], seed: int, grids: np.ndarray | None = None
+              ) -> list[FunctionScores]:
+        """Score one asset; `grids` (V, n, h, w, C): its views' cached backbone blocks (the
+        last n_blocks are used), else the backbone runs on its rgb views."""
         from operators.geometry.lift import subsample_points
         from operators.store.ids import seed_for
         if self.n_points > xyz_all.shape[0]:
@@ -122,16 +133,22 @@ class AssetScorer:
         xyz = np.asarray(xyz_all[index], np.float32)
         rgb, depth, K, cam = views["rgb"], views["depth"], views["K"], views["cam_to_world"]
         size = (int(rgb.shape[1]), int(rgb.shape[2]))
-        grids = self.backbone.block_features(rgb, self.n_blocks)   # (V, n, h, w, C)
-        blocks = torch.as_tensor(np.asarray(grids, np.float32), device=self.device)
+        if grids is None:
+            if self.backbone is None:
+                raise ValueError("no cached blocks for this asset and no backbone to make them")
+            grids = self.backbone.block_features(rgb, self.n_blocks)   # (V, n, h, w, C)
+        blocks = torch.as_tensor(np.asarray(grids[:, -self.n_blocks:], np.float32),
+                                 device=self.device)
         projection = project_points(xyz, K, cam)
         seen = visibility(xyz, K, cam, depth, *self.visibility_tol, projection=projection)
         lattice = pixel_lattice(*size, self.mask_stride)
         lattice_shape = (len(np.arange(self.mask_stride / 2, size[0], self.mask_stride)),
                          len(np.arange(self.mask_stride / 2, size[1], self.mask_stride)))
+        at_points = self._sample(blocks, projection[0], size)
+        at_lattice = None
         out = []
         for function in functions:
-            descriptors, logits = self._describe(blocks, projection[0], size, function)
+            descriptors, logits = self._condition(at_points, function)
             weight = seen.astype(np.float32)[..., None]                       # (V, N, 1)
             summed = (descriptors * weight).sum(axis=0)
             norms = np.linalg.norm(summed, axis=1, keepdims=True)
@@ -143,9 +160,10 @@ class AssetScorer:
                 probability = 1.0 / (1.0 + np.exp(-logits))
                 with np.errstate(invalid="ignore"):
                     score_mask = ((probability * seen).sum(axis=0) / n_seen).astype(np.float32)
-                grid_uv = np.broadcast_to(lattice, (blocks.shape[0], *lattice.shape))
-                _, lattice_logits = self._describe(blocks, np.ascontiguousarray(grid_uv), size,
-                                                   function)
+                if at_lattice is None:
+                    grid_uv = np.broadcast_to(lattice, (blocks.shape[0], *lattice.shape))
+                    at_lattice = self._sample(blocks, np.ascontiguousarray(grid_uv), size)
+                _, lattice_logits = self._condition(at_lattice, function)
                 inside = views["mask"][:, lattice[:, 1].astype(int), lattice[:, 0].astype(int)]
                 masks = ((lattice_logits > 0) & inside).reshape(-1, *lattice_shape)
             score_cast = (self.cast_scores(xyz, function) if self.cast is not None

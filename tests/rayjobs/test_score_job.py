@@ -58,6 +58,15 @@ def test_scores_land_per_asset_and_function_resume_and_answer_a_query(models: st
     masks = read_arrays(root, score_output("s1").tables[0])
     assert len(masks["asset_id"]) == 8 * 4 * len(functions)   # 4 views a function
     assert masks["mask"].shape[1:] == (7, 7)                  # 56 px, a sample every 8
+    # the cached blocks (float16) and the backbone run here give the same scores
+    run_score(score_config(models, "score.models=[train/sm, finetune/sc]", "score.name=s2",
+                           "score.features=backbone", "score.functions=[pour-with]"))
+    fresh = read_arrays(root, score_output("s2").commit)
+    cached = [i for i, f in enumerate(points["function"]) if f == "pour-with"]
+    assert np.array_equal(fresh["asset_id"], points["asset_id"][cached])
+    assert np.abs(fresh["descriptor"] - points["descriptor"][cached]).max() < 0.02
+    assert np.abs(np.nan_to_num(fresh["score_mask"]) -
+                  np.nan_to_num(points["score_mask"][cached])).max() < 0.02
     # the same name again: nothing to do
     again, _ = run_score(config)
     assert (again.ok, again.skipped_done) == (0, 8)

@@ -216,7 +216,7 @@ def demo_score(config: DemoJob, models: list[str]) -> ScoreJob:
     demo made them), then a query by the first asset's first function."""
     sections = {k: getattr(config, k) for k in ("root", "storage", "ray", "lift")}
     return ScoreJob.model_validate({**sections, "job": {"name": "demo-score"}, "score": {
-        "name": "demo", "models": models, "n_points": 256, "top_k": 3}})
+        "name": "demo", "models": models, "n_points": 128, "top_k": 3}})
 
 
 def scores_sheet(root: RunRoot, name: str, n_assets: int = 3) -> bytes:
@@ -375,7 +375,9 @@ def run_demo(config: DemoJob) -> list[StageReport]:
               f"finetune/{cast.run.name}: best val aIoU "
               f"{float('nan') if cast.run.best_score is None else cast.run.best_score:.3f};"
               " a short CPU run)")
-    if swept is not None and swept.best is None:
+    if swept is not None and not swept.rows:
+        print(f"  sweep:         {swept.where}/results.md  (finished by an earlier demo)")
+    if swept is not None and swept.rows and swept.best is None:
         print(f"  sweep:         {swept.where}/results.md  (no trial finished: see the errors "
               "there)")
     if swept is not None and swept.best is not None:

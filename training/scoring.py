@@ -144,28 +144,35 @@ class AssetScorer:
         lattice = pixel_lattice(*size, self.mask_stride)
         lattice_shape = (len(np.arange(self.mask_stride / 2, size[0], self.mask_stride)),
                          len(np.arange(self.mask_stride / 2, size[1], self.mask_stride)))
-        at_points = self._sample(blocks, projection[0], size)
+        # the head runs only where it matters: (view, point) pairs that see the point, and
+        # lattice pixels on the object
+        view_of, point_of = np.nonzero(seen)
+        at_points = self._sample(blocks, projection[0], size)[view_of, point_of][None]
+        n_seen = seen.sum(axis=0)
+        inside = views["mask"][:, lattice[:, 1].astype(int), lattice[:, 0].astype(int)]
         at_lattice = None
         out = []
         for function in functions:
-            descriptors, logits = self._condition(at_points, function)
-            weight = seen.astype(np.float32)[..., None]                       # (V, N, 1)
-            summed = (descriptors * weight).sum(axis=0)
+            descriptors, logits = self._condition(at_points, function)      # (1, M, D), (1, M)
+            summed = np.zeros((xyz.shape[0], descriptors.shape[-1]), np.float64)
+            np.add.at(summed, point_of, descriptors[0])
             norms = np.linalg.norm(summed, axis=1, keepdims=True)
             embedding = np.where(norms > 0, summed / np.maximum(norms, 1e-12), 0.0)
-            n_seen = seen.sum(axis=0)
             score_mask = np.full(xyz.shape[0], np.nan, np.float32)
             masks = None
             if logits is not None:
-                probability = 1.0 / (1.0 + np.exp(-logits))
-                with np.errstate(invalid="ignore"):
-                    score_mask = ((probability * seen).sum(axis=0) / n_seen).astype(np.float32)
+                probability = np.zeros(xyz.shape[0], np.float64)
+                np.add.at(probability, point_of, 1.0 / (1.0 + np.exp(-logits[0])))
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    score_mask = (probability / n_seen).astype(np.float32)
                 if at_lattice is None:
                     grid_uv = np.broadcast_to(lattice, (blocks.shape[0], *lattice.shape))
-                    at_lattice = self._sample(blocks, np.ascontiguousarray(grid_uv), size)
+                    at_lattice = self._sample(blocks, np.ascontiguousarray(grid_uv),
+                                              size)[inside][None]
                 _, lattice_logits = self._condition(at_lattice, function)
-                inside = views["mask"][:, lattice[:, 1].astype(int), lattice[:, 0].astype(int)]
-                masks = ((lattice_logits > 0) & inside).reshape(-1, *lattice_shape)
+                positive = np.zeros(inside.shape, bool)
+                positive[inside] = lattice_logits[0] > 0
+                masks = positive.reshape(-1, *lattice_shape)
             score_cast = (self.cast_scores(xyz, function) if self.cast is not None
                           else np.full(xyz.shape[0], np.nan, np.float32))
             score = score_cast if self.cast is not None else np.nan_to_num(score_mask, nan=0.0)

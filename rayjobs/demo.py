@@ -224,20 +224,24 @@ def scores_sheet(root: RunRoot, name: str, n_assets: int = 3) -> bytes:
     red 1) for each scored function, seen from its first camera."""
     points = TableReader(root, score_output(name).commit)
     reader = RootReader(root)
-    category = {r["asset_id"]: r["category"] for r in reader.manifest(["category"])}
+    manifest = {r["asset_id"]: r for r in reader.manifest(["category", "functions"])}
     rows, seen = [], set()
     for asset_id in sorted(points.index):
-        if category.get(asset_id) in seen:
+        category = manifest[asset_id]["category"]
+        if category in seen:
             continue
-        seen.add(category.get(asset_id))
+        seen.add(category)
         arrays = points.arrays(asset_id)
+        # the functions the object affords (its manifest's), at most three
+        own = set(manifest[asset_id].get("functions") or [])
+        chosen = [f for f, name in enumerate(arrays["function"]) if str(name) in own][:3]
         views = reader.views(asset_id, ["rgb", "depth", "K", "cam_to_world"])
         camera = (views["K"][0], views["cam_to_world"][0], views["depth"][0])
         pictures = [views["rgb"][0]] + [
             _points_picture(arrays["xyz"][f], _score_colors(arrays["score"][f]), *camera,
-                            arrays["score"][f]) for f in range(len(arrays["function"]))]
-        rows.append((f"{category.get(asset_id)}: view | "
-                     + " | ".join(str(f) for f in arrays["function"]), pictures))
+                            arrays["score"][f]) for f in chosen]
+        rows.append((f"{category}: view | "
+                     + " | ".join(str(arrays["function"][f]) for f in chosen), pictures))
         if len(rows) == n_assets:
             break
     return _grid_png(rows)

@@ -358,9 +358,10 @@ class ScoreSection(Section):
             mode="json", exclude={"name", "query", "top_k", "resources"}).items()}
 
 
-class ScoreJob(LiftJob):
+class ScoreJob(RenderJob, LiftJob):
     """`partlift score`: `lift.backbone` must be the backbone the correspondence model was trained
-    on (the root's features/)."""
+    on (the root's features/); `render.*` renders the assets the root has not rendered, in the
+    same stream."""
 
     score: ScoreSection = ScoreSection()
 

@@ -39,7 +39,7 @@ from operators.store.tables import FEATURE_BLOCKS, LIFT_OUTPUT, StageOutput, Tab
 from rayjobs.config import ScoreJob, StepResources
 from rayjobs.driver import (AssetErrors, JobContext, Plan, StageReport, TaskContext, map_actors,
                             map_tasks, run_stage)
-from rayjobs.streams import RenderedAssetsStage, todo
+from rayjobs.streams import RenderedAssetsStage, read_rendered, todo
 
 POINT_COLUMNS = ("point_index", "xyz", "score", "score_mask", "score_cast", "n_views_seen",
                  "embedding", "descriptor")
@@ -71,6 +71,20 @@ class Models:
     steps: dict[str, int]
     functions: list[str]
     n_blocks: int               # backbone blocks the correspondence model reads
+
+
+def check_backbone(root: RunRoot, config: ScoreJob) -> None:
+    """The model reads blocks of the backbone the root's features were made with (what it was
+    trained on): another `lift.backbone` is refused, naming the keys."""
+    made_with = stage_settings(root, LIFT_OUTPUT) or {}
+    asked = config.lift.fingerprint()
+    differ = sorted(k for k in made_with if k.startswith("lift.backbone")
+                    and k in asked and made_with[k] != asked[k])
+    if differ:
+        raise ConfigError("score: the root's features/ (what the correspondence model was "
+                          "trained on) were made with " + ", ".join(
+                              f"{k}={made_with[k]!r}" for k in differ)
+                          + "; give the same lift.* settings (the lift config you used)")
 
 
 def resolve_models(root: RunRoot, config: ScoreJob) -> Models:
@@ -213,20 +227,6 @@ class ScoreStage(RenderedAssetsStage):
 
     def check(self, config: ScoreJob) -> None:
         config.lift.backbone.check_available()
-
-    def read_input(self, root: RunRoot, config: ScoreJob) -> Any:
-        source = super().read_input(root, config)
-        # the model reads the blocks of the backbone the root's features were made with
-        made_with = stage_settings(root, LIFT_OUTPUT) or {}
-        asked = config.lift.fingerprint()
-        differ = sorted(k for k in made_with if k.startswith("lift.backbone")
-                        and k in asked and made_with[k] != asked[k])
-        if differ:
-            raise ConfigError("score: the root's features/ (what the correspondence model was "
-                              "trained on) were made with " + ", ".join(
-                                  f"{k}={made_with[k]!r}" for k in differ)
-                              + "; give the same lift.* settings (the lift config you used)")
-        return source
 
     def plan(self, ctx: JobContext, source: Any) -> Plan:
         """The assets left, and which of them have cached blocks of their current render (asset
@@ -392,8 +392,19 @@ def run_score(config: ScoreJob) -> tuple[StageReport, QueryReport | None]:
     """Score every rendered asset the named scores do not hold; then the query, if given."""
     root = RunRoot(config.root, config.storage.options())
     root.check_reachable(create=False)
+    check_backbone(root, config)
     models = resolve_models(root, config)
-    report = run_stage(config, ScoreStage(config, models))
+    stage = ScoreStage(config, models)
+    source = read_rendered(root)
+    unrendered = len(source.manifest) - len(source.render.by_asset.keys()
+                                            & {r["asset_id"] for r in source.manifest})
+    if unrendered:   # render them in the same stream: render tasks -> model actors -> write
+        from rayjobs.pipeline_job import RenderThen
+        print(f"score: {unrendered} assets of the manifest are not rendered: they are rendered "
+              "in the scoring stream (render.* settings)")
+        report = run_stage(config, RenderThen([stage]))
+    else:
+        report = run_stage(config, stage)
     query = None
     if config.score.query:
         query = run_query(root, config)

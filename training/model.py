@@ -19,6 +19,8 @@ Pipeline per image:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -122,6 +124,20 @@ class DenseCorrespondenceModel(nn.Module):
         # normalise the grid first, then sample (DFC §4.2: weighted grid -> bilinear per pixel)
         points = sample_grid(self.feature_grid(blocks), uv, image_size)  # (B, P, proj_dim)
         return self.condition(points, text)
+
+    def condition_each(self, points: Tensor, texts: Tensor
+                       ) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """`condition` of the same points (B, P, proj_dim) for each text embedding of texts
+        (F, text_dim), in order: the first layer's product with the points (the larger part of
+        its input) is computed once, since Linear(cat[x, t]) = W_x x + W_t t + b."""
+        first = self.mlp[0]
+        proj_dim = points.shape[-1]
+        shared = points @ first.weight[:, :proj_dim].T                  # (B, P, hidden)
+        for text in texts:
+            hidden = shared + (first.weight[:, proj_dim:] @ text.to(points.dtype) + first.bias)
+            descriptors = F.normalize(self.mlp[1:](hidden), dim=-1)
+            logits = None if self.mask_head is None else self.mask_head(descriptors).squeeze(-1)
+            yield descriptors, logits
 
     def condition(self, points: Tensor, text: Tensor) -> tuple[Tensor, Tensor | None]:
         """The function-conditioned part of `forward`, on sampled grid features (B, P,

@@ -18,7 +18,7 @@ Per asset and function, from its rendered views (rgb, depth, mask, cameras) and 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,13 +88,11 @@ class AssetScorer:
         return sample_grid(self.model.feature_grid(blocks), uv_t, size)
 
     @torch.no_grad()
-    def _condition(self, points: torch.Tensor, function: str
-                   ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Descriptors (V, P, D) and mask logits (V, P) of one function."""
-        text = self.text_of(function).to(self.device)[None].expand(points.shape[0], -1)
-        descriptors, logits = self.model.condition(points, text)
-        return (descriptors.float().cpu().numpy(),
-                None if logits is None else logits.float().cpu().numpy())
+    def _condition(self, points: torch.Tensor, functions: Sequence[str]
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per function, descriptors (V, P, D) and mask logits (V, P) (or None)."""
+        texts = torch.stack([self.text_of(f) for f in functions]).to(self.device)
+        yield from self.model.condition_each(points, texts)
 
     def cast_scores(self, xyz: np.ndarray, function: str) -> np.ndarray:
         """CAST's per-point probabilities for the function's text prompt on `xyz` (any N: the
@@ -148,30 +146,36 @@ class AssetScorer:
         # lattice pixels on the object
         view_of, point_of = np.nonzero(seen)
         at_points = self._sample(blocks, projection[0], size)[view_of, point_of][None]
+        scatter = torch.as_tensor(point_of, device=self.device)
         n_seen = seen.sum(axis=0)
         inside = views["mask"][:, lattice[:, 1].astype(int), lattice[:, 0].astype(int)]
         at_lattice = None
+        lattice_logits: Iterator[Any] = iter(())
         out = []
-        for function in functions:
-            descriptors, logits = self._condition(at_points, function)      # (1, M, D), (1, M)
-            summed = np.zeros((xyz.shape[0], descriptors.shape[-1]), np.float64)
-            np.add.at(summed, point_of, descriptors[0])
-            norms = np.linalg.norm(summed, axis=1, keepdims=True)
-            embedding = np.where(norms > 0, summed / np.maximum(norms, 1e-12), 0.0)
+        for function, (descriptors, logits) in zip(functions,
+                                                   self._condition(at_points, functions),
+                                                   strict=True):
+            with torch.no_grad():
+                summed = torch.zeros(xyz.shape[0], descriptors.shape[-1], device=self.device,
+                                     dtype=descriptors.dtype).index_add_(0, scatter,
+                                                                         descriptors[0])
+                embedding = torch.nn.functional.normalize(summed, dim=1).float().cpu().numpy()
             score_mask = np.full(xyz.shape[0], np.nan, np.float32)
             masks = None
             if logits is not None:
-                probability = np.zeros(xyz.shape[0], np.float64)
-                np.add.at(probability, point_of, 1.0 / (1.0 + np.exp(-logits[0])))
+                with torch.no_grad():
+                    probability = torch.zeros(xyz.shape[0], device=self.device).index_add_(
+                        0, scatter, torch.sigmoid(logits[0].float())).cpu().numpy()
                 with np.errstate(invalid="ignore", divide="ignore"):
                     score_mask = (probability / n_seen).astype(np.float32)
                 if at_lattice is None:
                     grid_uv = np.broadcast_to(lattice, (blocks.shape[0], *lattice.shape))
                     at_lattice = self._sample(blocks, np.ascontiguousarray(grid_uv),
                                               size)[inside][None]
-                _, lattice_logits = self._condition(at_lattice, function)
+                    lattice_logits = self._condition(at_lattice, functions)
+                _, on_lattice = next(lattice_logits)
                 positive = np.zeros(inside.shape, bool)
-                positive[inside] = lattice_logits[0] > 0
+                positive[inside] = (on_lattice[0] > 0).cpu().numpy()
                 masks = positive.reshape(-1, *lattice_shape)
             score_cast = (self.cast_scores(xyz, function) if self.cast is not None
                           else np.full(xyz.shape[0], np.nan, np.float32))

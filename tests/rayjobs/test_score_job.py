@@ -5,6 +5,9 @@ collection by functional descriptor."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -36,7 +39,8 @@ def score_config(root: str, *extra: str) -> ScoreJob:
     return load_config((), [*DFC_ROOT_SETTINGS, *SCORE, *extra], root=root, model=ScoreJob)
 
 
-def test_scores_land_per_asset_and_function_resume_and_answer_a_query(models: str) -> None:
+def test_scores_land_per_asset_and_function_resume_and_answer_a_query(models: str,
+                                                                     tmp_path: Path) -> None:
     root = RunRoot(models)
     config = score_config(models, "score.models=[train/sm, finetune/sc]", "score.name=s1")
     report, _ = run_score(config)
@@ -58,10 +62,16 @@ def test_scores_land_per_asset_and_function_resume_and_answer_a_query(models: st
     masks = read_arrays(root, score_output("s1").tables[0])
     assert len(masks["asset_id"]) == 8 * 4 * len(functions)   # 4 views a function
     assert masks["mask"].shape[1:] == (7, 7)                  # 56 px, a sample every 8
-    # the cached blocks (float16) and the backbone run here give the same scores
-    run_score(score_config(models, "score.models=[train/sm, finetune/sc]", "score.name=s2",
-                           "score.features=backbone", "score.functions=[pour-with]"))
-    fresh = read_arrays(root, score_output("s2").commit)
+    # a root of the same assets, never rendered: they are rendered in the scoring stream and
+    # the backbone runs on them; the scores equal those from the cached blocks (float16)
+    fresh_root = tmp_path / "fresh"
+    shutil.copytree(models, fresh_root, ignore=lambda d, names: [
+        n for n in names if d == models and n not in ("assets", "meshes", "_partlift.json")])
+    streamed, _ = run_score(score_config(
+        str(fresh_root), f"score.models=[{models}/runs/train/sm, {models}/runs/finetune/sc]",
+        "score.name=s2", "score.functions=[pour-with]"))
+    assert streamed.stage == "pipeline render->score/s2" and streamed.ok == 8
+    fresh = read_arrays(RunRoot(str(fresh_root)), score_output("s2").commit)
     cached = [i for i, f in enumerate(points["function"]) if f == "pour-with"]
     assert np.array_equal(fresh["asset_id"], points["asset_id"][cached])
     assert np.abs(fresh["descriptor"] - points["descriptor"][cached]).max() < 0.02

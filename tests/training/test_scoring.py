@@ -43,3 +43,19 @@ def test_point_matches_pair_the_top_scoring_query_points_with_their_nearest() ->
     assert q.tolist() == [0, 2]               # the two highest scores
     assert t.tolist() == [1, 0]               # (1,0) -> target 1; (0.6,0.8) -> target 0
     assert s == pytest.approx([1.0, 0.8])
+
+
+def test_conditioning_several_functions_at_once_equals_one_by_one() -> None:
+    import torch
+
+    from training.model import DenseCorrespondenceModel
+    torch.manual_seed(0)
+    model = DenseCorrespondenceModel(feature_dim=8, text_dim=5, proj_dim=6, hidden_dim=16,
+                                     out_dim=4, mask_head=True).eval()
+    points, texts = torch.randn(2, 7, 6), torch.randn(3, 5)
+    with torch.no_grad():
+        together = list(model.condition_each(points, texts))
+        for text, (descriptors, logits) in zip(texts, together, strict=True):
+            alone, alone_logits = model.condition(points, text[None].expand(2, -1))
+            assert torch.allclose(descriptors, alone, atol=1e-6)
+            assert torch.allclose(logits, alone_logits, atol=1e-6)

@@ -37,3 +37,22 @@ def test_point_precision_recall_by_hand() -> None:
     assert math.isnan(precision) and recall == 0.0
     with pytest.raises(ValueError, match="shapes differ"):
         point_precision_recall(scores, gt[:3])
+
+
+def test_referring_metrics_by_hand() -> None:
+    from operators.metrics.segmentation import referring_metrics
+    gt = np.zeros((4, 4), bool)
+    gt[:2, :2] = True                                    # 4 pixels
+    exact = gt.copy()
+    half = np.zeros((4, 4), bool)
+    half[:2, :1] = True                                  # 2 of the 4: IoU 0.5
+    wide = np.zeros((4, 4), bool)
+    wide[:2, :3] = True                                  # 6 pixels covering the 4: IoU 4/6
+    result = referring_metrics([exact, half, wide], [gt, gt, gt])
+    assert result["gIoU"] == pytest.approx(100 * (1 + 0.5 + 4 / 6) / 3)
+    # cumulative: intersections 4 + 2 + 4 = 10, unions 4 + 4 + 6 = 14
+    assert result["cIoU"] == pytest.approx(100 * 10 / 14)
+    # IoU > 0.5: the exact one and the wide one (0.5 itself does not count)
+    assert result["P@50"] == pytest.approx(100 * 2 / 3)
+    # thresholds 0.50 .. 0.95: exact passes all 10, wide (0.667) passes 0.50, 0.55, 0.60, 0.65
+    assert result["P@50:95"] == pytest.approx(100 * (10 + 4) / (3 * 10))

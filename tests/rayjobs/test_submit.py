@@ -125,6 +125,10 @@ def test_submitted_jobs_run_resume_fail_and_are_listed(head: tuple[str, dict[str
     assert "already done (skipped)  8" in again.stdout and "processed ok            0" in \
         again.stdout
     assert pq.read_table(root / "views", columns=["asset_id"]).num_rows == 8 * 2
+    # stopping a job that ended: said so, nothing stopped
+    finished_id = done.stdout.split("submitted ", 1)[1].split()[0]
+    stopped = partlift(env, "submit", "--address", address, "--stop", finished_id)
+    assert stopped.returncode == 0 and f"{finished_id}: already ended" in stopped.stdout
     listed = partlift(env, "status", "--address", address)
     lines = [line for line in listed.stdout.splitlines() if line.startswith("partlift-")]
     assert len(lines) == 3 and sum(" r1 " in line and "SUCCEEDED" in line for line in lines) == 2

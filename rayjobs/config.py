@@ -336,6 +336,7 @@ class ScoreSection(Section):
     name: str | None = Field(None, description="the scores' name: they go to <root>/scores/<name>/ (default: the model names joined by +)")
     models: list[str] = Field(default_factory=list, description="model references: a correspondence run (train/NAME, required: embeddings and masks) and optionally a CAST run (finetune/NAME: per-point scores)")
     checkpoint: str = Field("best", description="which checkpoint of each run: best, last or a step")
+    render: bool = Field(True, description="render the manifest's assets that have no views yet (render.* settings) before scoring; false: score only rendered assets (the rest wait)")
     features: Literal["auto", "cache", "backbone"] = Field("auto", description="the model's input: the root's cached blocks (features/blocks, lift.cache_blocks) of an asset's current render, else the backbone on its views (auto); only the cache (an asset without is an error); only the backbone")
     functions: list[str] | None = Field(None, description="functions to score (default: every function of the correspondence model)")
     n_points: int = Field(512, ge=16, description="points per asset scored (a seeded subsample of points/)")
@@ -355,7 +356,7 @@ class ScoreSection(Section):
     def fingerprint(self) -> dict[str, Any]:
         """What shapes the rows (not the query, which reads them)."""
         return {f"score.{k}": v for k, v in self.model_dump(
-            mode="json", exclude={"name", "query", "top_k", "resources"}).items()}
+            mode="json", exclude={"name", "query", "top_k", "resources", "render"}).items()}
 
 
 class ScoreJob(RenderJob, LiftJob):

@@ -254,7 +254,7 @@ class ScoreStage(RenderedAssetsStage):
             **config.score.fingerprint(), "score.functions": self.models.functions,
             "score.model_steps": self.models.steps,
             **{k: v for k, v in config.lift.fingerprint().items()
-               if k.startswith("lift.backbone")}}}
+               if k.startswith("lift.backbone") or k.startswith("lift.visibility")}}}
 
     def load_resources(self, config: ScoreJob) -> StepResources:
         return config.score.resources.load
@@ -297,8 +297,8 @@ def descriptor_batches(root: RunRoot, output: StageOutput
                        ) -> Iterator[tuple[list[str], list[str], np.ndarray]]:
     """(asset ids, functions, descriptors) per committed shard of the points table, three
     columns read: the driver never holds the collection."""
-    from operators.store.readers import shard_index
-    for shard in sorted(set(shard_index(root, output.commit).values())):
+    committed = {c.shard for c in read_output(root, output).holding(output.commit.name).values()}
+    for shard in sorted(committed):
         data = table_columns(root.read_shard(output.commit.name, shard,
                                              ["asset_id", "function", "descriptor"]))
         yield ([str(a) for a in data["asset_id"]], [str(f) for f in data["function"]],
@@ -396,15 +396,16 @@ def run_score(config: ScoreJob) -> tuple[StageReport, QueryReport | None]:
     models = resolve_models(root, config)
     stage = ScoreStage(config, models)
     source = read_rendered(root)
-    unrendered = len(source.manifest) - len(source.render.by_asset.keys()
-                                            & {r["asset_id"] for r in source.manifest})
-    if unrendered:   # render them in the same stream: render tasks -> model actors -> write
-        from rayjobs.pipeline_job import RenderThen
-        print(f"score: {unrendered} assets of the manifest are not rendered: they are rendered "
-              "in the scoring stream (render.* settings)")
-        report = run_stage(config, RenderThen([stage]))
-    else:
-        report = run_stage(config, stage)
+    unrendered = len({r["asset_id"] for r in source.manifest} - source.render.by_asset.keys())
+    if unrendered and config.score.render:
+        # a render step first, never with --overwrite (that redoes the scores only), then the
+        # scoring stream reads the views back (and the cached blocks where they exist)
+        from rayjobs.render_job import run_render
+        print(f"score: {unrendered} assets of the manifest are not rendered: rendering them "
+              "first (render.* settings; score.render=false to score only rendered assets)")
+        run_render(config.model_copy(update={"job": config.job.model_copy(
+            update={"overwrite": False})}))
+    report = run_stage(config, stage)
     query = None
     if config.score.query:
         query = run_query(root, config)

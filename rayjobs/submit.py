@@ -107,26 +107,43 @@ def check_command(args: Sequence[str], commands: dict[str, Any]) -> None:
                           "path the cluster's nodes share, or an s3:// root")
 
 
-def run_name(args: Sequence[str], given: str | None) -> str:
-    """The run: the given name, the command's own --name, else `<command>-<hash of the command
-    line>` (the same command resubmitted is the same run)."""
-    if given:
-        return given
+def given_name(args: Sequence[str]) -> str | None:
+    """The command's own `--name` (`--name X` or `--name=X`)."""
     for flag, value in zip(args, list(args[1:]) + [""], strict=True):
         if flag == "--name" and value:
             return value
+        if flag.startswith("--name="):
+            return flag.split("=", 1)[1]
+    return None
+
+
+# Commands whose --name is the run's name; for `score` and `eval` it names their output
+# (scores/<name>/, eval/<benchmark>/<name>/), so the run name goes to job.name instead.
+NAME_IS_RUN = {"train", "pretrain", "finetune", "sweep"}
+
+
+def run_name(args: Sequence[str], given: str | None) -> str:
+    """The run: the given name, the command's own --name where that names the run, else
+    `<command>-<hash of the command line>` (the same command resubmitted is the same run)."""
+    own = given_name(args) if args[0] in NAME_IS_RUN else None
+    if given and own and given != own:
+        raise ConfigError(f"submit: --name {given} and the command's --name {own} differ; "
+                          "give one (the command's --name is the run's name)")
+    if given or own:
+        return str(given or own)
     digest = hashlib.sha1("\0".join(args).encode()).hexdigest()[:10]
     return f"{args[0]}-{digest}"
 
 
 def named_command(args: Sequence[str], run: str, params: set[str]) -> list[str]:
-    """The command with the run name in it: its `--name` option where it has one, else
-    `--set job.name=RUN` (a rerun under the same name takes over its own stale lease)."""
+    """The command with the run name in it: its `--name` for commands whose --name names the
+    run, else `--set job.name=RUN` (a rerun under the same name takes over its own stale
+    lease)."""
     args = list(args)
-    if "--name" in args or any(a.startswith("job.name=") for a in args):
+    if any(a.startswith("job.name=") for a in args):
         return args
-    if "name" in params:
-        return [*args, "--name", run]
+    if args[0] in NAME_IS_RUN and "name" in params:
+        return args if given_name(args) else [*args, "--name", run]
     if "overrides" in params:
         return [*args, "--set", f"job.name={run}"]
     return args

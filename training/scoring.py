@@ -94,26 +94,34 @@ class AssetScorer:
         texts = torch.stack([self.text_of(f) for f in functions]).to(self.device)
         yield from self.model.condition_each(points, texts)
 
-    def cast_scores(self, xyz: np.ndarray, function: str) -> np.ndarray:
-        """CAST's per-point probabilities for the function's text prompt on `xyz` (any N: the
-        model's own point count is drawn by farthest-point sampling and the rest take the score
-        of their nearest sampled point)."""
+    def cast_input(self, xyz_all: np.ndarray, xyz: np.ndarray, seed: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """CAST's input cloud for an asset, once for all functions: the model's point count by
+        farthest-point sampling of (a seeded 4096-point subsample of) the asset's surface points,
+        as in training (FPS of the lifted points), normalised to the unit sphere; and, for each
+        scored point `xyz`, its nearest input point (which lends it its score)."""
         from scipy.spatial import cKDTree
 
-        from training.affordance_data import words
         from training.point_ops import farthest_point_sample, normalize_unit_sphere
+        rng = np.random.default_rng(seed)
+        pool = xyz_all if len(xyz_all) <= 4096 else xyz_all[rng.choice(len(xyz_all), 4096,
+                                                                       replace=False)]
+        cloud = torch.from_numpy(np.asarray(pool, np.float32))[None]
+        size = min(self.cast.points, len(pool))
+        chosen = farthest_point_sample(cloud, size)[0].numpy()
+        if size < self.cast.points:   # fewer surface points than the model takes: repeat some
+            chosen = np.concatenate([chosen, rng.choice(chosen, self.cast.points - size)])
+        unit = normalize_unit_sphere(cloud[:, chosen])[0][0].numpy()
+        nearest = cKDTree(pool[chosen]).query(xyz)[1]
+        return unit, nearest
+
+    def cast_scores(self, prepared: tuple[np.ndarray, np.ndarray], function: str) -> np.ndarray:
+        """CAST's per-point probabilities for the function's text prompt (`cast_input`)."""
+        from training.affordance_data import words
         if function not in self._cast_text:
             self._cast_text[function] = self.cast.embed([words(function)])
-        cloud = torch.from_numpy(np.asarray(xyz, np.float32))[None]
-        size = min(self.cast.points, xyz.shape[0])
-        chosen = farthest_point_sample(cloud, size)[0].numpy()
-        unit = normalize_unit_sphere(cloud[:, chosen])[0][0].numpy()
-        if size < self.cast.points:   # fewer points than the model takes: repeat some
-            extra = np.random.default_rng(0).choice(size, self.cast.points - size)
-            unit, chosen = np.concatenate([unit, unit[extra]]), np.concatenate([chosen,
-                                                                                chosen[extra]])
+        unit, nearest = prepared
         predicted = self.cast.predict(unit[None], self._cast_text[function], None)[0]
-        nearest = cKDTree(xyz[chosen]).query(xyz)[1]
         return predicted[nearest].astype(np.float32)
 
     def score(self, asset_id: str, views: dict[str, np.ndarray], xyz_all: np.ndarray,
@@ -151,6 +159,9 @@ class AssetScorer:
         inside = views["mask"][:, lattice[:, 1].astype(int), lattice[:, 0].astype(int)]
         at_lattice = None
         lattice_logits: Iterator[Any] = iter(())
+        cast_input = (self.cast_input(np.asarray(xyz_all, np.float32), xyz,
+                                      seed_for(seed, asset_id))
+                      if self.cast is not None else None)
         out = []
         for function, (descriptors, logits) in zip(functions,
                                                    self._condition(at_points, functions),
@@ -177,7 +188,7 @@ class AssetScorer:
                 positive = np.zeros(inside.shape, bool)
                 positive[inside] = (on_lattice[0] > 0).cpu().numpy()
                 masks = positive.reshape(-1, *lattice_shape)
-            score_cast = (self.cast_scores(xyz, function) if self.cast is not None
+            score_cast = (self.cast_scores(cast_input, function) if cast_input is not None
                           else np.full(xyz.shape[0], np.nan, np.float32))
             score = score_cast if self.cast is not None else np.nan_to_num(score_mask, nan=0.0)
             out.append(FunctionScores(

@@ -41,6 +41,14 @@ def test_a_command_is_checked_and_named_before_anything_is_sent() -> None:
     args = ["render", "--root", "/r", *RENDER]
     assert run_name(args, None) == run_name(list(args), None) != run_name(args[:3], None)
     assert run_name(["train", "--name", "t1", "--root", "/r"], None) == "t1"
+    assert run_name(["train", "--name=t1", "--root", "/r"], None) == "t1"
+    with pytest.raises(ConfigError, match="--name r and the command's --name t1 differ"):
+        run_name(["train", "--name", "t1"], "r")
+    # score's --name names its output, not the run: the run name goes to job.name
+    assert named_command(["score", "--root", "/r", "--name", "s"], "r1",
+                         {"name", "overrides"})[-2:] == ["--set", "job.name=r1"]
+    assert named_command(["train", "--name=t1"], "t1", {"name", "overrides"}) == \
+        ["train", "--name=t1"]
     # the name reaches the command: its --name where it has one, else job.name
     assert named_command(["train", "--root", "/r"], "t1", {"name", "overrides"})[-2:] == \
         ["--name", "t1"]

@@ -341,10 +341,14 @@ def sweep(name: str | None, **common: Any) -> None:
 @click.option("--top-k", type=int, default=None, help="Assets a query returns [default: 5].")
 @click.option("--checkpoint", default=None,
               help="best, last or a step number [default: best].")
+@click.option("--assets", "assets_input", default=None, metavar="URI",
+              help="A directory or bucket of mesh files to add to the root's manifest first "
+                   "(as `assets scan --input`) [default: the manifest as it is].")
 @common_options
 @report_user_errors
 def score(models: tuple[str, ...], name: str | None, functions: str | None, query: str | None,
-          top_k: int | None, checkpoint: str | None, **common: Any) -> None:
+          top_k: int | None, checkpoint: str | None, assets_input: str | None,
+          **common: Any) -> None:
     """Score every rendered asset of the root with trained models, in one stream: views (read
     back) -> model actors (backbone + correspondence model + CAST; GPUs when the cluster has
     them) -> write. Per asset and function: per-point scores, per-view masks, per-point
@@ -353,7 +357,8 @@ def score(models: tuple[str, ...], name: str | None, functions: str | None, quer
     config = build_config("score", **common, score__models=list(models) or None,
                           score__name=name,
                           score__functions=functions.split(",") if functions else None,
-                          score__query=query, score__top_k=top_k, score__checkpoint=checkpoint)
+                          score__query=query, score__top_k=top_k, score__checkpoint=checkpoint,
+                          assets__input=assets_input)
     api.score(config)
 
 

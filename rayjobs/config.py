@@ -359,10 +359,10 @@ class ScoreSection(Section):
             mode="json", exclude={"name", "query", "top_k", "resources", "render"}).items()}
 
 
-class ScoreJob(RenderJob, LiftJob):
-    """`partlift score`: `lift.backbone` must be the backbone the correspondence model was trained
-    on (the root's features/); `render.*` renders the assets the root has not rendered, in the
-    same stream."""
+class ScoreJob(AssetsJob, RenderJob, LiftJob):
+    """`partlift score`: `assets.input` (--assets) adds a directory or bucket of meshes to the
+    manifest first; `render.*` renders the assets without views; `lift.backbone` must be the
+    backbone the correspondence model was trained on (the root's features/)."""
 
     score: ScoreSection = ScoreSection()
 
@@ -436,7 +436,7 @@ class DemoJob(AssetsJob, RenderJob, LabelJob, TrainJob, FinetuneJob):
         return value
 
 
-class ProjectConfig(AssetsJob, PipelineJob, SweepJob, ScoreJob):
+class ProjectConfig(ScoreJob, PipelineJob, SweepJob):
     """Every section of every command: what a project file may hold."""
 
 

@@ -391,10 +391,14 @@ def query_picture(root: RunRoot, reader: Any, asset: str, function: str,
 def run_score(config: ScoreJob) -> tuple[StageReport, QueryReport | None]:
     """Score every rendered asset the named scores do not hold; then the query, if given."""
     root = RunRoot(config.root, config.storage.options())
-    root.check_reachable(create=False)
+    root.check_reachable(create=bool(config.assets.input))
     check_backbone(root, config)
     models = resolve_models(root, config)
     stage = ScoreStage(config, models)
+    if config.assets.input:   # a directory or bucket of meshes: into the manifest first
+        from rayjobs.assets_job import run_assets_scan
+        run_assets_scan(config.model_copy(update={"job": config.job.model_copy(
+            update={"overwrite": False})}))
     source = read_rendered(root)
     unrendered = len({r["asset_id"] for r in source.manifest} - source.render.by_asset.keys())
     if unrendered and config.score.render:

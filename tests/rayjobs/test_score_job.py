@@ -78,6 +78,17 @@ def test_scores_land_per_asset_and_function_resume_and_answer_a_query(models: st
     assert np.abs(fresh["descriptor"] - points["descriptor"][cached]).max() < 0.02
     assert np.abs(np.nan_to_num(fresh["score_mask"]) -
                   np.nan_to_num(points["score_mask"][cached])).max() < 0.02
+    # a folder of mesh files into an empty root: scanned, rendered, scored in one command
+    meshes = tmp_path / "meshes" / "mug"
+    meshes.mkdir(parents=True)
+    for mesh in sorted((Path(models) / "meshes" / "procedural").glob("*.ply"))[:2]:
+        shutil.copy(mesh, meshes / mesh.name)
+    scanned, _ = run_score(score_config(
+        str(tmp_path / "scanned"), f"score.models=[{models}/runs/train/sm]", "score.name=s3",
+        f"assets.input={tmp_path / 'meshes'}", "score.functions=[pour-with]"))
+    assert (scanned.ok, scanned.failed) == (2, 0)
+    assert len(read_arrays(RunRoot(str(tmp_path / "scanned")),
+                           score_output("s3").commit)["asset_id"]) == 2
     # the same name again: nothing to do
     again, _ = run_score(config)
     assert (again.ok, again.skipped_done) == (0, 8)

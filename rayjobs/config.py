@@ -353,6 +353,10 @@ class ScoreSection(Section):
             raise ValueError(f"{value!r}: give ASSET_ID:FUNCTION")
         return value
 
+    def checkpoint_ref(self) -> str | int:
+        """`checkpoint` as `load_model` takes it: best, last or a step number."""
+        return int(self.checkpoint) if self.checkpoint.isdigit() else self.checkpoint
+
     def fingerprint(self) -> dict[str, Any]:
         """What shapes the rows (not the query, which reads them)."""
         return {f"score.{k}": v for k, v in self.model_dump(

@@ -134,8 +134,7 @@ def fit_actors(config: PipelineJob, stages: Sequence[str]) -> tuple[PipelineJob,
     they would take every CPU of the cluster, the tasks that feed them (render, load) could
     never run. Then their CPU requests are scaled down to leave one CPU to the tasks."""
     total = float(ray.cluster_resources().get("CPU", 0.0))
-    steps = {s: getattr(getattr(config, s).resources, ACTOR_STEPS[s]) for s in stages
-             if s in ACTOR_STEPS}   # (score sizes its own pool)
+    steps = {s: getattr(getattr(config, s).resources, ACTOR_STEPS[s]) for s in stages}
     wanted = sum(step.num_cpus * (step.concurrency or 1) for step in steps.values())
     if len(steps) < 2 or wanted <= total - 1:
         return config, ""

@@ -39,7 +39,7 @@ from operators.store.tables import FEATURE_BLOCKS, LIFT_OUTPUT, StageOutput, Tab
 from rayjobs.config import ScoreJob, StepResources
 from rayjobs.driver import (AssetErrors, JobContext, Plan, StageReport, TaskContext, map_actors,
                             map_tasks, run_stage)
-from rayjobs.streams import RenderedAssetsStage, read_rendered, todo
+from rayjobs.streams import RenderedAssetsStage, read_rendered
 
 POINT_COLUMNS = ("point_index", "xyz", "score", "score_mask", "score_cast", "n_views_seen",
                  "embedding", "descriptor")
@@ -98,8 +98,7 @@ def resolve_models(root: RunRoot, config: ScoreJob) -> Models:
     correspondence = cast = None
     steps: dict[str, int] = {}
     for ref in cfg.models:
-        checkpoint: str | int = int(cfg.checkpoint) if cfg.checkpoint.isdigit() else cfg.checkpoint
-        loaded = load_model(root, ref, checkpoint)
+        loaded = load_model(root, ref, cfg.checkpoint_ref())
         steps[ref] = loaded.step
         if isinstance(loaded, TrainedModel):
             if correspondence is not None:
@@ -115,7 +114,7 @@ def resolve_models(root: RunRoot, config: ScoreJob) -> Models:
     if correspondence is None:
         raise ConfigError("score: a correspondence model is required (--model train/NAME): it "
                           "makes the embeddings and masks")
-    functions = model_functions(correspondence[1], None, cfg.functions)
+    functions = model_functions(correspondence[1], cfg.functions)
     return Models(correspondence[0], cast, steps, functions,
                   int(correspondence[1].model.block_logits.numel()))
 
@@ -132,7 +131,7 @@ class ScoreActor:
         self.task, self.stage, self.models = task, stage, models
         cfg = config.score
         root = task.root()
-        checkpoint: str | int = int(cfg.checkpoint) if cfg.checkpoint.isdigit() else cfg.checkpoint
+        checkpoint = cfg.checkpoint_ref()
         options = config.lift.backbone
         device = resolve_device(options.device)
         correspondence = load_model(root, models.correspondence, checkpoint)
@@ -168,8 +167,7 @@ class ScoreActor:
             return self.scorer.score(ids[i], views, batch["xyz"][i], self.models.functions,
                                      self.seed, grids)
 
-        done = dict(errors.attempt([i for i in range(len(ids)) if todo(batch, self.stage, i)],
-                                   score, asset_of=ids.__getitem__))
+        done = dict(errors.attempt(range(len(ids)), score, asset_of=ids.__getitem__))
         errors.write()
         # one row per asset: its functions' arrays stacked (F, ...)
         rows = []

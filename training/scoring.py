@@ -198,8 +198,7 @@ class AssetScorer:
         return out
 
 
-def model_functions(correspondence: Any, cast: Any | None, asked: Sequence[str] | None
-                    ) -> list[str]:
+def model_functions(correspondence: Any, asked: Sequence[str] | None) -> list[str]:
     """The functions to score: the asked ones (each known to the correspondence model), else
     every function it was trained on."""
     known = list(correspondence.functions)

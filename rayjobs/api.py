@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from rayjobs.config import (AssetsJob, DemoJob, EvalJob, FinetuneJob, LabelJob, LiftJob,
-                            PipelineJob, PretrainJob, RenderJob, ScoreJob, StatusJob, SweepJob,
+from rayjobs.config import (AffordanceClipJob, AssetsJob, DemoJob, EvalJob, FinetuneJob,
+                            LabelJob, LiftJob, PipelineJob, PretrainJob, RenderJob, ScoreJob, StatusJob, SweepJob,
                             TrainJob, load_config)
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ __all__ = ["AssetsJob", "RenderJob", "LabelJob", "LiftJob", "PipelineJob", "Trai
            "PretrainJob", "FinetuneJob", "EvalJob", "DemoJob", "StatusJob", "load_config",
            "assets_make", "assets_scan", "render", "label", "lift", "run", "train", "pretrain",
            "finetune", "sweep", "SweepJob", "evaluate", "ScoreJob", "score", "demo", "status",
-           "migrate"]
+           "migrate", "AffordanceClipJob", "affordanceclip"]
 
 
 def assets_make(config: AssetsJob) -> "StageReport":
@@ -90,6 +90,12 @@ def finetune(config: FinetuneJob) -> "CmatJobReport":
     return run_finetune(config)
 
 
+def affordanceclip(config: AffordanceClipJob) -> "CmatJobReport":
+    """AffordanceCLIP's FPN on referring composites, on Ray Train (`partlift affordanceclip`)."""
+    from rayjobs.affordanceclip_job import run_affordanceclip
+    return run_affordanceclip(config)
+
+
 def sweep(config: SweepJob) -> "SweepReport":
     """A Ray Tune search over a learning job's settings (`partlift sweep`); the same name
     resumes an unfinished sweep."""
@@ -98,10 +104,12 @@ def sweep(config: SweepJob) -> "SweepReport":
 
 
 def evaluate(config: EvalJob, models: list[str], benchmark: str = "dfc", name: str | None = None,
-             checkpoint: str = "best") -> "EvalReport":
-    """A benchmark on trained models and the baselines (`partlift eval`)."""
+             checkpoint: str = "best", data: str | None = None) -> "EvalReport":
+    """A benchmark on trained models and the baselines (`partlift eval`); `data` = the
+    dataset directory or "procedural" for soco, instructpart, agd20k."""
     from rayjobs.eval_job import run_eval
-    return run_eval(config, models, benchmark=benchmark, name=name, checkpoint=checkpoint)
+    return run_eval(config, models, benchmark=benchmark, name=name, checkpoint=checkpoint,
+                    data=data)
 
 
 def score(config: ScoreJob) -> tuple["StageReport", "QueryReport | None"]:

@@ -305,6 +305,37 @@ def finetune(name: str | None, init: str | None, preset: str | None, workers: in
 
 @main.command()
 @click.option("--name", default=None,
+              help="Run name: the run is <root>/runs/affordanceclip/NAME/ and the model "
+                   "affordanceclip/NAME; the same name again resumes [default: "
+                   "aclip-<time>-<config hash>].")
+@click.option("--clip", default=None,
+              help="clip-random-tiny (NOT pretrained: a code-path check) or a local directory "
+                   "of a transformers CLIPModel + tokenizer [default: clip-random-tiny].")
+@click.option("--workers", type=int, default=None, help="Ray Train workers (DDP ranks) [default: 1].")
+@common_options
+@report_user_errors
+def affordanceclip(name: str | None, clip: str | None, workers: int | None,
+                   **common: Any) -> None:
+    """Train AffordanceCLIP's FPN (frozen CLIP; affordanceclip.txt) on Ray Train (DDP): pixel-text
+    alignment on object-level referring composites of the root's rendered assets ("the red mug
+    on the left" -> that object's pixels; part and function words never appear), so its heat
+    maps for action prompts are zero-shot on parts (`partlift eval --benchmark agd20k`, and the
+    `affordanceclip` grounding backend of `partlift label`).
+
+    Reads views/ (rgb, mask) and the manifest. Writes <root>/runs/affordanceclip/NAME/:
+    run.json, metrics.jsonl, checkpoint_*/, best/ (best validation mask IoU), tensorboard/.
+    Settings (affordanceclip.*): clip, image_size [64, tiny CLIP], steps [60], batch_size [8],
+    checkpoint_every [20], warmup_steps [5], lr [1e-3], weight_decay [0.01], composite_size
+    [128 px], balanced [false], val_samples [32], num_workers, use_gpu, seed; data.*:
+    val_fraction, holdout_categories, split_seed.
+    """
+    config = build_config("affordanceclip", **common, job__name=name,
+                          affordanceclip__clip=clip, affordanceclip__num_workers=workers)
+    api.affordanceclip(config)
+
+
+@main.command()
+@click.option("--name", default=None,
               help="Sweep name (required): <root>/runs/sweep/NAME/; the same name resumes an "
                    "unfinished sweep and shows a finished one's results.")
 @common_options
@@ -368,9 +399,20 @@ def score(models: tuple[str, ...], name: str | None, functions: str | None, quer
                    "LABEL=... to name its row (e.g. full=train/dfc-01); repeatable; chance and "
                    "raw features are always evaluated.")
 @click.option("--benchmark", default="dfc", show_default=True,
-              type=click.Choice(["dfc", "affordance"]),
+              type=click.Choice(["dfc", "affordance", "soco", "instructpart", "agd20k"]),
               help="Benchmark protocol: dfc (train/ models) or affordance (finetune/ models: "
-                   "aIoU, AUC, SIM, MAE per point, text / image / both prompts).")
+                   "aIoU, AUC, SIM, MAE per point, text / image / both prompts) on the root's "
+                   "assets; soco (keypoint PCK@0.1: CC, SOC, Cross-SOC), instructpart (TRPS / "
+                   "ORPS masks: gIoU, cIoU, P@50, P@50:95), agd20k (affordance heat maps: KLD, "
+                   "SIM, NSS) on --data.")
+@click.option("--data", default=None,
+              help="soco / instructpart / agd20k: the dataset's directory in its public layout "
+                   "(README) or `procedural` (a stand-in rendered from procedural assets, "
+                   "written under <root>/eval/data/).")
+@click.option("--backbone", default=None,
+              help="Image backbone of the raw-feature rows (registry name, sets "
+                   "lift.backbone.name) [default: a model's own backbone, else "
+                   "dinov2-random-tiny].")
 @click.option("--checkpoint", default="best", show_default=True,
               help="Which weights of each model: best (validation PCK@10), last, or a step.")
 @click.option("--name", default=None,
@@ -382,8 +424,9 @@ def score(models: tuple[str, ...], name: str | None, functions: str | None, quer
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override one config value, e.g. --set eval.pairs=96 (repeatable).")
 @report_user_errors
-def eval_cmd(models: tuple[str, ...], benchmark: str, checkpoint: str, name: str | None,
-             root: str | None, configs: tuple[str, ...], overrides: tuple[str, ...]) -> None:
+def eval_cmd(models: tuple[str, ...], benchmark: str, data: str | None, backbone: str | None,
+             checkpoint: str, name: str | None, root: str | None, configs: tuple[str, ...],
+             overrides: tuple[str, ...]) -> None:
     """Evaluate correspondence models on the DFC protocol (5.1, B.1): label transfer (PCK@23/15/10,
     normalized distance) and discovery (best F1 and AP at 23/15/10/5 px) on pairs of the
     models' validation assets (and held-out categories), against chance and raw backbone
@@ -391,8 +434,11 @@ def eval_cmd(models: tuple[str, ...], benchmark: str, checkpoint: str, name: str
     Settings (eval.*): pairs [48], max_gt_points [1000; the paper 10,000], pixel_stride [2],
     seed [0]. Runs in this process (no Ray).
     """
+    if backbone is not None:
+        overrides = (*overrides, f"lift.backbone.name={backbone}")
     config = load_config(configs, overrides, model=JOB_MODELS["eval"], root=root)
-    api.evaluate(config, list(models), benchmark=benchmark, name=name, checkpoint=checkpoint)
+    api.evaluate(config, list(models), benchmark=benchmark, name=name, checkpoint=checkpoint,
+                 data=data)
 
 
 @main.group()

@@ -27,7 +27,8 @@ from operators.models.registry import GROUNDING_BACKENDS, BackboneOptions, groun
 from operators.settings import ConfigError, LabelSettings, ReadLimits, RenderSettings, Section
 from operators.store.records import REDACTED, redact, redact_url
 from operators.store.storage import StorageOptions
-from training.config import CastSection, DataSection, EvalSection, PretrainSection, TrainSection
+from training.config import (AffordanceClipSection, Agd20kSection, CastSection, DataSection, EvalSection, InstructPartSection,
+                             PretrainSection, SocoSection, TrainSection)
 from tuning.space import SweepSection, TrackingSection
 
 DEFAULT_ROOT = "./partlift-data"
@@ -404,9 +405,24 @@ class SweepJob(FinetuneJob, TrainJob):
     tracking: TrackingSection = TrackingSection()
 
 
-class EvalJob(JobBase):
+class AffordanceClipJob(JobBase):
+    """`partlift affordanceclip`: AffordanceCLIP's FPN on referring composites of the root's
+    rendered assets (data.* splits them)."""
+
+    data: DataSection = DataSection()
+    affordanceclip: AffordanceClipSection = AffordanceClipSection()
+
+
+class EvalJob(LabelJob, LiftJob):
+    """`partlift eval`: `lift.backbone` = the backbone of the raw-feature rows (and of a model's
+    features, which must be the one it was trained on); `label.backend` = the grounding backend
+    InstructPart's box rows use."""
+
     data: DataSection = DataSection()
     eval: EvalSection = EvalSection()
+    soco: SocoSection = SocoSection()
+    instructpart: InstructPartSection = InstructPartSection()
+    agd20k: Agd20kSection = Agd20kSection()
 
 
 DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -426,6 +442,10 @@ class DemoJob(AssetsJob, RenderJob, LabelJob, TrainJob, FinetuneJob):
     train: TrainSection = TrainSection(**DEMO_DEFAULTS["train"])
     pretrain: PretrainSection = PretrainSection(**DEMO_DEFAULTS["pretrain"])
     cast: CastSection = CastSection(**DEMO_DEFAULTS["cast"])
+    soco: SocoSection = SocoSection()
+    instructpart: InstructPartSection = InstructPartSection()
+    agd20k: Agd20kSection = Agd20kSection()
+    affordanceclip: AffordanceClipSection = AffordanceClipSection()
 
     @model_validator(mode="before")
     @classmethod
@@ -443,11 +463,17 @@ class DemoJob(AssetsJob, RenderJob, LabelJob, TrainJob, FinetuneJob):
 class ProjectConfig(ScoreJob, PipelineJob, SweepJob):
     """Every section of every command: what a project file may hold."""
 
+    soco: SocoSection = SocoSection()
+    instructpart: InstructPartSection = InstructPartSection()
+    agd20k: Agd20kSection = Agd20kSection()
+    affordanceclip: AffordanceClipSection = AffordanceClipSection()
+
 
 JOB_MODELS: dict[str, type[Section]] = {
     "assets": AssetsJob, "render": RenderJob, "label": LabelJob, "lift": LiftJob,
     "run": PipelineJob, "train": TrainJob, "pretrain": PretrainJob, "finetune": FinetuneJob,
     "sweep": SweepJob, "eval": EvalJob, "demo": DemoJob, "score": ScoreJob,
+    "affordanceclip": AffordanceClipJob,
     "status": StatusJob}
 
 

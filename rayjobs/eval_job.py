@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,8 @@ from training.evaluation import (Describe, EvalPair, PairFeatures, chance_descri
 from training.runs import default_run_name, load_model
 from training.splits import assign_splits
 
-BENCHMARKS = ("dfc", "affordance")
+BENCHMARKS = ("dfc", "affordance", "soco", "instructpart", "agd20k")
+DATA_BENCHMARKS = ("soco", "instructpart", "agd20k")  # read --data (a path or `procedural`)
 MODEL_KINDS = {"dfc": "dense-correspondence", "affordance": "cast"}
 RUN_KINDS = {"dfc": "train/NAME", "affordance": "finetune/NAME"}
 PICTURE_PAIRS = 3
@@ -70,10 +72,14 @@ def split_label(given: str) -> tuple[str | None, str]:
 
 
 def run_eval(config: EvalJob, models: list[str], benchmark: str = "dfc", name: str | None = None,
-             checkpoint: str = "best") -> EvalReport:
+             checkpoint: str = "best", data: str | None = None) -> Any:
     if benchmark not in BENCHMARKS:
-        raise ConfigError(f"eval: unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}"
-                          " (SOCO, InstructPart, AGD20K come with later versions)")
+        raise ConfigError(f"eval: unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
+    if data is not None and benchmark not in DATA_BENCHMARKS:
+        raise ConfigError(f"eval: --data is for {', '.join(DATA_BENCHMARKS)}; --benchmark "
+                          f"{benchmark} reads the root's own assets")
+    if benchmark in DATA_BENCHMARKS:
+        return run_data_benchmark(config, models, benchmark, name, checkpoint, data)
     if benchmark == "affordance" and not models:
         raise ConfigError("eval: --benchmark affordance scores CAST models: give --model "
                           "finetune/NAME")
@@ -165,6 +171,27 @@ def run_eval(config: EvalJob, models: list[str], benchmark: str = "dfc", name: s
           f"pairs.png: {last})\n")
     print(table)
     return report
+
+
+def run_data_benchmark(config: EvalJob, models: list[str], benchmark: str, name: str | None,
+                       checkpoint: str, data: str | None) -> Any:
+    """SOCO, InstructPart, AGD20K on public data or their procedural stand-ins."""
+    from rayjobs import benchmark_eval
+    if data is None:
+        raise ConfigError(f"eval: --benchmark {benchmark} needs --data: the dataset's directory "
+                          "(its public layout, see the README) or `procedural` (a stand-in "
+                          "made from procedural assets)")
+    if checkpoint not in ("best", "last") and not str(checkpoint).isdigit():
+        raise ConfigError(f"eval: --checkpoint {checkpoint!r}: expected best, last or a step")
+    if data != "procedural" and not Path(data).expanduser().is_dir():
+        raise ConfigError(f"eval: --data {data}: no such directory (a local copy of the "
+                          f"{benchmark} data, or `procedural`)")
+    tic = time.perf_counter()
+    root = RunRoot(config.root, config.storage.options())
+    root.check_reachable(create=not models)
+    run = {"soco": benchmark_eval.run_soco, "instructpart": benchmark_eval.run_instructpart,
+           "agd20k": benchmark_eval.run_agd20k}[benchmark]
+    return run(config, root, data, models, checkpoint, name, tic)
 
 
 def run_affordance(config: EvalJob, root: RunRoot, models: list[str], trained: dict[str, Any],

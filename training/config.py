@@ -111,6 +111,29 @@ class EvalSection(Section):
     seed: int = Field(0, ge=0, description="seed of the evaluation pairs and of the chance baseline")
 
 
+class SocoSection(Section):
+    """SOCO keypoint correspondence (`partlift eval --benchmark soco`)."""
+
+    alpha: float = Field(0.1, gt=0, description="PCK radius = alpha x max(w, h) of the target's box (the paper: 0.1)")
+    image_size: int = Field(224, ge=14, description="images resized so their longer side has this many pixels before the backbone (the paper: 800)")
+    search_stride: int = Field(2, ge=1, description="the target is searched at every n-th pixel centre of the resized image")
+    pairs_per_group: int | None = Field(None, ge=1, description="at most this many pairs per category / category pair (None: all)")
+    standin_assets: int = Field(3, ge=2, description="--data procedural: fresh assets per category")
+    standin_views: int = Field(6, ge=1, description="--data procedural: rendered views per asset")
+    standin_pairs: int = Field(4, ge=1, description="--data procedural: pairs per category (intra) and per category pair sharing a function (cross)")
+    categories: list[str] = Field([], description="--data procedural: categories (default: every procedural one)")
+
+
+class InstructPartSection(Section):
+    """InstructPart instruction -> part segmentation (`partlift eval --benchmark instructpart`)."""
+
+    split: str = Field("test", min_length=1, description="the release's split folder (test, all, train/train1800, ...)")
+    instruction: Literal["human", "gpt"] = Field("human", description="TRPS instruction: human-written (instruction[0]) or GPT-4 rewritten ([1])")
+    limit: int | None = Field(None, ge=1, description="at most this many (image, part) samples (None: all)")
+    standin_assets: int = Field(2, ge=1, description="--data procedural: fresh assets per category")
+    categories: list[str] = Field([], description="--data procedural: categories (default: every procedural one)")
+
+
 # ------------------------------------------------------------------ CMAT pretraining and CAST
 
 # Encoder shapes (training.pointmae.PRESETS) plus the batch and schedule each preset trains
@@ -253,3 +276,30 @@ class CastSection(RunScaling):
         if self.lambda_focal == 0 and self.lambda_dice == 0:
             raise ValueError("cast.lambda_focal and cast.lambda_dice are both 0")
         return self
+
+
+class AffordanceClipSection(RunScaling):
+    """AffordanceCLIP (affordanceclip.txt): a frozen CLIP + FPN trained on object-level
+    referring composites of the root's rendered assets (`partlift affordanceclip`)."""
+
+    clip: str = Field("clip-random-tiny", description="clip-random-tiny (a tiny CLIP from a config, NOT pretrained: a code-path check) or a local directory of a transformers CLIPModel + tokenizer (e.g. openai/clip-vit-base-patch16 saved with save_pretrained)")
+    image_size: int = Field(64, ge=32, description="the tiny CLIP's input size, pixels (a real CLIP uses its own)")
+    steps: int = Field(60, ge=1, description="optimizer steps in all")
+    batch_size: int = Field(8, ge=1, description="composites per rank and step")
+    checkpoint_every: int = Field(20, ge=1, description="steps between checkpoints and validations")
+    warmup_steps: int = Field(5, ge=0, description="linear warm-up steps before the cosine decay")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the FPN and the logit scale/bias (the paper: 1e-4 at batch 64 on real CLIP)")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    composite_size: int = Field(128, ge=32, description="composite images, pixels (square)")
+    balanced: bool = Field(False, description="weigh mask and background pixels one half each in the loss (the paper: plain per-pixel mean)")
+    val_samples: int = Field(32, ge=1, description="fixed validation composites of validation assets, scored by mask IoU at each checkpoint")
+
+
+class Agd20kSection(Section):
+    """AGD20K-style affordance heat maps (`partlift eval --benchmark agd20k`)."""
+
+    split: str = Field("Seen", min_length=1, description="AGD20K's setting folder: Seen or Unseen (its testset/ is read)")
+    limit: int | None = Field(None, ge=1, description="at most this many (image, affordance) samples (None: all)")
+    standin_assets: int = Field(2, ge=1, description="--data procedural: fresh assets per category")
+    categories: list[str] = Field([], description="--data procedural: categories (default: every procedural one)")
+    sigma: float = Field(6.0, gt=0, description="--data procedural: Gaussian blur of the part masks into ground-truth heat maps, pixels at 224")

@@ -38,7 +38,7 @@ from operators.store.ids import validate_id
 from operators.store.storage import RunRoot
 from training.model import DenseCorrespondenceModel
 
-RUN_KINDS = ("train", "pretrain", "finetune", "sweep")
+RUN_KINDS = ("train", "pretrain", "finetune", "sweep", "affordanceclip")
 RUN_RECORD = "run.json"
 TEXT_FILE = "text.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -195,6 +195,9 @@ def build_model(record: dict[str, Any]) -> torch.nn.Module:
     if kind == "cast":
         from training.cmat import build_cast
         return build_cast(record)
+    if kind == "affordanceclip":
+        from training.affordanceclip_train import build_affordanceclip
+        return build_affordanceclip(record["clip"])
     raise ConfigError(f"run {record.get('name')}: unknown model kind {kind!r}")
 
 
@@ -246,6 +249,9 @@ def load_model(root: RunRoot, ref: str, checkpoint: str | int = "best") -> Any:
     kind = record.get("model_kind", "dense-correspondence")
     if kind == "pointmae":
         return TrainedEncoder(model, record, step, display)
+    if kind == "affordanceclip":
+        from training.affordanceclip_train import TrainedAffordanceClip
+        return TrainedAffordanceClip(model, record, step, display)  # type: ignore[arg-type]
     if kind == "cast":
         from training.cmat import PROMPTS_FILE, trained_cast
         return trained_cast(model, record, step, display,

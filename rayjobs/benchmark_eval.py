@@ -341,3 +341,91 @@ def parts_picture(samples: list[Any], masks: dict[str, list[np.ndarray]]) -> byt
     out = io.BytesIO()
     sheet.save(out, format="PNG")
     return out.getvalue()
+
+
+# ----------------------------------------------------------------------------------- AGD20K
+
+
+def run_agd20k(config: EvalJob, root: RunRoot, data: str, models: list[str], checkpoint: str,
+               name: str | None, tic: float) -> BenchmarkReport:
+    from operators.benchmarks.agd20k import StandinSettings, load_samples, write_standin
+    from rayjobs.eval_job import split_label
+    from training.affordanceclip_train import TrainedAffordanceClip
+    from training.agd20k_eval import (affordanceclip_predictor, centre_predictor,
+                                      evaluate_heatmaps, markdown_table, uniform_predictor)
+    from training.runs import load_model
+    cfg = config.agd20k
+    predictors: dict[str, Any] = {"uniform": uniform_predictor(),
+                                  "centre prior": centre_predictor()}
+    steps = {}
+    for given in models:
+        label, ref = split_label(given)
+        model = load_model(root, ref, checkpoint if checkpoint in ("best", "last")
+                           else int(checkpoint))
+        if not isinstance(model, TrainedAffordanceClip):
+            raise ConfigError(f"eval: --model {ref} is not an AffordanceCLIP run "
+                              "(affordanceclip/NAME): --benchmark agd20k scores heat maps")
+        clip = model.record["clip"]
+        label = label or (f"{model.record['name']} (AffordanceCLIP, "
+                          + ("pretrained CLIP)" if clip.get("pretrained")
+                             else "random-tiny CLIP: NOT pretrained)"))
+        if label in predictors:
+            raise ConfigError(f"eval: two rows would be named {label!r}: --model LABEL=KIND/NAME")
+        predictors[label] = affordanceclip_predictor(model.model)
+        steps[label] = model.step
+    if data == "procedural":
+        settings = StandinSettings(categories=tuple(cfg.categories),
+                                   assets_per_category=cfg.standin_assets, sigma=cfg.sigma,
+                                   seed=config.eval.seed)
+        folder = _standin(root, "agd20k", settings,
+                          lambda out, s: write_standin(out, s, split=cfg.split))
+    else:
+        folder = Path(data).expanduser()
+    samples = load_samples(folder, cfg.split, cfg.limit)
+    if not samples:
+        raise ConfigError(f"eval: {folder}/{cfg.split}/testset holds no AGD20K samples")
+    print(f"eval: agd20k on {len(samples)} samples from {folder}/{cfg.split}, "
+          f"{len(predictors)} predictors")
+    results = {}
+    for label, predictor in predictors.items():
+        results[label] = evaluate_heatmaps(predictor, samples, keep=PICTURE_ROWS)
+        m = results[label].metrics
+        print(f"eval: {label}: KLD {m['KLD']:.3f}, SIM {m['SIM']:.3f}, NSS {m['NSS']:.3f}")
+    table = markdown_table(results, cfg.split)
+    name = name or default_run_name("agd20k", {"models": models, "data": data,
+                                               "agd20k": cfg.model_dump()})
+    record = {"benchmark": "agd20k", "data": str(folder), "models": models,
+              "checkpoint": checkpoint, "steps": steps, "agd20k": cfg.model_dump(),
+              "samples": len(samples),
+              "results": {n: r.metrics for n, r in results.items()},
+              "notes": {"metrics": "KLD / SIM / NSS as AGD20K's evaluation code normalises "
+                                   "them (operators.metrics.affordance); NSS skips flat maps",
+                        "prompts": "the affordance folder name, _ as a space"}}
+    last = list(results)[-1]
+    picture = heat_picture(samples[:PICTURE_ROWS], results[last].maps)
+    return _write(root, "agd20k", name, record, table, picture, "heatmaps.png", tic)
+
+
+def heat_picture(samples: list[Any], maps: list[np.ndarray]) -> bytes:
+    """Per sample: the image, the ground-truth heat map and the prediction (red overlays)."""
+    from operators.benchmarks.agd20k import read_heatmap
+    from training.agd20k_eval import read_image
+    size = 224
+    sheet = Image.new("RGB", (3 * size, max(1, len(samples)) * size), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, (sample, heat) in enumerate(zip(samples, maps)):
+        image = read_image(sample.image)
+        truth = read_heatmap(sample.gt, image.shape[:2])
+        for column, overlay in enumerate((None, truth, heat / max(float(heat.max()), 1e-9))):
+            shown = image.astype(np.float64)
+            if overlay is not None:
+                shown = 0.5 * shown + 0.5 * overlay[..., None] * np.array([255.0, 30, 30])
+            picture = Image.fromarray(shown.clip(0, 255).astype(np.uint8))
+            scale = size / max(picture.size)
+            sheet.paste(picture.resize((round(picture.size[0] * scale),
+                                        round(picture.size[1] * scale))),
+                        (column * size, row * size))
+        draw.text((4, row * size + 2), f"{sample.object}: {sample.prompt}", fill=(0, 0, 0))
+    out = io.BytesIO()
+    sheet.save(out, format="PNG")
+    return out.getvalue()

@@ -257,7 +257,7 @@ class AffordanceCLIP(nn.Module):
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 (B, H, W, 3), got {images.dtype} {images.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        x = torch.from_numpy(np.array(images, copy=True)).to(self.device)  # owned, writable
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         size = (self.image_size, self.image_size)
         if tuple(x.shape[-2:]) != size:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from operators.models.registry import BackboneOptions
+from training import affordanceclip_backend  # noqa: F401 - registers the `affordanceclip` backend
 from operators.settings import Section
 
 # Per rank and step (N workers train on N times the pairs a step). paper = the released code (50 + 50 pairs, 128 points per image and sign,

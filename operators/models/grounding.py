@@ -476,3 +476,33 @@ class OracleBackend:
             raise ValueError(f"oracle backend: images {images.shape[:3]}, {len(prompts)} prompts and "
                              f"face_id {face_id.shape} must describe the same views")
         return oracle_boxes(face_id, face_part, part_indices, self.noise, self.seed, trial, view_ids)
+
+
+def heat_boxes(heat: np.ndarray, levels: Sequence[float] = (0.25, 0.5, 0.75),
+               min_pixels: int = 4) -> list[Box]:
+    """A heat map (H, W) >= 0 as boxes for the box-vote aggregation: at each level (a fraction
+    of the map's maximum), the bounding box of every connected region above it, scored by the
+    region's mean heat. Nested level sets stack, so the votes a pixel gets count the levels it
+    clears: the map quantised to len(levels) steps, through the same aggregation as any box
+    backend. A flat or empty map gives no box."""
+    from scipy.ndimage import find_objects, label
+    heat = np.asarray(heat, np.float64)
+    if heat.ndim != 2:
+        raise ValueError(f"heat_boxes: heat must be (H, W), got {heat.shape}")
+    peak, floor = float(heat.max(initial=0.0)), float(heat.min(initial=0.0))
+    if not np.isfinite(peak) or peak <= floor:
+        return []
+    boxes = []
+    for level in levels:
+        above = heat >= floor + level * (peak - floor)
+        regions, _ = label(above)
+        for index, found in enumerate(find_objects(regions), start=1):
+            if found is None:
+                continue
+            inside = regions[found] == index
+            if inside.sum() < min_pixels:
+                continue
+            rows, cols = found
+            boxes.append(Box(cols.start, rows.start, cols.stop, rows.stop,
+                             float(heat[found][inside].mean())))
+    return boxes

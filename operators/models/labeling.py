@@ -102,7 +102,10 @@ def ground_asset(backend: GroundingBackend, rgb: np.ndarray, prompts: Sequence[P
     out: list[BoxesPerView] = []
     n_views = rgb.shape[0]
     for prompt in prompts:
-        text = format_prompt(settings.template, prompt.part, prompt.description)
+        # heat-map backends that are queried with actions (AffordanceCLIP) get the function
+        text = (prompt.function.replace("-", " ")
+                if getattr(backend, "prompt_from_function", False)
+                else format_prompt(settings.template, prompt.part, prompt.description))
         per_view: BoxesPerView = [[] for _ in range(n_views)]
         for trial in range(settings.trials):
             boxes = _ground(backend, rgb, text, trial, prompt, truth)

@@ -79,3 +79,14 @@ def dfc_root(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> str
     run_label(config)
     run_lift(config)
     return uri
+
+
+@pytest.fixture(scope="session")
+def mask_model(dfc_root: str) -> str:
+    """`train/sm` on the shared root: a small correspondence run with a mask head (scoring and
+    the InstructPart / SOCO benchmarks read it)."""
+    from rayjobs.config import TrainJob, load_config
+    from rayjobs.train_job import run_train
+    run_train(load_config((), [*DFC_TRAIN_SETTINGS, "train.mask_head=true", "job.name=sm"],
+                          root=dfc_root, model=TrainJob))
+    return "train/sm"

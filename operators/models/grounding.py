@@ -489,7 +489,9 @@ def heat_boxes(heat: np.ndarray, levels: Sequence[float] = (0.25, 0.5, 0.75),
     heat = np.asarray(heat, np.float64)
     if heat.ndim != 2:
         raise ValueError(f"heat_boxes: heat must be (H, W), got {heat.shape}")
-    peak, floor = float(heat.max(initial=0.0)), float(heat.min(initial=0.0))
+    if not heat.size:
+        return []
+    peak, floor = float(heat.max()), float(heat.min())
     if not np.isfinite(peak) or peak <= floor:
         return []
     boxes = []

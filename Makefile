@@ -55,6 +55,7 @@ bench: install
 	$(PY) benchmarks/bench_cmat.py
 	$(PY) benchmarks/bench_sweep.py
 	$(PY) benchmarks/bench_score.py
+	$(PY) benchmarks/bench_benchmarks.py
 
 clean-data:
 	rm -rf partlift-data

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,31 +38,44 @@ class BenchmarkReport:
     seconds: float
 
 
-def _data_dir(root: RunRoot, benchmark: str, settings: dict[str, Any]) -> tuple[Path, bool]:
-    """Where the stand-in goes: one folder per settings (reused), under a local root."""
-    folder = f"{benchmark}-procedural-{settings_hash(settings)}"
-    if root.uri.startswith("/"):
-        return Path(root.uri) / "eval" / "data" / folder, True
-    return Path(tempfile.mkdtemp(prefix=f"partlift-{folder}-")), False
+# Bumped when a stand-in generator changes what it writes: older stand-ins are not reused.
+STANDIN_VERSION = 1
 
 
-def _standin(root: RunRoot, benchmark: str, settings: Any, write: Any) -> Path:
+def _standin(root: RunRoot, benchmark: str, settings: Any, write: Any, split: str,
+             scratch: Path) -> Path:
+    """The stand-in of these settings: written once under a local root's eval/data/ (reused
+    after), or into `scratch` (removed after the run) for a remote root."""
     from dataclasses import asdict
-    out, keep = _data_dir(root, benchmark, asdict(settings))
+    key = {**asdict(settings), "split": split, "version": STANDIN_VERSION}
+    folder = f"{benchmark}-procedural-{settings_hash(key)}"
+    keep = root.uri.startswith("/")
+    out = Path(root.uri) / "eval" / "data" / folder if keep else scratch / folder
     done = out / "_complete.json"
     if not done.exists():
         print(f"eval: writing the procedural {benchmark} stand-in to {out}")
         summary = write(out, settings)
-        done.write_text(json.dumps({"settings": asdict(settings), "summary": str(summary)}))
-    elif keep:
+        done.write_text(json.dumps({"settings": key, "summary": str(summary)}))
+    else:
         print(f"eval: the procedural {benchmark} stand-in at {out} (made before)")
     return out
 
 
+def _check_data_settings(section: Any, prefix: str, data: str) -> None:
+    """Stand-in settings with real data would be ignored: refuse them, naming them."""
+    given = sorted(k for k in section.model_fields_set
+                   if k.startswith("standin_") or k == "sigma")
+    if data != "procedural" and given:
+        raise ConfigError(f"eval: {', '.join(f'{prefix}.{k}' for k in given)} shape(s) the "
+                          f"procedural stand-in; with --data {data} they do nothing: drop them")
+
+
 def _model_backbone(config: EvalJob, trained: dict[str, Any]) -> EvalJob:
-    """The lift.backbone a model's features need: adopted when the command gives none,
-    refused (naming the keys) when it gives another."""
+    """The lift.backbone a model's features need: its name and stride are adopted unless the
+    command gives them; given ones that differ (or weights other than the model's) are refused,
+    naming the keys. `lift.backbone.model_path` says where the weights are."""
     wanted: dict[str, Any] = {}
+    weights: Any = None
     for label, model in trained.items():
         settings = model.record["fingerprints"].get("lift", {}).get("settings", {})
         got = {k: v for k, v in settings.items() if k in ("lift.backbone.name",
@@ -71,23 +83,26 @@ def _model_backbone(config: EvalJob, trained: dict[str, Any]) -> EvalJob:
         if wanted and got != wanted:
             raise ConfigError(f"eval: the models were trained on different backbones ({wanted} "
                               f"vs {label}: {got}); evaluate them separately")
-        wanted = got
+        wanted, weights = got, settings.get("lift.backbone.weights")
     if not wanted:
         return config
     given = config.lift.backbone
-    if "backbone" not in config.lift.model_fields_set:
-        stride = wanted.get("lift.backbone.stride")
-        backbone = given.model_copy(update={"name": wanted["lift.backbone.name"],
-                                            "stride": stride})
-        return config.model_copy(update={"lift": config.lift.model_copy(
-            update={"backbone": backbone})})
-    asked = given.fingerprint("lift.backbone")
+    explicit = given.model_fields_set if "backbone" in config.lift.model_fields_set else set()
+    adopt = {key.rsplit(".", 1)[1]: value for key, value in wanted.items()
+             if key.rsplit(".", 1)[1] not in explicit}
+    backbone = given.model_copy(update=adopt)
+    asked = backbone.fingerprint("lift.backbone")
     differ = sorted(k for k in wanted if asked.get(k) != wanted[k])
+    if weights is not None and asked.get("lift.backbone.weights") != weights:
+        differ.append("lift.backbone.weights")  # e.g. no model_path: other (or no) weights
     if differ:
         raise ConfigError("eval: the models were trained on features of " + ", ".join(
-            f"{k}={wanted[k]!r}" for k in differ) + f"; this command loads {given.name}: drop "
-            "--backbone (the models' backbone is used) or evaluate the models separately")
-    return config
+            f"{k}={wanted.get(k, weights)!r}" for k in differ) + "; this command gives "
+            + ", ".join(f"{k}={asked.get(k)!r}" for k in differ)
+            + ": drop those settings (the models' backbone is used) or evaluate the models "
+            "separately")
+    return config.model_copy(update={"lift": config.lift.model_copy(
+        update={"backbone": backbone})})
 
 
 def _blocks_function(config: EvalJob, n_blocks: int) -> Any:
@@ -132,8 +147,9 @@ def _write(root: RunRoot, benchmark: str, name: str, record: dict[str, Any], tab
     root.write_bytes(f"{where}/table.md", table.encode())
     root.write_bytes(f"{where}/{picture_name}", picture)
     seconds = time.perf_counter() - tic
+    kept = [f for f in ("predictions.json", "predictions.npz") if root.exists(f"{where}/{f}")]
     print(f"\neval finished in {seconds:.1f} s: {root.display(where)}/ (metrics.json, table.md, "
-          f"{picture_name})\n")
+          f"{', '.join([picture_name, *kept])})\n")
     print(table)
     return BenchmarkReport(name, root.display(where), record["results"], table, seconds)
 
@@ -142,12 +158,14 @@ def _write(root: RunRoot, benchmark: str, name: str, record: dict[str, Any], tab
 
 
 def run_soco(config: EvalJob, root: RunRoot, data: str, models: list[str], checkpoint: str,
-             name: str | None, tic: float) -> BenchmarkReport:
+             name: str | None, tic: float, scratch: Path) -> BenchmarkReport:
     from operators.benchmarks.soco import concept_functions, load_pairs, load_taxonomy
     from operators.benchmarks.soco_standin import StandinSettings, write_standin
     from training.evaluation import chance_describer, model_describer, raw_describer
+    from operators.benchmarks.soco import TASK_PAIRS
     from training.soco_eval import FeatureCache, Predictor, evaluate_soco, markdown_table
     cfg = config.soco
+    _check_data_settings(cfg, "soco", data)
     trained = _load_models(root, models, checkpoint, need_mask=False)
     config = _model_backbone(config, trained)
     if data == "procedural":
@@ -156,11 +174,14 @@ def run_soco(config: EvalJob, root: RunRoot, data: str, models: list[str], check
                                    assets_per_category=cfg.standin_assets,
                                    views=cfg.standin_views, pairs_per_group=cfg.standin_pairs,
                                    seed=config.eval.seed)
-        folder = _standin(root, "soco", settings, write_standin)
+        folder = _standin(root, "soco", settings, write_standin, "intra+cross", scratch)
     else:
         folder = Path(data).expanduser()
     pairs = {t: load_pairs(folder, t, cfg.pairs_per_group) for t in ("intra", "cross")
              if (folder / "PairAnnotations" / t).is_dir()}
+    if cfg.categories:  # both images' categories among them
+        pairs = {t: [p for p in found if {p.source.category, p.target.category}
+                     <= set(cfg.categories)] for t, found in pairs.items()}
     if not any(pairs.values()):
         raise ConfigError(f"eval: {folder} holds no SOCO pairs (PairAnnotations/intra or cross "
                           "is empty or missing)")
@@ -176,11 +197,8 @@ def run_soco(config: EvalJob, root: RunRoot, data: str, models: list[str], check
         predictors[label] = Predictor(model_describer(model.model, model.text_of), raw, mapping)
     print("eval: soco on " + ", ".join(f"{len(v)} {k} pairs" for k, v in pairs.items())
           + f" from {folder}, {len(predictors)} predictors")
-    results = {}
-    for label, predictor in predictors.items():
-        results[label] = evaluate_soco(predictor, pairs, features, cfg.alpha,
-                                       cfg.search_stride,
-                                       progress=lambda line, n=label: print(f"eval: {n}: {line}"))
+    results = evaluate_soco(predictors, pairs, features, cfg.alpha, cfg.search_stride,
+                            progress=lambda line: print(f"eval: {line}"))
     table = markdown_table(results, cfg.alpha)
     name = name or default_run_name("soco", {"models": models, "data": data,
                                              "soco": cfg.model_dump()})
@@ -194,14 +212,20 @@ def run_soco(config: EvalJob, root: RunRoot, data: str, models: list[str], check
                                "overall = mean of per-category means; strict < radius",
                         "conditioned": "share of keypoints whose concept maps to a function "
                                        "the model knows (the rest use raw features)"}}
+    predictions = {n: {task: {str(pair.path.relative_to(folder)): guess.round(2).tolist()
+                              for pair, guess in zip(pairs[TASK_PAIRS[task]], found)}
+                       for task, found in r.predictions.items()} for n, r in results.items()}
+    root.write_bytes(f"eval/soco/{name}/predictions.json",
+                     json.dumps(predictions, indent=0).encode())
     intra = pairs.get("intra") or pairs.get("cross") or []
     task = "SOC" if pairs.get("intra") else "Cross-SOC"
     picture = soco_picture(intra[:PICTURE_ROWS], results[last].predictions[task][:PICTURE_ROWS],
-                           task)
+                           task, cfg.alpha)
     return _write(root, "soco", name, record, table, picture, "pairs.png", tic)
 
 
-def soco_picture(pairs: list[Any], predictions: list[np.ndarray], task: str) -> bytes:
+def soco_picture(pairs: list[Any], predictions: list[np.ndarray], task: str,
+                 alpha: float) -> bytes:
     """Per pair: source keypoints (dots) and, on the target, the predictions (rings) with a
     line to the true target (crosses); green = within the PCK radius."""
     from operators.benchmarks.soco import queries
@@ -219,7 +243,7 @@ def soco_picture(pairs: list[Any], predictions: list[np.ndarray], task: str) -> 
                     (round(image.size[0] * scale), round(image.size[1] * scale))),
                     (column * size, top))
             scales.append(scale)
-        radius = pck_radius(pair.target.bbox, 0.1)
+        radius = pck_radius(pair.target.bbox, alpha)
         for query, guess in zip(queries(pair, task), predicted):
             sx, sy = (v * scales[0] for v in query.source)
             gx, gy = (v * scales[1] for v in guess)
@@ -240,7 +264,7 @@ def soco_picture(pairs: list[Any], predictions: list[np.ndarray], task: str) -> 
 
 
 def run_instructpart(config: EvalJob, root: RunRoot, data: str, models: list[str],
-                     checkpoint: str, name: str | None, tic: float) -> BenchmarkReport:
+                     checkpoint: str, name: str | None, tic: float, scratch: Path) -> BenchmarkReport:
     from operators.benchmarks.instructpart import StandinSettings, load_samples, write_standin
     from operators.data.taxonomy import load_taxonomy
     from operators.models.backbones import load_text_encoder
@@ -250,18 +274,22 @@ def run_instructpart(config: EvalJob, root: RunRoot, data: str, models: list[str
                                             markdown_table, mask_head_predictor,
                                             object_predictor)
     cfg = config.instructpart
+    _check_data_settings(cfg, "instructpart", data)
     trained = _load_models(root, models, checkpoint, need_mask=True)
     config = _model_backbone(config, trained)
     if data == "procedural":
         settings = StandinSettings(categories=tuple(cfg.categories),
                                    assets_per_category=cfg.standin_assets, seed=config.eval.seed)
         folder = _standin(root, "instructpart", settings,
-                          lambda out, s: write_standin(out, s, split=cfg.split))
+                          lambda out, s: write_standin(out, s, split=cfg.split), cfg.split,
+                          scratch)
     else:
         folder = Path(data).expanduser()
-    samples = load_samples(folder, cfg.split, cfg.limit)
+    samples = [s for s in load_samples(folder, cfg.split)
+               if not cfg.categories or s.object in cfg.categories][:cfg.limit]
     if not samples:
-        raise ConfigError(f"eval: {folder}/{cfg.split} holds no InstructPart samples")
+        raise ConfigError(f"eval: {folder}/{cfg.split} holds no InstructPart samples"
+                          + (f" of {', '.join(cfg.categories)}" if cfg.categories else ""))
     predictors: dict[str, Any] = {"object mask": object_predictor()}
     backends = ["oracle"] + ([config.label.backend.name]
                              if config.label.backend.name != "oracle" else [])
@@ -279,14 +307,16 @@ def run_instructpart(config: EvalJob, root: RunRoot, data: str, models: list[str
                                                for m in trained.values()))
                  if trained else None)
     for label, model in trained.items():
-        encoder_name = model.record.get("text_encoder", "minilm-text")
-        encoder = load_text_encoder(encoder_name, model.record.get("config", {}).get(
-            "train.text_encoder.model_path"))
+        options = model.record.get("config", {}).get("train.text_encoder") or {}
+        encoder = load_text_encoder(model.record.get("text_encoder", "minilm-text"),
+                                    options.get("model_path"),
+                                    allow_download=bool(options.get("allow_download", False)))
         text = torch_normalised(model.text)
         routing = Routing(list(model.functions), text, encoder.embed, by_part)
         routed[label] = {}
         predictors[f"{label} mask head"] = mask_head_predictor(
-            model_describer(model.model, model.text_of), blocks_of, routing, routed[label])
+            model_describer(model.model, model.text_of), blocks_of, routing, routed[label],
+            cfg.image_size, cfg.mask_stride)
     print(f"eval: instructpart on {len(samples)} samples from {folder}/{cfg.split}, "
           f"{len(predictors)} predictors")
     results = {}
@@ -307,6 +337,11 @@ def run_instructpart(config: EvalJob, root: RunRoot, data: str, models: list[str
               "notes": {"metrics": "percent; P@t counts IoU > t",
                         "oracle": "boxes of the ground-truth masks with the label stage's "
                                   "noise: an upper bound of the box -> mask step"}}
+    packed = io.BytesIO()  # every predicted mask, bit-packed: <predictor>/<task>/<sample key>
+    np.savez_compressed(packed, **{f"{n}/{task}/{sample.key}": np.packbits(mask)
+                                   for n, r in results.items() for task, masks in r.masks.items()
+                                   for sample, mask in zip(samples, masks)})
+    root.write_bytes(f"eval/instructpart/{name}/predictions.npz", packed.getvalue())
     last = list(results)[-1]
     picture = parts_picture(samples[:PICTURE_ROWS], results[last].masks)
     return _write(root, "instructpart", name, record, table, picture, "masks.png", tic)
@@ -347,7 +382,7 @@ def parts_picture(samples: list[Any], masks: dict[str, list[np.ndarray]]) -> byt
 
 
 def run_agd20k(config: EvalJob, root: RunRoot, data: str, models: list[str], checkpoint: str,
-               name: str | None, tic: float) -> BenchmarkReport:
+               name: str | None, tic: float, scratch: Path) -> BenchmarkReport:
     from operators.benchmarks.agd20k import StandinSettings, load_samples, write_standin
     from rayjobs.eval_job import split_label
     from training.affordanceclip_train import TrainedAffordanceClip
@@ -355,6 +390,7 @@ def run_agd20k(config: EvalJob, root: RunRoot, data: str, models: list[str], che
                                       evaluate_heatmaps, markdown_table, uniform_predictor)
     from training.runs import load_model
     cfg = config.agd20k
+    _check_data_settings(cfg, "agd20k", data)
     predictors: dict[str, Any] = {"uniform": uniform_predictor(),
                                   "centre prior": centre_predictor()}
     steps = {}
@@ -378,12 +414,15 @@ def run_agd20k(config: EvalJob, root: RunRoot, data: str, models: list[str], che
                                    assets_per_category=cfg.standin_assets, sigma=cfg.sigma,
                                    seed=config.eval.seed)
         folder = _standin(root, "agd20k", settings,
-                          lambda out, s: write_standin(out, s, split=cfg.split))
+                          lambda out, s: write_standin(out, s, split=cfg.split), cfg.split,
+                          scratch)
     else:
         folder = Path(data).expanduser()
-    samples = load_samples(folder, cfg.split, cfg.limit)
+    samples = [s for s in load_samples(folder, cfg.split)
+               if not cfg.categories or s.object in cfg.categories][:cfg.limit]
     if not samples:
-        raise ConfigError(f"eval: {folder}/{cfg.split}/testset holds no AGD20K samples")
+        raise ConfigError(f"eval: {folder}/{cfg.split}/testset holds no AGD20K samples"
+                          + (f" of {', '.join(cfg.categories)}" if cfg.categories else ""))
     print(f"eval: agd20k on {len(samples)} samples from {folder}/{cfg.split}, "
           f"{len(predictors)} predictors")
     results = {}

@@ -395,9 +395,9 @@ def score(models: tuple[str, ...], name: str | None, functions: str | None, quer
 
 @main.command("eval")
 @click.option("--model", "models", multiple=True,
-              help="A trained model: KIND/NAME (e.g. train/dfc-01) or a run URI, optionally "
-                   "LABEL=... to name its row (e.g. full=train/dfc-01); repeatable; chance and "
-                   "raw features are always evaluated.")
+              help="A trained model: KIND/NAME (e.g. train/dfc-01, affordanceclip/a-01) or a run "
+                   "URI, optionally LABEL=... to name its row (e.g. full=train/dfc-01); "
+                   "repeatable; the baselines are always evaluated.")
 @click.option("--benchmark", default="dfc", show_default=True,
               type=click.Choice(["dfc", "affordance", "soco", "instructpart", "agd20k"]),
               help="Benchmark protocol: dfc (train/ models) or affordance (finetune/ models: "
@@ -427,12 +427,22 @@ def score(models: tuple[str, ...], name: str | None, functions: str | None, quer
 def eval_cmd(models: tuple[str, ...], benchmark: str, data: str | None, backbone: str | None,
              checkpoint: str, name: str | None, root: str | None, configs: tuple[str, ...],
              overrides: tuple[str, ...]) -> None:
-    """Evaluate correspondence models on the DFC protocol (5.1, B.1): label transfer (PCK@23/15/10,
+    """Evaluate models on a benchmark. dfc (DFC 5.1, B.1): label transfer (PCK@23/15/10,
     normalized distance) and discovery (best F1 and AP at 23/15/10/5 px) on pairs of the
     models' validation assets (and held-out categories), against chance and raw backbone
-    features. Writes metrics.json, table.md and pairs.png under <root>/eval/BENCHMARK/NAME/.
-    Settings (eval.*): pairs [48], max_gt_points [1000; the paper 10,000], pixel_stride [2],
-    seed [0]. Runs in this process (no Ray).
+    features; settings (eval.*): pairs [48], max_gt_points [1000; the paper 10,000],
+    pixel_stride [2], seed [0]. affordance: CAST models (finetune/NAME).
+
+    soco, instructpart, agd20k read --data: the dataset in its public layout (see the README)
+    or `procedural` (a stand-in from fresh procedural assets, under <root>/eval/data/). soco:
+    PCK@0.1 CC / SOC / Cross-SOC of chance, raw features and train/ models (soco.*: alpha [0.1],
+    image_size [224], search_stride [4]); instructpart: gIoU / cIoU / P@50 / P@50:95 on TRPS and
+    ORPS of the object mask, the oracle's and label.backend's boxes and train/ models with a mask
+    head (instructpart.*: split [test], instruction [human|gpt]); agd20k: KLD / SIM / NSS of
+    affordanceclip/ runs against uniform and centre-prior maps (agd20k.*: split [Seen]).
+
+    Writes metrics.json, table.md and a picture under <root>/eval/BENCHMARK/NAME/. Runs in this
+    process (no Ray).
     """
     if backbone is not None:
         overrides = (*overrides, f"lift.backbone.name={backbone}")

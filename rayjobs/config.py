@@ -429,23 +429,29 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"val_fraction": 0.25}, "eval": {"pairs": 16},
     "train": {"steps": 100, "checkpoint_every": 25, "val_pairs": 8},
     "pretrain": {"steps": 50, "checkpoint_every": 25},
-    "cast": {"steps": 80, "checkpoint_every": 40}}
+    "cast": {"steps": 80, "checkpoint_every": 40},
+    "soco": {"standin_assets": 2, "standin_views": 4, "standin_pairs": 2},
+    "instructpart": {"standin_assets": 1}, "agd20k": {"standin_assets": 1},
+    "affordanceclip": {"steps": 30, "checkpoint_every": 15}}
 
 
 class DemoJob(AssetsJob, RenderJob, LabelJob, TrainJob, FinetuneJob):
     """The demo runs every stage: its model holds every stage section. A quarter of its 24
     assets validate (so that validation assets share functions); 100 training steps and 16
-    evaluation pairs keep training and evaluation near two minutes on 2 cores."""
+    evaluation pairs keep training and evaluation near two minutes on 2 cores; the benchmarks'
+    stand-ins are small (2 assets per category for SOCO, 1 for InstructPart and AGD20K) and
+    AffordanceCLIP trains 30 steps."""
 
     data: DataSection = DataSection(**DEMO_DEFAULTS["data"])
     eval: EvalSection = EvalSection(**DEMO_DEFAULTS["eval"])
     train: TrainSection = TrainSection(**DEMO_DEFAULTS["train"])
     pretrain: PretrainSection = PretrainSection(**DEMO_DEFAULTS["pretrain"])
     cast: CastSection = CastSection(**DEMO_DEFAULTS["cast"])
-    soco: SocoSection = SocoSection()
-    instructpart: InstructPartSection = InstructPartSection()
-    agd20k: Agd20kSection = Agd20kSection()
-    affordanceclip: AffordanceClipSection = AffordanceClipSection()
+    soco: SocoSection = SocoSection(**DEMO_DEFAULTS["soco"])
+    instructpart: InstructPartSection = InstructPartSection(**DEMO_DEFAULTS["instructpart"])
+    agd20k: Agd20kSection = Agd20kSection(**DEMO_DEFAULTS["agd20k"])
+    affordanceclip: AffordanceClipSection = AffordanceClipSection(
+        **DEMO_DEFAULTS["affordanceclip"])
 
     @model_validator(mode="before")
     @classmethod

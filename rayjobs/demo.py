@@ -7,6 +7,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -17,6 +18,7 @@ from operators.settings import ConfigError
 from operators.store.readers import RootReader, TableReader
 from operators.store.storage import RunRoot
 from operators.store.tables import FEATURE_POINTS, LABEL_POINTS, VIEWS
+from rayjobs.affordanceclip_job import run_affordanceclip
 from rayjobs.assets_job import run_assets_make
 from rayjobs.config import DemoJob, LiftConfig, ScoreJob, SweepJob
 from training.config import DataSection
@@ -308,6 +310,33 @@ def with_pretrained_backbone(config: DemoJob) -> DemoJob:
     return config.model_copy(update={"lift": config.lift.model_copy(update={"backbone": backbone})})
 
 
+def demo_benchmarks(config: DemoJob, model: str | None) -> dict[str, Any]:
+    """The papers' benchmarks on small procedural stand-ins: SOCO with the demo's
+    correspondence model, InstructPart with the label stage's boxes (and the model's mask head
+    when it has one), AGD20K with an AffordanceCLIP trained here for a few steps on referring
+    composites (random-tiny CLIP: NOT pretrained). A step that cannot run says why and the
+    demo goes on."""
+    from training.runs import load_model
+    reports: dict[str, Any] = {}
+    models = [f"train/{model}"] if model else []
+    root = RunRoot(config.root, config.storage.options())
+    masked = [m for m in models if load_model(root, m).model.mask_head is not None]
+    steps = [("soco", models), ("instructpart", masked)]
+    for benchmark, chosen in steps:
+        try:
+            reports[benchmark] = run_eval(config, chosen, benchmark, name="demo",
+                                          data="procedural")
+        except ConfigError as err:
+            print(f"\nnote: {benchmark} skipped: {err}")
+    try:
+        run_affordanceclip(config)  # type: ignore[arg-type]
+        reports["agd20k"] = run_eval(config, [f"affordanceclip/{config.job.name}"], "agd20k",
+                                     name="demo", data="procedural")
+    except ConfigError as err:
+        print(f"\nnote: AffordanceCLIP / agd20k skipped: {err}")
+    return reports
+
+
 def run_demo(config: DemoJob) -> list[StageReport]:
     started = time.time()
     root = RunRoot(config.root, config.storage.options())
@@ -362,6 +391,7 @@ def run_demo(config: DemoJob) -> list[StageReport]:
             update={"query": f"{asset}:{function}"})})
         scored = run_score(score_config)[1]
         root.write_bytes(SCORES_SHEET, scores_sheet(root, "demo"))
+    benchmarks = demo_benchmarks(config, trained.train.name if trained is not None else None)
     print(f"\ndemo finished in {time.time() - started:.1f} s")
     print(f"  contact sheet: {root.display(CONTACT_SHEET)}")
     print(f"  label sheet:   {root.display(LABEL_SHEET)}  (oracle backend: procedural ground "
@@ -394,6 +424,8 @@ def run_demo(config: DemoJob) -> list[StageReport]:
               f"embeddings, descriptors; query {scored.query[0]}:{scored.query[1]} -> "
               + (f"{best.asset_id} ({best.similarity:.2f}); {scored.where}.png)" if best else
                  "no other asset)"))
+    for benchmark, report in benchmarks.items():
+        print(f"  {benchmark + ':':<14} {report.where}/table.md  (procedural stand-in)")
     print(f"  tables:        {root.display()}/{{assets,views,points,labels,features}}/  (see `partlift "
           f"status --root {root.display()}`)")
     return reports

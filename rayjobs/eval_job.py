@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 import time
 from pathlib import Path
 from dataclasses import dataclass
@@ -191,7 +192,8 @@ def run_data_benchmark(config: EvalJob, models: list[str], benchmark: str, name:
     root.check_reachable(create=not models)
     run = {"soco": benchmark_eval.run_soco, "instructpart": benchmark_eval.run_instructpart,
            "agd20k": benchmark_eval.run_agd20k}[benchmark]
-    return run(config, root, data, models, checkpoint, name, tic)
+    with tempfile.TemporaryDirectory(prefix="partlift-eval-") as scratch:  # remote roots' stand-ins
+        return run(config, root, data, models, checkpoint, name, tic, Path(scratch))
 
 
 def run_affordance(config: EvalJob, root: RunRoot, models: list[str], trained: dict[str, Any],

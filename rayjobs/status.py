@@ -145,8 +145,9 @@ def verify(root: RunRoot, statuses: list[StageStatus]) -> dict[tuple[StageOutput
     return failing
 
 
-RUN_KINDS = ("train", "pretrain", "finetune", "sweep")
-RUN_METRICS = {"train": "val_pck@10", "pretrain": "val_loss", "finetune": "val_aiou"}
+RUN_KINDS = ("train", "pretrain", "finetune", "affordanceclip", "sweep")
+RUN_METRICS = {"train": "val_pck@10", "pretrain": "val_loss", "finetune": "val_aiou",
+               "affordanceclip": "val_miou"}
 
 
 def run_lines(root: RunRoot) -> list[str]:
@@ -183,7 +184,8 @@ def run_lines(root: RunRoot) -> list[str]:
                 lines.append(f"  {kind + '/' + name:<28} {record.get('status', '?'):<9} {detail}")
             except (OSError, ValueError, KeyError, TypeError) as err:
                 lines.append(f"  {kind + '/' + name:<28} unreadable ({type(err).__name__})")
-    return (["", "  runs (partlift train|pretrain|finetune|sweep):"] + lines) if lines else []
+    return (["", "  runs (partlift train|pretrain|finetune|affordanceclip|sweep):"] + lines) \
+        if lines else []
 
 
 def print_status(config: StatusJob, check_all: bool = False, repair: bool = False) -> None:

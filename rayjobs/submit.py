@@ -119,7 +119,7 @@ def given_name(args: Sequence[str]) -> str | None:
 
 # Commands whose --name is the run's name; for `score` and `eval` it names their output
 # (scores/<name>/, eval/<benchmark>/<name>/), so the run name goes to job.name instead.
-NAME_IS_RUN = {"train", "pretrain", "finetune", "sweep"}
+NAME_IS_RUN = {"train", "pretrain", "finetune", "affordanceclip", "sweep"}
 
 
 def run_name(args: Sequence[str], given: str | None) -> str:

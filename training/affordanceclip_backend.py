@@ -24,7 +24,7 @@ class AffordanceClipOptions(GroundingOptions):
     name: Literal["affordanceclip"] = "affordanceclip"
     model: str = Field(..., min_length=1, description="the AffordanceCLIP run's directory: <root>/runs/affordanceclip/NAME (a path or URI)")
     checkpoint: str = Field("best", description="best, last or a step")
-    levels: list[float] = Field([0.25, 0.5, 0.75], min_length=1, description="heat levels (fractions of a view's maximum) whose regions become boxes")
+    levels: list[float] = Field([0.25, 0.5, 0.75], min_length=1, description="heat levels (fractions of the way from a view's minimum to its maximum) whose regions become boxes")
     factory: ClassVar[str] = "training.affordanceclip_backend:make_backend"
 
     @field_validator("levels")
@@ -32,6 +32,13 @@ class AffordanceClipOptions(GroundingOptions):
     def _levels(cls, value: list[float]) -> list[float]:
         if any(not 0 < v < 1 for v in value):
             raise ValueError(f"label.backend.levels={value}: each must lie in (0, 1)")
+        return value
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint(cls, value: str) -> str:
+        if value not in ("best", "last") and not value.isdigit():
+            raise ValueError(f"label.backend.checkpoint={value!r}: expected best, last or a step")
         return value
 
     @field_validator("model")

@@ -56,6 +56,9 @@ def build_affordanceclip(clip: dict[str, Any]) -> AffordanceCLIP:
 
 
 def clip_record(section: AffordanceClipSection) -> dict[str, Any]:
+    if section.clip != TINY and "image_size" in section.model_fields_set:
+        raise ConfigError("affordanceclip.image_size sets the tiny CLIP's input size; a real "
+                          f"CLIP ({section.clip}) uses its own: drop the setting")
     if section.clip == TINY:
         return {"name": TINY, "seed": section.seed, "image_size": section.image_size,
                 "pretrained": False}
@@ -192,10 +195,16 @@ def prepare_affordanceclip(root: RunRoot, run: str, name: str, section: Affordan
                           "validation assets; both need 2 or more (data.val_fraction)")
     clip = clip_record(section)
     cfg = section.model_dump(mode="json") | {"clip_record": clip}
+    from operators.store.integrity import stage_settings
+    from operators.store.tables import RENDER_OUTPUT
+    render = stage_settings(root, RENDER_OUTPUT) or {}
+    # a resume of other renders or other CLIP weights is refused (run.json's lineage)
+    fingerprints = {"render": {"hash": settings_hash(render), "settings": render}}
     record = {"kind": MODEL_KIND, "name": name, "model_kind": MODEL_KIND,
-              "config": config_record, "clip": clip, "fingerprints": {},
+              "config": config_record, "clip": clip, "fingerprints": fingerprints,
               "splits": {"train": len(train_ids), "val": len(val_ids)}}
-    lineage = {"assets_hash": settings_hash({"train": train_ids, "val": val_ids})}
+    lineage = {"assets_hash": settings_hash({"train": train_ids, "val": val_ids}),
+               "clip_weights": clip.get("weights", clip["name"])}
     resumed = _write_record(root, run, name, MODEL_KIND, record, lineage)
     task = AffordanceClipTask(root, run, cfg, train_ids, val_ids, categories)
     progress(f"{len(train_ids)} training assets, {len(val_ids)} validation assets, "

@@ -117,22 +117,24 @@ class SocoSection(Section):
 
     alpha: float = Field(0.1, gt=0, description="PCK radius = alpha x max(w, h) of the target's box (the paper: 0.1)")
     image_size: int = Field(224, ge=14, description="images resized so their longer side has this many pixels before the backbone (the paper: 800)")
-    search_stride: int = Field(2, ge=1, description="the target is searched at every n-th pixel centre of the resized image")
+    search_stride: int = Field(4, ge=1, description="the target is searched at every n-th pixel centre of the resized image (4 at 224 px: 56 x 56 candidates, finer than the 16 x 16 patch grid)")
     pairs_per_group: int | None = Field(None, ge=1, description="at most this many pairs per category / category pair (None: all)")
     standin_assets: int = Field(3, ge=2, description="--data procedural: fresh assets per category")
     standin_views: int = Field(6, ge=1, description="--data procedural: rendered views per asset")
     standin_pairs: int = Field(4, ge=1, description="--data procedural: pairs per category (intra) and per category pair sharing a function (cross)")
-    categories: list[str] = Field([], description="--data procedural: categories (default: every procedural one)")
+    categories: list[str] = Field([], description="only these categories: --data procedural generates them, --data PATH keeps pairs whose two images are of them (default: all)")
 
 
 class InstructPartSection(Section):
     """InstructPart instruction -> part segmentation (`partlift eval --benchmark instructpart`)."""
 
-    split: str = Field("test", min_length=1, description="the release's split folder (test, all, train/train1800, ...)")
+    split: str = Field("test", min_length=1, description="the release's split folder (test, all, train/train1800, ...): its data_<first part>.json, images/, masks/")
     instruction: Literal["human", "gpt"] = Field("human", description="TRPS instruction: human-written (instruction[0]) or GPT-4 rewritten ([1])")
     limit: int | None = Field(None, ge=1, description="at most this many (image, part) samples (None: all)")
     standin_assets: int = Field(2, ge=1, description="--data procedural: fresh assets per category")
-    categories: list[str] = Field([], description="--data procedural: categories (default: every procedural one)")
+    categories: list[str] = Field([], description="only these object categories: --data procedural generates them, --data PATH keeps their samples (default: all)")
+    image_size: int = Field(224, ge=14, description="images resized so their longer side has this many pixels before a mask head's backbone (the mask comes back at the image's size)")
+    mask_stride: int = Field(2, ge=1, description="a mask head is evaluated on every n-th pixel of the resized image (1 = all; the mask is upsampled nearest)")
 
 
 # ------------------------------------------------------------------ CMAT pretraining and CAST
@@ -302,5 +304,5 @@ class Agd20kSection(Section):
     split: str = Field("Seen", min_length=1, description="AGD20K's setting folder: Seen or Unseen (its testset/ is read)")
     limit: int | None = Field(None, ge=1, description="at most this many (image, affordance) samples (None: all)")
     standin_assets: int = Field(2, ge=1, description="--data procedural: fresh assets per category")
-    categories: list[str] = Field([], description="--data procedural: categories (default: every procedural one)")
+    categories: list[str] = Field([], description="only these object categories: --data procedural generates them, --data PATH keeps their samples (default: all)")
     sigma: float = Field(6.0, gt=0, description="--data procedural: Gaussian blur of the part masks into ground-truth heat maps, pixels at 224")

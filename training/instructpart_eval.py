@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from PIL import Image
 
 from operators.benchmarks.instructpart import TASKS, PartSample, read_image, read_mask
 from operators.metrics.segmentation import referring_metrics
@@ -99,18 +100,28 @@ class Routing:
 
 def mask_head_predictor(describe: Callable[..., tuple[np.ndarray, np.ndarray | None]],
                         blocks_of: Callable[[np.ndarray], np.ndarray], routing: Routing,
-                        routed: dict[str, list[bool]]) -> MaskPredictor:
-    """Mask logits > 0 of the correspondence model at every pixel, conditioned on the routed
-    function; `routed[task]` collects whether the route hit the sample's affordance."""
+                        routed: dict[str, list[bool]], image_size: int = 224,
+                        stride: int = 2) -> MaskPredictor:
+    """Mask logits > 0 of the correspondence model on every `stride`-th pixel of the image
+    resized so its longer side is `image_size` (the scale the model trained at), conditioned on
+    the routed function, brought back to the image's size (nearest); `routed[task]` collects
+    whether the route hit the sample's affordance."""
     def predict(image: np.ndarray, text: str, sample: PartSample, task: str) -> np.ndarray:
         function = routing(sample, task, text)
         routed.setdefault(task, []).append(function == sample.affordance)
-        height, width = image.shape[:2]
-        blocks = blocks_of(image[None])[0]
-        rows, cols = np.mgrid[0:height, 0:width]
+        full = image.shape[:2]
+        scale = image_size / max(full)
+        height, width = max(1, round(full[0] * scale)), max(1, round(full[1] * scale))
+        small = (image if (height, width) == full else
+                 np.asarray(Image.fromarray(image).resize((width, height), Image.BICUBIC)))
+        blocks = blocks_of(small[None])[0]
+        rows, cols = np.mgrid[0:height:stride, 0:width:stride]
         uv = np.stack([cols.ravel() + 0.5, rows.ravel() + 0.5], axis=1).astype(np.float32)
         _, logits = describe(blocks, uv, (height, width), function, sample.key)
-        return (logits > 0).reshape(height, width)
+        mask = (logits > 0).reshape(rows.shape)
+        if mask.shape == full:
+            return mask
+        return np.asarray(Image.fromarray(mask).resize((full[1], full[0]), Image.NEAREST))
     return predict
 
 

@@ -1,6 +1,7 @@
 """Runs and models, shared by every learning stage.
 
-A run lives at `<root>/runs/<kind>/<name>/` (kind: train, pretrain, finetune; sweep later):
+A run lives at `<root>/runs/<kind>/<name>/` (kind: train, pretrain, finetune, affordanceclip;
+sweep holds a sweep's trials):
 
     run.json              kind, name, resolved config, model shape, functions, the
                           fingerprints of the tables it trained on, status

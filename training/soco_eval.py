@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from operators.benchmarks.soco import TASK_PAIRS, TASKS, SocoPair, queries
+from operators.settings import ConfigError
 from operators.metrics.keypoints import pair_pck, pck_summary
 from training.evaluation import Describe
 
@@ -37,6 +38,7 @@ class ImageFeatures:
     blocks: np.ndarray           # (n_blocks, h, w, C) float32
     size: tuple[int, int]        # (H, W) of the resized image the features belong to
     scale: float                 # resized / original pixels
+    original: tuple[int, int]    # (width, height) of the file, as SOCO's *_imsize
 
 
 class FeatureCache:
@@ -53,12 +55,13 @@ class FeatureCache:
             return self.cache[path]
         with Image.open(path) as image:
             rgb = image.convert("RGB")
+            original = rgb.size
             scale = self.image_size / max(rgb.size)
             size = (max(1, round(rgb.size[0] * scale)), max(1, round(rgb.size[1] * scale)))
             if size != rgb.size:
                 rgb = rgb.resize(size, Image.BICUBIC)
             array = np.asarray(rgb, np.uint8)
-        found = ImageFeatures(self.blocks_of(array[None])[0], array.shape[:2], scale)
+        found = ImageFeatures(self.blocks_of(array[None])[0], array.shape[:2], scale, original)
         self.cache[path] = found
         if len(self.cache) > self.keep:
             self.cache.popitem(last=False)
@@ -84,12 +87,20 @@ class Predictor:
 
 
 def predict_pair(predictor: Predictor, pair: SocoPair, task: str, features: FeatureCache,
-                 stride: int) -> tuple[np.ndarray, list[np.ndarray], int]:
+                 stride: int, described: dict | None = None
+                 ) -> tuple[np.ndarray, list[np.ndarray], int]:
     """Predicted target positions (K, 2) in original pixels for the task's K queries, their
-    candidate lists, and how many were conditioned on a function."""
+    candidate lists, and how many were conditioned on a function. `described` keeps the
+    target's descriptors per function across the tasks of one pair (CC and SOC search the
+    same target)."""
     asked = queries(pair, task)
     src = features(str(pair.source.image))
     trg = features(str(pair.target.image))
+    for view, found in ((pair.source, src), (pair.target, trg)):
+        if found.original != view.size:  # keypoints are in the annotated image's pixels
+            raise ConfigError(f"soco: {pair.path}: {view.image} is {found.original[0]}x"
+                              f"{found.original[1]} pixels, its *_imsize says {view.size[0]}x"
+                              f"{view.size[1]}: the keypoints would land elsewhere")
     grid = search_grid(trg.size, stride)
     by_function: dict[str | None, list[int]] = defaultdict(list)
     for k, query in enumerate(asked):
@@ -100,7 +111,12 @@ def predict_pair(predictor: Predictor, pair: SocoPair, task: str, features: Feat
         describe = predictor.describe if function is not None else predictor.fallback
         uv = np.asarray([asked[k].source for k in members], np.float32) * src.scale
         d_src, _ = describe(src.blocks, uv, src.size, function or "", keys[0])
-        d_trg, _ = describe(trg.blocks, grid, trg.size, function or "", keys[1])
+        slot = (id(describe), keys[1], function)
+        if described is None or slot not in described:
+            d_trg, _ = describe(trg.blocks, grid, trg.size, function or "", keys[1])
+            if described is not None:
+                described[slot] = d_trg
+        d_trg = described[slot] if described is not None else d_trg
         best = np.argmax(d_src @ d_trg.T, axis=1)
         predicted[members] = grid[best] / trg.scale
     conditioned = sum(len(m) for f, m in by_function.items() if f is not None)
@@ -114,34 +130,45 @@ class SocoResult:
     predictions: dict[str, list[np.ndarray]]  # task -> per pair predictions (for pictures)
 
 
-def evaluate_soco(predictor: Predictor, pairs: dict[str, list[SocoPair]],
+def evaluate_soco(predictors: dict[str, Predictor], pairs: dict[str, list[SocoPair]],
                   features: FeatureCache, alpha: float, stride: int,
-                  progress: Callable[[str], None] = print) -> SocoResult:
-    """Every task whose pair type is present: CC and SOC on intra pairs, Cross-SOC on cross."""
-    summary: dict[str, dict[str, object]] = {}
-    predictions: dict[str, list[np.ndarray]] = {}
-    total = conditioned = 0
-    for task in TASKS:
-        chosen = pairs.get(TASK_PAIRS[task], [])
-        rows, keypoints, kept = [], 0, []
-        for pair in chosen:
-            if not queries(pair, task):
-                kept.append(np.zeros((0, 2)))
-                continue
-            predicted, candidates, n_conditioned = predict_pair(predictor, pair, task,
-                                                                features, stride)
-            rows.append((pair.group, pair_pck(predicted, candidates, pair.target.bbox, alpha)))
-            keypoints += len(predicted)
-            total += len(predicted)
-            conditioned += n_conditioned
-            kept.append(predicted)
-        predictions[task] = kept
-        if rows:
-            summary[task] = dict(pck_summary(rows)) | {"pairs": len(rows),
-                                                       "keypoints": keypoints}
-            progress(f"{task}: PCK@{alpha:g} {summary[task]['per_img']:.1f} over {len(rows)} "
-                     "pairs")
-    return SocoResult(summary, conditioned / total if total else 0.0, predictions)
+                  progress: Callable[[str], None] = print) -> dict[str, SocoResult]:
+    """Every task whose pair type is present (CC and SOC on intra pairs, Cross-SOC on cross),
+    for every predictor; pair by pair, so each image's features are computed once for all."""
+    rows: dict[str, dict[str, list[tuple[str, float]]]] = {n: {} for n in predictors}
+    kept: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in predictors}
+    counts = {n: [0, 0] for n in predictors}          # keypoints, conditioned
+    keypoints: dict[str, int] = {}
+    tasks_of = {kind: [t for t in TASKS if TASK_PAIRS[t] == kind] for kind in TASK_PAIRS.values()}
+    for pair_type, tasks in tasks_of.items():
+        # one `described` dict per pair (`[{}]` is evaluated anew for each p), shared by its tasks
+        for pair, task, described in ((p, t, d) for p in pairs.get(pair_type, [])
+                                      for d in [{}] for t in tasks):
+            asked = bool(queries(pair, task))
+            for name, predictor in predictors.items():
+                if not asked:
+                    kept[name].setdefault(task, []).append(np.zeros((0, 2)))
+                    continue
+                predicted, candidates, n_conditioned = predict_pair(
+                    predictor, pair, task, features, stride, described)
+                rows[name].setdefault(task, []).append(
+                    (pair.group, pair_pck(predicted, candidates, pair.target.bbox, alpha)))
+                kept[name].setdefault(task, []).append(predicted)
+                counts[name][0] += len(predicted)
+                counts[name][1] += n_conditioned
+            if asked:
+                keypoints[task] = keypoints.get(task, 0) + len(queries(pair, task))
+    results = {}
+    for name in predictors:
+        summary: dict[str, dict[str, object]] = {}
+        for task, found in rows[name].items():
+            summary[task] = dict(pck_summary(found)) | {"pairs": len(found),
+                                                        "keypoints": keypoints[task]}
+        progress(f"{name}: " + ", ".join(f"{t} {v['per_img']:.1f}" for t, v in summary.items())
+                 + f" (PCK@{alpha:g}, per-img)")
+        total, conditioned = counts[name]
+        results[name] = SocoResult(summary, conditioned / total if total else 0.0, kept[name])
+    return results
 
 
 def markdown_table(results: dict[str, SocoResult], alpha: float) -> str:

@@ -73,11 +73,11 @@ def load_samples(data: Path | str, split: str = "test", limit: int | None = None
                  ) -> list[PartSample]:
     """One sample per (image, part) of `<data>/<split>/data_<split>.json`, in file order."""
     folder = Path(data).expanduser() / split
-    index = folder / f"data_{split}.json"
+    index = folder / f"data_{Path(split).parts[0]}.json"  # train/train200/data_train.json
     for needed in (index, folder / "images", folder / "masks"):
         if not needed.exists():
             raise ConfigError(f"instructpart: {data} has no {needed.relative_to(Path(data).expanduser())}"
-                              f" (expected <data>/{split}/data_{split}.json, images/, masks/: "
+                              f" (expected <data>/{split}/{index.name}, images/, masks/: "
                               "the InstructPart release layout, see the README)")
     try:
         entries = json.loads(index.read_text(encoding="utf-8"))
@@ -120,12 +120,14 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def read_mask(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """bool (H, W): non-zero (> 127 for lossy formats) pixels; resized (nearest) to (H, W)."""
+    """bool (H, W): the non-zero pixels (> 127 for JPEG, whose compression smears 0 and 255);
+    resized (nearest) to (H, W)."""
     with Image.open(path) as image:
+        lossy = image.format == "JPEG"
         gray = image.convert("L")
         if size is not None and gray.size != (size[1], size[0]):
             gray = gray.resize((size[1], size[0]), Image.NEAREST)
-        return np.asarray(gray) > 127
+        return np.asarray(gray) > (127 if lossy else 0)
 
 
 def write_sample(folder: Path, stem: str, rgb: np.ndarray, mask: np.ndarray,
@@ -196,8 +198,8 @@ def write_standin(out: Path | str, settings: StandinSettings = StandinSettings()
                 part = asset.part_names[parts[0]]
                 texts = instructions_for(category, function, part,
                                          taxonomy.functions[function])
-                named = [n for n in asset.part_names if any(n in t.lower().split()
-                                                            for t in texts[:2])]
+                named = [n for n in asset.part_names
+                         if any(f" {n} " in f" {t.lower().rstrip('.?')} " for t in texts[:2])]
                 if named:  # TRPS instructions must not name a part of the asset
                     continue
                 entries.append(write_sample(

@@ -119,9 +119,17 @@ def _view(data: dict[str, Any], prefix: str, category: str, images: Path,
     image = images / category / str(_need(data, f"{prefix}_image", path))
     if not image.is_file():
         raise ConfigError(f"soco: {path}: its image {image} does not exist")
-    width, height = (int(v) for v in _need(data, f"{prefix}_imsize", path))
+    size = _need(data, f"{prefix}_imsize", path)
+    try:
+        width, height = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise ConfigError(f"soco: {path}: {prefix}_imsize {size!r} is not [width, height]") \
+            from None
     box = data.get(f"{prefix}_bndbox") or [0, 0, width, height]
-    bbox = tuple(float(v) for v in box)
+    try:
+        bbox = tuple(float(v) for v in box)
+    except (TypeError, ValueError):
+        bbox = ()
     if len(bbox) != 4 or bbox[2] < bbox[0] or bbox[3] < bbox[1]:
         raise ConfigError(f"soco: {path}: {prefix}_bndbox {box} is not [left, top, right, "
                           "bottom]")

@@ -481,7 +481,8 @@ class OracleBackend:
 def heat_boxes(heat: np.ndarray, levels: Sequence[float] = (0.25, 0.5, 0.75),
                min_pixels: int = 4) -> list[Box]:
     """A heat map (H, W) >= 0 as boxes for the box-vote aggregation: at each level (a fraction
-    of the map's maximum), the bounding box of every connected region above it, scored by the
+    of the way from the map's minimum to its maximum: a sigmoid map never reaches 0), the
+    bounding box of every connected region above it, scored by the
     region's mean heat. Nested level sets stack, so the votes a pixel gets count the levels it
     clears: the map quantised to len(levels) steps, through the same aggregation as any box
     backend. A flat or empty map gives no box."""

@@ -1,9 +1,14 @@
 """`partlift eval --benchmark soco|instructpart|agd20k` end to end on the shared root's models
-and small procedural stand-ins, and `partlift affordanceclip` on Ray Train (a run, a resume with other
-settings refused, its heat maps scored on AGD20K's layout). Outputs land under <root>/eval/<benchmark>/<name>/."""
+and small procedural stand-ins, and `partlift affordanceclip` on Ray Train (a run, a resume
+with other settings refused, its heat maps scored on AGD20K's layout). Outputs land under
+<root>/eval/<benchmark>/<name>/."""
 
 from __future__ import annotations
 
+import io
+import json
+
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -42,6 +47,8 @@ def test_soco_scores_chance_raw_features_and_the_model_on_the_stand_in(dfc_root:
     table = root.read_bytes("eval/soco/s/table.md").decode()
     assert "| sm |" in table and "DINOv2-B/14 (paper)" in table
     assert root.read_bytes("eval/soco/s/pairs.png")[:4] == b"\x89PNG"
+    predicted = json.loads(root.read_bytes("eval/soco/s/predictions.json"))
+    assert len(predicted["sm"]["SOC"]) == metrics["pairs"]["intra"]   # one entry per pair
     assert report.where.endswith("eval/soco/s")
     # another backbone than the model's is refused, naming the key
     with pytest.raises(ConfigError, match="lift.backbone.name='dinov2-random-tiny'"):
@@ -60,6 +67,9 @@ def test_instructpart_scores_boxes_and_the_mask_head(dfc_root: str, mask_model: 
             values = row["tasks"][task]
             assert values["samples"] == metrics["samples"] >= 3
             assert 0 <= values["P@50:95"] <= values["P@50"] <= 100
+    packed = np.load(io.BytesIO(RunRoot(dfc_root).read_bytes(
+        "eval/instructpart/p/predictions.npz")))
+    assert len(packed.files) == len(rows) * 2 * metrics["samples"]   # predictor x task x sample
     routed = rows["sm mask head"]["routed_to_affordance"]
     assert set(routed) == {"TRPS", "ORPS"} and all(0 <= v <= 1 for v in routed.values())
 
@@ -96,3 +106,7 @@ def test_the_eval_command_names_a_missing_or_wrong_data_argument(dfc_root: str) 
     result = runner.invoke(main, ["eval", "--benchmark", "instructpart", "--root", dfc_root,
                                   "--data", "procedural", "--model", "train/nope"])
     assert result.exit_code == 2 and "train/nope" in result.output
+    result = runner.invoke(main, ["eval", "--benchmark", "soco", "--root", dfc_root, "--data",
+                                  dfc_root, "--set", "soco.standin_assets=5"])
+    assert result.exit_code == 2 and "soco.standin_assets shape(s) the procedural stand-in" \
+        in result.output

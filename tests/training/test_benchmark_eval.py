@@ -47,8 +47,8 @@ def test_soco_nearest_neighbour_and_pck_by_hand(tmp_path: Path) -> None:
     conditioned, fallback = [], []
     predictor = Predictor(pixel_identity(conditioned), pixel_identity(fallback),
                           {"wheel": "roll-onto"})
-    result = evaluate_soco(predictor, pairs, features, alpha=0.1, stride=1,
-                           progress=lambda line: None)
+    result = evaluate_soco({"identity": predictor}, pairs, features, alpha=0.1, stride=1,
+                           progress=lambda line: None)["identity"]
     # radius 0.1 x 30 = 3 px. Predictions = the source pixels' centres: the left wheel
     # (5.5, 25.5) hits its target (6, 24); the roof (10.5, 2.5) misses (20, 3); the right
     # wheel (15.5, 25.5) misses (30, 24). SOC: wheel + roof = 1/2; CC: both wheels = 1/2.
@@ -59,6 +59,18 @@ def test_soco_nearest_neighbour_and_pck_by_hand(tmp_path: Path) -> None:
     assert set(conditioned) == {"roll-onto"} and set(fallback) == {""}
     assert result.conditioned == pytest.approx(4 / 6)     # SOC 1/2, CC 2/2, Cross-SOC 1/2
     assert np.allclose(result.predictions["SOC"][0], [[5.5, 25.5], [10.5, 2.5]])
+
+
+def test_soco_refuses_an_image_whose_size_is_not_the_annotated_one(tmp_path: Path) -> None:
+    from operators.settings import ConfigError
+    from PIL import Image
+    data = write_fixture(tmp_path)
+    Image.new("RGB", (80, 60), "white").save(data / "Images" / "car" / "car.JPEG")  # resized
+    features = FeatureCache(lambda images: np.zeros((1, 1, 2, 2, 1), np.float32), image_size=40)
+    with pytest.raises(ConfigError, match="car.JPEG is 80x60 pixels, its \\*_imsize says 40x30"):
+        evaluate_soco({"raw": Predictor(pixel_identity([]), pixel_identity([]), {})},
+                      {"intra": load_pairs(data, "intra")}, features, 0.1, 1,
+                      progress=lambda line: None)
 
 
 def write_part_sample(folder: Path) -> None:

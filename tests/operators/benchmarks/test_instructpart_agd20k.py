@@ -44,6 +44,15 @@ def test_instructpart_reads_the_release_layout_and_its_two_tasks(tmp_path: Path)
     assert instructpart.read_mask(sample.mask).sum() == 12
 
 
+def test_a_nested_split_reads_its_own_index(tmp_path: Path) -> None:
+    write_instructpart(tmp_path)
+    nested = tmp_path / "train" / "train200"
+    nested.parent.mkdir()
+    (tmp_path / "test").rename(nested)
+    (nested / "data_test.json").rename(nested / "data_train.json")   # the release's naming
+    assert len(instructpart.load_samples(tmp_path, "train/train200")) == 1
+
+
 def test_instructpart_names_what_is_missing(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no test/data_test.json"):
         instructpart.load_samples(tmp_path)

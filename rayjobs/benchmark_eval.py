@@ -70,6 +70,15 @@ def _check_data_settings(section: Any, prefix: str, data: str) -> None:
                           f"procedural stand-in; with --data {data} they do nothing: drop them")
 
 
+def _chosen(samples: list[Any], cfg: Any, where: str, what: str) -> list[Any]:
+    """The samples of `cfg.categories` (all without), at most `cfg.limit`; none is an error."""
+    chosen = [s for s in samples if not cfg.categories or s.object in cfg.categories]
+    if not chosen:
+        raise ConfigError(f"eval: {where} holds no {what} samples"
+                          + (f" of {', '.join(cfg.categories)}" if cfg.categories else ""))
+    return chosen[:cfg.limit]
+
+
 def _model_backbone(config: EvalJob, trained: dict[str, Any]) -> EvalJob:
     """The lift.backbone a model's features need: its name and stride are adopted unless the
     command gives them; given ones that differ (or weights other than the model's) are refused,
@@ -224,6 +233,19 @@ def run_soco(config: EvalJob, root: RunRoot, data: str, models: list[str], check
     return _write(root, "soco", name, record, table, picture, "pairs.png", tic)
 
 
+def _paste(sheet: Image.Image, picture: Image.Image, column: int, row: int, size: int) -> None:
+    """A picture scaled to fit a size x size cell of the sheet."""
+    scale = size / max(picture.size)
+    sheet.paste(picture.resize((round(picture.size[0] * scale), round(picture.size[1] * scale))),
+                (column * size, row * size))
+
+
+def _png(sheet: Image.Image) -> bytes:
+    out = io.BytesIO()
+    sheet.save(out, format="PNG")
+    return out.getvalue()
+
+
 def soco_picture(pairs: list[Any], predictions: list[np.ndarray], task: str,
                  alpha: float) -> bytes:
     """Per pair: source keypoints (dots) and, on the target, the predictions (rings) with a
@@ -285,11 +307,8 @@ def run_instructpart(config: EvalJob, root: RunRoot, data: str, models: list[str
                           scratch)
     else:
         folder = Path(data).expanduser()
-    samples = [s for s in load_samples(folder, cfg.split)
-               if not cfg.categories or s.object in cfg.categories][:cfg.limit]
-    if not samples:
-        raise ConfigError(f"eval: {folder}/{cfg.split} holds no InstructPart samples"
-                          + (f" of {', '.join(cfg.categories)}" if cfg.categories else ""))
+    samples = _chosen(load_samples(folder, cfg.split), cfg, f"{folder}/{cfg.split}",
+                      "InstructPart")
     predictors: dict[str, Any] = {"object mask": object_predictor()}
     backends = ["oracle"] + ([config.label.backend.name]
                              if config.label.backend.name != "oracle" else [])
@@ -367,15 +386,9 @@ def parts_picture(samples: list[Any], masks: dict[str, list[np.ndarray]]) -> byt
             tinted = image.copy()
             colour = np.array([40, 200, 60] if column == 0 else [220, 40, 40])
             tinted[mask] = (0.45 * tinted[mask] + 0.55 * colour).astype(np.uint8)
-            picture = Image.fromarray(tinted)
-            scale = size / max(picture.size)
-            sheet.paste(picture.resize((round(picture.size[0] * scale),
-                                        round(picture.size[1] * scale))),
-                        (column * size, row * size))
+            _paste(sheet, Image.fromarray(tinted), column, row, size)
         draw.text((4, row * size + 2), f"{sample.object}: {sample.part}", fill=(0, 0, 0))
-    out = io.BytesIO()
-    sheet.save(out, format="PNG")
-    return out.getvalue()
+    return _png(sheet)
 
 
 # ----------------------------------------------------------------------------------- AGD20K
@@ -418,11 +431,8 @@ def run_agd20k(config: EvalJob, root: RunRoot, data: str, models: list[str], che
                           scratch)
     else:
         folder = Path(data).expanduser()
-    samples = [s for s in load_samples(folder, cfg.split)
-               if not cfg.categories or s.object in cfg.categories][:cfg.limit]
-    if not samples:
-        raise ConfigError(f"eval: {folder}/{cfg.split}/testset holds no AGD20K samples"
-                          + (f" of {', '.join(cfg.categories)}" if cfg.categories else ""))
+    samples = _chosen(load_samples(folder, cfg.split), cfg, f"{folder}/{cfg.split}/testset",
+                      "AGD20K")
     print(f"eval: agd20k on {len(samples)} samples from {folder}/{cfg.split}, "
           f"{len(predictors)} predictors")
     results = {}
@@ -459,12 +469,7 @@ def heat_picture(samples: list[Any], maps: list[np.ndarray]) -> bytes:
             shown = image.astype(np.float64)
             if overlay is not None:
                 shown = 0.5 * shown + 0.5 * overlay[..., None] * np.array([255.0, 30, 30])
-            picture = Image.fromarray(shown.clip(0, 255).astype(np.uint8))
-            scale = size / max(picture.size)
-            sheet.paste(picture.resize((round(picture.size[0] * scale),
-                                        round(picture.size[1] * scale))),
-                        (column * size, row * size))
+            _paste(sheet, Image.fromarray(shown.clip(0, 255).astype(np.uint8)), column, row,
+                   size)
         draw.text((4, row * size + 2), f"{sample.object}: {sample.prompt}", fill=(0, 0, 0))
-    out = io.BytesIO()
-    sheet.save(out, format="PNG")
-    return out.getvalue()
+    return _png(sheet)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from operators.benchmarks.function_views import FunctionViewSettings, function_views
 from operators.settings import ConfigError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG")
@@ -68,49 +69,25 @@ def read_heatmap(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class StandinSettings:
-    categories: tuple[str, ...] = ()   # () = every procedural category
-    assets_per_category: int = 2
-    views: int = 6
-    size: int = 224
-    sigma: float = 6.0
-    min_part_pixels: int = 150
-    seed: int = 0
+class StandinSettings(FunctionViewSettings):
+    sigma: float = 6.0   # the Gaussian that turns a part mask into a heat map, pixels
 
 
 def write_standin(out: Path | str, settings: StandinSettings = StandinSettings(),
                   split: str = "Seen") -> int:
     """One sample per (asset, function): the view showing the function's parts best."""
     from scipy.ndimage import gaussian_filter
-
-    from operators.data.procedural import PROCEDURAL_CATEGORIES, make_asset
-    from operators.geometry.render import render_views
-    from operators.settings import RenderSettings
     base = Path(out) / split / "testset"
-    render = RenderSettings(views=settings.views, width=settings.size, height=settings.size,
-                            n_points=1000)
     written = 0
-    for c, category in enumerate(settings.categories or PROCEDURAL_CATEGORIES):
-        for i in range(settings.assets_per_category):
-            seed = int(np.random.SeedSequence([settings.seed, 6151, c, i]).generate_state(1)[0])
-            asset = make_asset(category, seed)
-            views = render_views(asset.mesh, render, seed)
-            face_part = np.asarray(asset.face_part)
-            part_of = np.where(views.face_id >= 0, face_part[np.maximum(views.face_id, 0)], -1)
-            for function in dict.fromkeys(f[0] for f in asset.part_functions if f):
-                parts = [p for p, f in enumerate(asset.part_functions) if function in f]
-                mask = np.isin(part_of, parts)
-                view = int(np.argmax(mask.sum(axis=(1, 2))))
-                if mask[view].sum() < settings.min_part_pixels:
-                    continue
-                heat = gaussian_filter(mask[view].astype(np.float64), settings.sigma)
-                heat = np.round(255 * heat / heat.max()).astype(np.uint8)
-                affordance = function.replace("-", "_")
-                for folder in ("egocentric", "GT"):
-                    (base / folder / affordance / category).mkdir(parents=True, exist_ok=True)
-                stem = f"{category}_{i:03d}_{view:02d}"
-                Image.fromarray(views.rgb[view]).save(
-                    base / "egocentric" / affordance / category / f"{stem}.jpg", quality=95)
-                Image.fromarray(heat).save(base / "GT" / affordance / category / f"{stem}.png")
-                written += 1
+    for shown in function_views(settings, salt=6151):
+        heat = gaussian_filter(shown.part_mask.astype(np.float64), settings.sigma)
+        heat = np.round(255 * heat / heat.max()).astype(np.uint8)
+        affordance = shown.function.replace("-", "_")
+        for folder in ("egocentric", "GT"):
+            (base / folder / affordance / shown.category).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(shown.rgb).save(
+            base / "egocentric" / affordance / shown.category / f"{shown.stem}.jpg", quality=95)
+        Image.fromarray(heat).save(base / "GT" / affordance / shown.category /
+                                   f"{shown.stem}.png")
+        written += 1
     return written

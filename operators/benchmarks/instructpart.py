@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from operators.benchmarks.function_views import FunctionViewSettings, function_views
 from operators.settings import ConfigError
 
 TASKS = ("TRPS", "ORPS")
@@ -145,14 +146,7 @@ def write_sample(folder: Path, stem: str, rgb: np.ndarray, mask: np.ndarray,
 
 # ------------------------------------------------------------------ the procedural stand-in
 
-@dataclass(frozen=True)
-class StandinSettings:
-    categories: tuple[str, ...] = ()   # () = every procedural category
-    assets_per_category: int = 2
-    views: int = 6
-    size: int = 224
-    min_part_pixels: int = 150
-    seed: int = 0
+StandinSettings = FunctionViewSettings
 
 
 def instructions_for(category: str, function: str, part: str, description: str
@@ -171,41 +165,22 @@ def write_standin(out: Path | str, settings: StandinSettings = StandinSettings()
     """Render fresh procedural assets; per asset and function, the view showing the function's
     parts best becomes one sample (mask = every part of the asset performing the function).
     Returns the number of samples written under `out/<split>/`."""
-    from operators.data.procedural import PROCEDURAL_CATEGORIES, make_asset
     from operators.data.taxonomy import load_taxonomy
-    from operators.geometry.render import render_views
-    from operators.settings import RenderSettings
     taxonomy = load_taxonomy()
     folder = Path(out) / split
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
-    render = RenderSettings(views=settings.views, width=settings.size, height=settings.size,
-                            n_points=1000)
-    for c, category in enumerate(settings.categories or PROCEDURAL_CATEGORIES):
-        for i in range(settings.assets_per_category):
-            seed = int(np.random.SeedSequence([settings.seed, 7919, c, i]).generate_state(1)[0])
-            asset = make_asset(category, seed)
-            views = render_views(asset.mesh, render, seed)
-            face_part = np.asarray(asset.face_part)
-            part_of = np.where(views.face_id >= 0, face_part[np.maximum(views.face_id, 0)], -1)
-            functions = dict.fromkeys(f[0] for f in asset.part_functions if f)
-            for function in functions:
-                parts = [p for p, f in enumerate(asset.part_functions) if function in f]
-                mask = np.isin(part_of, parts)
-                view = int(np.argmax(mask.sum(axis=(1, 2))))
-                if mask[view].sum() < settings.min_part_pixels:
-                    continue
-                part = asset.part_names[parts[0]]
-                texts = instructions_for(category, function, part,
-                                         taxonomy.functions[function])
-                named = [n for n in asset.part_names
-                         if any(f" {n} " in f" {t.lower().rstrip('.?')} " for t in texts[:2])]
-                if named:  # TRPS instructions must not name a part of the asset
-                    continue
-                entries.append(write_sample(
-                    folder, f"{category}_{i:03d}_{view:02d}", views.rgb[view], mask[view],
-                    views.mask[view], {"object": category, "part": part,
-                                       "affordance": function, "action": function,
-                                       "instruction": texts}))
-    (folder / f"data_{split}.json").write_text(json.dumps(entries, indent=1))
+    for shown in function_views(settings, salt=7919):
+        part = shown.part_names[shown.parts[0]]
+        texts = instructions_for(shown.category, shown.function, part,
+                                 taxonomy.functions[shown.function])
+        named = [n for n in shown.part_names
+                 if any(f" {n} " in f" {t.lower().rstrip('.?')} " for t in texts[:2])]
+        if named:  # TRPS instructions must not name a part of the asset
+            continue
+        entries.append(write_sample(
+            folder, shown.stem, shown.rgb, shown.part_mask, shown.object_mask,
+            {"object": shown.category, "part": part, "affordance": shown.function,
+             "action": shown.function, "instruction": texts}))
+    (folder / f"data_{Path(split).parts[0]}.json").write_text(json.dumps(entries, indent=1))
     return len(entries)

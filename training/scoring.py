@@ -29,6 +29,28 @@ from operators.geometry.cameras import project_points, visibility
 from operators.settings import ConfigError
 
 
+def cast_cloud(points: int, xyz_all: np.ndarray, xyz: np.ndarray, seed: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """CAST's input cloud for an asset, once for all prompts: `points` by farthest-point
+    sampling of (a seeded 4096-point subsample of) the asset's surface points, as in training
+    (FPS of the lifted points), normalised to the unit sphere; and, for each point of `xyz`,
+    its nearest input point (which lends it its score)."""
+    from scipy.spatial import cKDTree
+
+    from training.point_ops import farthest_point_sample, normalize_unit_sphere
+    rng = np.random.default_rng(seed)
+    pool = xyz_all if len(xyz_all) <= 4096 else xyz_all[rng.choice(len(xyz_all), 4096,
+                                                                   replace=False)]
+    cloud = torch.from_numpy(np.asarray(pool, np.float32))[None]
+    size = min(points, len(pool))
+    chosen = farthest_point_sample(cloud, size)[0].numpy()
+    if size < points:   # fewer surface points than the model takes: repeat some
+        chosen = np.concatenate([chosen, rng.choice(chosen, points - size)])
+    unit = normalize_unit_sphere(cloud[:, chosen])[0][0].numpy()
+    nearest = cKDTree(pool[chosen]).query(xyz)[1]
+    return unit, nearest
+
+
 @dataclass(frozen=True)
 class FunctionScores:
     """One asset's scores for one function."""
@@ -96,24 +118,8 @@ class AssetScorer:
 
     def cast_input(self, xyz_all: np.ndarray, xyz: np.ndarray, seed: int
                    ) -> tuple[np.ndarray, np.ndarray]:
-        """CAST's input cloud for an asset, once for all functions: the model's point count by
-        farthest-point sampling of (a seeded 4096-point subsample of) the asset's surface points,
-        as in training (FPS of the lifted points), normalised to the unit sphere; and, for each
-        scored point `xyz`, its nearest input point (which lends it its score)."""
-        from scipy.spatial import cKDTree
-
-        from training.point_ops import farthest_point_sample, normalize_unit_sphere
-        rng = np.random.default_rng(seed)
-        pool = xyz_all if len(xyz_all) <= 4096 else xyz_all[rng.choice(len(xyz_all), 4096,
-                                                                       replace=False)]
-        cloud = torch.from_numpy(np.asarray(pool, np.float32))[None]
-        size = min(self.cast.points, len(pool))
-        chosen = farthest_point_sample(cloud, size)[0].numpy()
-        if size < self.cast.points:   # fewer surface points than the model takes: repeat some
-            chosen = np.concatenate([chosen, rng.choice(chosen, self.cast.points - size)])
-        unit = normalize_unit_sphere(cloud[:, chosen])[0][0].numpy()
-        nearest = cKDTree(pool[chosen]).query(xyz)[1]
-        return unit, nearest
+        """`cast_cloud` at the CAST model's point count."""
+        return cast_cloud(self.cast.points, xyz_all, xyz, seed)
 
     def cast_scores(self, prepared: tuple[np.ndarray, np.ndarray], function: str) -> np.ndarray:
         """CAST's per-point probabilities for the function's text prompt (`cast_input`)."""

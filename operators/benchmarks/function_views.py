@@ -24,6 +24,7 @@ class FunctionViewSettings:
 class FunctionView:
     category: str
     index: int                          # the asset's index within its category
+    seed: int                           # the generator's (and the render's) seed
     view: int
     function: str
     part_names: tuple[str, ...]         # the asset's parts
@@ -57,5 +58,5 @@ def function_views(settings: FunctionViewSettings, salt: int) -> Iterator[Functi
                 view = int(np.argmax(mask.sum(axis=(1, 2))))
                 if mask[view].sum() < settings.min_part_pixels:
                     continue
-                yield FunctionView(category, i, view, function, asset.part_names, parts,
+                yield FunctionView(category, i, seed, view, function, asset.part_names, parts,
                                    views.rgb[view], mask[view], views.mask[view])

@@ -12,6 +12,8 @@ Layout read (a missing piece is one ConfigError naming it):
     <data>/<split>/objects/<stem>-<object>-<part>.png  optional, not in the release: the whole
                                         object's pixels (the stand-in writes it; a box -> mask
                                         step uses it when present)
+    <data>/<split>/3d/<stem>-<object>-<part>.json      optional, the stand-in's: the procedural
+                                        asset and camera behind the image (CAST runs on it)
 
 Tasks (InstructPart §3): TRPS, a task instruction without part names -> mask (`instruction[0]`
 human-written, `[1]` GPT-4 rewritten); ORPS, object + part -> mask, asked with the paper's
@@ -42,6 +44,7 @@ class PartSample:
     image: Path
     mask: Path
     objects: Path | None            # the object's pixels, when the data has them
+    asset: Path | None              # the stand-in's 3D source (3d/<key>.json), when known
     object: str
     part: str
     affordance: str
@@ -61,6 +64,11 @@ class PartSample:
 
 def _underscored(name: str) -> str:
     return name.replace(" ", "_")
+
+
+def sample_key(stem: str, obj: str, part: str) -> str:
+    """The release's file stem of one (image, part): <stem>-<object>-<part>, spaces as _."""
+    return f"{stem}-{_underscored(obj)}-{_underscored(part)}"
 
 
 def _find(folder: Path, stem: str) -> Path | None:
@@ -99,7 +107,7 @@ def load_samples(data: Path | str, split: str = "test", limit: int | None = None
             except (KeyError, TypeError):
                 raise ConfigError(f"instructpart: {index}: {image_path}: a part entry lacks "
                                   "object/part/instruction") from None
-            key = f"{stem}-{_underscored(obj)}-{_underscored(part)}"
+            key = sample_key(stem, obj, part)
             image = _find(folder / "images", key) or (folder / "images" / image_path)
             mask = _find(folder / "masks", key)
             if not image.is_file():
@@ -107,7 +115,9 @@ def load_samples(data: Path | str, split: str = "test", limit: int | None = None
                                   f"or {image_path})")
             if mask is None:
                 raise ConfigError(f"instructpart: {key}: no mask ({folder / 'masks'}/{key}.png)")
-            samples.append(PartSample(key, image, mask, _find(folder / "objects", key), obj,
+            asset = folder / "3d" / f"{key}.json"
+            samples.append(PartSample(key, image, mask, _find(folder / "objects", key),
+                                      asset if asset.is_file() else None, obj,
                                       part, str(item.get("affordance", "")),
                                       str(item.get("action", "")), instructions))
             if limit is not None and len(samples) >= limit:
@@ -134,7 +144,7 @@ def read_mask(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
 def write_sample(folder: Path, stem: str, rgb: np.ndarray, mask: np.ndarray,
                  objects: np.ndarray | None, record: dict[str, Any]) -> dict[str, Any]:
     """Write one (image, part) in the release layout; returns its data_<split>.json entry."""
-    key = f"{stem}-{_underscored(record['object'])}-{_underscored(record['part'])}"
+    key = sample_key(stem, record["object"], record["part"])
     for name in ("images", "masks", "objects"):
         (folder / name).mkdir(parents=True, exist_ok=True)
     Image.fromarray(rgb).save(folder / "images" / f"{key}.jpg", quality=95)
@@ -182,5 +192,10 @@ def write_standin(out: Path | str, settings: StandinSettings = StandinSettings()
             folder, shown.stem, shown.rgb, shown.part_mask, shown.object_mask,
             {"object": shown.category, "part": part, "affordance": shown.function,
              "action": shown.function, "instruction": texts}))
+        # where the image came from, so a 3D model (CAST) can be run on the asset itself
+        (folder / "3d").mkdir(exist_ok=True)
+        (folder / "3d" / f"{sample_key(shown.stem, shown.category, part)}.json").write_text(
+            json.dumps({"category": shown.category, "seed": shown.seed, "view": shown.view,
+                        "views": settings.views, "size": settings.size}))
     (folder / f"data_{Path(split).parts[0]}.json").write_text(json.dumps(entries, indent=1))
     return len(entries)

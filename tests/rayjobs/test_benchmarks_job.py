@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from operators.settings import ConfigError
+from tests.operators.benchmarks.test_instructpart_agd20k import write_instructpart
 from operators.store.storage import RunRoot
 from rayjobs.affordanceclip_job import run_affordanceclip
 from rayjobs.cli import main
@@ -56,12 +58,14 @@ def test_soco_scores_chance_raw_features_and_the_model_on_the_stand_in(dfc_root:
                  [mask_model], "soco", data="procedural")
 
 
-def test_instructpart_scores_boxes_and_the_mask_head(dfc_root: str, mask_model: str) -> None:
-    run_eval(eval_config(dfc_root, *SMALL_PARTS), [mask_model], "instructpart", name="p",
-             data="procedural")
+def test_instructpart_scores_boxes_the_mask_head_and_cast(dfc_root: str, mask_model: str,
+                                                           cast_model: str) -> None:
+    run_eval(eval_config(dfc_root, *SMALL_PARTS), [mask_model, cast_model], "instructpart",
+             name="p", data="procedural")
     metrics = RunRoot(dfc_root).read_json("eval/instructpart/p/metrics.json")
     rows = metrics["results"]
-    assert set(rows) == {"object mask", "oracle boxes (ground truth + noise)", "sm mask head"}
+    assert set(rows) == {"object mask", "oracle boxes (ground truth + noise)", "sm mask head",
+                         "sc (CAST)"}
     for row in rows.values():
         for task in ("TRPS", "ORPS"):
             values = row["tasks"][task]
@@ -96,7 +100,8 @@ def test_affordanceclip_trains_on_ray_and_is_scored_on_agd20k(dfc_root: str) -> 
     assert rows["uniform"]["nss_skipped"] == metrics["samples"]   # a flat map has no NSS
 
 
-def test_the_eval_command_names_a_missing_or_wrong_data_argument(dfc_root: str) -> None:
+def test_the_eval_command_names_a_missing_or_wrong_data_argument(dfc_root: str, cast_model: str,
+                                                                 tmp_path: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(main, ["eval", "--benchmark", "soco", "--root", dfc_root])
     assert result.exit_code == 2 and "needs --data" in result.output
@@ -106,6 +111,13 @@ def test_the_eval_command_names_a_missing_or_wrong_data_argument(dfc_root: str) 
     result = runner.invoke(main, ["eval", "--benchmark", "instructpart", "--root", dfc_root,
                                   "--data", "procedural", "--model", "train/nope"])
     assert result.exit_code == 2 and "train/nope" in result.output
+    result = runner.invoke(main, ["eval", "--benchmark", "instructpart", "--root", dfc_root,
+                                  "--data", str(write_instructpart(tmp_path)), "--model",
+                                  "finetune/sc"])
+    assert result.exit_code == 2 and "the 3D asset behind each image" in result.output
+    result = runner.invoke(main, ["eval", "--benchmark", "dfc", "--root", dfc_root,
+                                  "--backbone", "dinov2-small"])
+    assert result.exit_code == 2 and "--backbone is for --benchmark soco" in result.output
     result = runner.invoke(main, ["eval", "--benchmark", "soco", "--root", dfc_root, "--data",
                                   dfc_root, "--set", "soco.standin_assets=5"])
     assert result.exit_code == 2 and "soco.standin_assets shape(s) the procedural stand-in" \

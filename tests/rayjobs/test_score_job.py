@@ -14,11 +14,9 @@ import pytest
 from operators.settings import ConfigError
 from operators.store.readers import read_arrays
 from operators.store.storage import RunRoot
-from rayjobs.cmat_job import run_finetune
-from rayjobs.config import FinetuneJob, ScoreJob, load_config
+from rayjobs.config import ScoreJob, load_config
 from rayjobs.score_job import run_score, score_output
 from tests.conftest import DFC_ROOT_SETTINGS
-from tests.rayjobs.test_cmat_job import CAST, SMALL
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_session")]
 
@@ -26,9 +24,7 @@ SCORE = ["score.n_points=64", "score.mask_stride=8", "lift.backbone.name=dinov2-
 
 
 @pytest.fixture(scope="module")
-def models(dfc_root: str, mask_model: str) -> str:
-    run_finetune(load_config((), [*SMALL, *CAST, "cast.steps=2", "cast.checkpoint_every=2",
-                                  "job.name=sc"], root=dfc_root, model=FinetuneJob))
+def models(dfc_root: str, mask_model: str, cast_model: str) -> str:
     return dfc_root
 
 

@@ -78,6 +78,31 @@ def test_instructpart_scores_boxes_the_mask_head_and_cast(dfc_root: str, mask_mo
     assert set(routed) == {"TRPS", "ORPS"} and all(0 <= v <= 1 for v in routed.values())
 
 
+def test_affordanceclip_steps_learn_and_agd20k_scores_the_baselines(dfc_root: str) -> None:
+    """The fast half: the run's steps in this process (the trainer driver's own test is the
+    slow one below), and the AGD20K protocol end to end on the prompt-free baselines."""
+    from training.affordanceclip_train import prepare_affordanceclip
+    from training.task_loop import run_in_process
+    config = load_config((), ["affordanceclip.steps=3", "affordanceclip.batch_size=2",
+                              "affordanceclip.composite_size=64", "affordanceclip.image_size=32",
+                              "affordanceclip.val_samples=4", "data.val_fraction=0.3"],
+                         root=dfc_root, model=AffordanceClipJob)
+    prepared = prepare_affordanceclip(RunRoot(dfc_root), "runs/affordanceclip/local", "local",
+                                      config.affordanceclip, config.data, {},
+                                      progress=lambda line: None)
+    assert [r["step"] for r in prepared.plan] == [0, 1, 2]
+    _, scores, _ = run_in_process(prepared.task, prepared.plan)
+    assert 0 <= scores["val_miou"] <= 1 and np.isfinite(scores["val_bce"])
+    run_eval(eval_config(dfc_root, "agd20k.categories=[mug]", "agd20k.standin_assets=1"), [],
+             "agd20k", name="baselines", data="procedural")
+    metrics = RunRoot(dfc_root).read_json("eval/agd20k/baselines/metrics.json")
+    assert set(metrics["results"]) == {"uniform", "centre prior"}
+    # a centred Gaussian is closer to part heat maps than a flat map (KLD lower, SIM higher)
+    uniform, centre = metrics["results"]["uniform"], metrics["results"]["centre prior"]
+    assert centre["KLD"] < uniform["KLD"] and centre["SIM"] > uniform["SIM"]
+
+
+@pytest.mark.slow
 def test_affordanceclip_trains_on_ray_and_is_scored_on_agd20k(dfc_root: str) -> None:
     settings = ["affordanceclip.steps=2", "affordanceclip.checkpoint_every=1",
                 "affordanceclip.batch_size=2", "affordanceclip.composite_size=64",

@@ -310,18 +310,18 @@ def with_pretrained_backbone(config: DemoJob) -> DemoJob:
     return config.model_copy(update={"lift": config.lift.model_copy(update={"backbone": backbone})})
 
 
-def demo_benchmarks(config: DemoJob, model: str | None) -> dict[str, Any]:
+def demo_benchmarks(config: DemoJob, model: str | None, cast: str | None) -> dict[str, Any]:
     """The papers' benchmarks on small procedural stand-ins: SOCO with the demo's
-    correspondence model, InstructPart with the label stage's boxes (and the model's mask head
-    when it has one), AGD20K with an AffordanceCLIP trained here for a few steps on referring
-    composites (random-tiny CLIP: NOT pretrained). A step that cannot run says why and the
-    demo goes on."""
+    correspondence model, InstructPart with the label stage's boxes, the demo's CAST run (and
+    the model's mask head when it has one), AGD20K with an AffordanceCLIP trained here for a
+    few steps on referring composites (random-tiny CLIP: NOT pretrained). A step that cannot
+    run says why and the demo goes on."""
     from training.runs import load_model
     reports: dict[str, Any] = {}
     models = [f"train/{model}"] if model else []
     root = RunRoot(config.root, config.storage.options())
     masked = [m for m in models if load_model(root, m).model.mask_head is not None]
-    steps = [("soco", models), ("instructpart", masked)]
+    steps = [("soco", models), ("instructpart", masked + ([f"finetune/{cast}"] if cast else []))]
     for benchmark, chosen in steps:
         try:
             reports[benchmark] = run_eval(config, chosen, benchmark, name="demo",
@@ -391,7 +391,8 @@ def run_demo(config: DemoJob) -> list[StageReport]:
             update={"query": f"{asset}:{function}"})})
         scored = run_score(score_config)[1]
         root.write_bytes(SCORES_SHEET, scores_sheet(root, "demo"))
-    benchmarks = demo_benchmarks(config, trained.train.name if trained is not None else None)
+    benchmarks = demo_benchmarks(config, trained.train.name if trained is not None else None,
+                                 cast.run.name if cast is not None else None)
     print(f"\ndemo finished in {time.time() - started:.1f} s")
     print(f"  contact sheet: {root.display(CONTACT_SHEET)}")
     print(f"  label sheet:   {root.display(LABEL_SHEET)}  (oracle backend: procedural ground "

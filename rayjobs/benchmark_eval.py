@@ -471,6 +471,11 @@ def run_agd20k(config: EvalJob, root: RunRoot, data: str, models: list[str], che
               "notes": {"metrics": "KLD / SIM / NSS as AGD20K's evaluation code normalises "
                                    "them (operators.metrics.affordance); NSS skips flat maps",
                         "prompts": "the affordance folder name, _ as a space"}}
+    packed = io.BytesIO()  # every heat map, float16 thumbnails: <predictor>/<image path>
+    np.savez_compressed(packed, **{f"{n}/{sample.image.relative_to(folder)}": small
+                                   for n, r in results.items()
+                                   for sample, small in zip(samples, r.thumbnails)})
+    root.write_bytes(f"eval/agd20k/{name}/predictions.npz", packed.getvalue())
     last = list(results)[-1]
     picture = heat_picture(samples[:PICTURE_ROWS], results[last].maps)
     return _write(root, "agd20k", name, record, table, picture, "heatmaps.png", tic)

@@ -204,6 +204,13 @@ class LabelConfig(Section):
                 raise ValueError(f"unknown functions {unknown}; known: {', '.join(sorted(known))}")
         return value
 
+    @model_validator(mode="after")
+    def _template_used(self) -> "LabelConfig":
+        if self.template is not None and self.backend.name == "affordanceclip":
+            raise ValueError("label.template: the affordanceclip backend is prompted with the "
+                             "function's action (\"pour with\"), not a template; drop the key")
+        return self
+
     def settings(self) -> LabelSettings:
         template = self.template or self.backend.default_template()
         return _settings(LabelSettings, self, "label", template=template)

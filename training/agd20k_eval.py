@@ -48,16 +48,27 @@ def affordanceclip_predictor(model) -> HeatPredictor:  # noqa: ANN001 - an Affor
     return lambda image, sample: model.heatmaps(image[None], [sample.prompt])[0]
 
 
+THUMBNAIL = 64  # the longer side of the heat maps kept for predictions.npz, pixels
+
+
 @dataclass(frozen=True)
 class HeatResult:
     metrics: dict[str, float]
-    maps: list[np.ndarray]
+    maps: list[np.ndarray]               # the first `keep` maps at full size (pictures)
+    thumbnails: list[np.ndarray]         # every map, float16, THUMBNAIL px on its longer side
+
+
+def thumbnail(heat: np.ndarray) -> np.ndarray:
+    scale = THUMBNAIL / max(heat.shape)
+    size = (max(1, round(heat.shape[1] * scale)), max(1, round(heat.shape[0] * scale)))
+    image = Image.fromarray(heat.astype(np.float32)).resize(size, Image.BILINEAR)  # mode F
+    return np.asarray(image, np.float16)
 
 
 def evaluate_heatmaps(predictor: HeatPredictor, samples: list[HeatSample],
                       keep: int = 4) -> HeatResult:
     """Means of KLD, SIM, NSS (NSS skips samples where it is undefined: a flat prediction)."""
-    klds, sims, nsss, maps = [], [], [], []
+    klds, sims, nsss, maps, small = [], [], [], [], []
     for sample in samples:
         image = read_image(sample.image)
         heat = np.clip(np.asarray(predictor(image, sample), np.float64), 0, None)
@@ -67,11 +78,12 @@ def evaluate_heatmaps(predictor: HeatPredictor, samples: list[HeatSample],
         nsss.append(nss(heat, truth))
         if len(maps) < keep:
             maps.append(heat)
+        small.append(thumbnail(heat))
     finite = [v for v in nsss if np.isfinite(v)]
     return HeatResult({"KLD": float(np.mean(klds)), "SIM": float(np.mean(sims)),
                        "NSS": float(np.mean(finite)) if finite else float("nan"),
                        "samples": float(len(samples)),
-                       "nss_skipped": float(len(nsss) - len(finite))}, maps)
+                       "nss_skipped": float(len(nsss) - len(finite))}, maps, small)
 
 
 def markdown_table(results: dict[str, HeatResult], split: str) -> str:

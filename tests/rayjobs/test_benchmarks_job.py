@@ -97,6 +97,9 @@ def test_affordanceclip_steps_learn_and_agd20k_scores_the_baselines(dfc_root: st
              "agd20k", name="baselines", data="procedural")
     metrics = RunRoot(dfc_root).read_json("eval/agd20k/baselines/metrics.json")
     assert set(metrics["results"]) == {"uniform", "centre prior"}
+    packed = np.load(io.BytesIO(RunRoot(dfc_root).read_bytes(
+        "eval/agd20k/baselines/predictions.npz")))
+    assert len(packed.files) == 2 * metrics["samples"]          # predictor x sample
     # a centred Gaussian is closer to part heat maps than a flat map (KLD lower, SIM higher)
     uniform, centre = metrics["results"]["uniform"], metrics["results"]["centre prior"]
     assert centre["KLD"] < uniform["KLD"] and centre["SIM"] > uniform["SIM"]

@@ -188,3 +188,21 @@ def test_half_configured_credentials_are_a_config_error() -> None:
         load_config(overrides=["storage.session_token=tok"])
     with pytest.raises(ConfigError, match="root: String should have at least 1 character"):
         load_config(root="")
+
+
+def test_the_affordanceclip_backend_refuses_settings_it_would_ignore() -> None:
+    from rayjobs.config import JOB_MODELS, load_config
+    backend = ["label.backend.name=affordanceclip",
+               "label.backend.model=/r/runs/affordanceclip/a"]
+    assert load_config((), backend, model=JOB_MODELS["label"], root="/tmp/r").label.settings() \
+        .template == "zero-shot"
+    with pytest.raises(ConfigError, match="prompted with the function's action"):
+        load_config((), [*backend, "label.template=qwen"], model=JOB_MODELS["label"],
+                    root="/tmp/r")
+    with pytest.raises(ConfigError, match="absolute path or URI"):
+        load_config((), ["label.backend.name=affordanceclip",
+                         "label.backend.model=affordanceclip/a"], model=JOB_MODELS["label"],
+                    root="/tmp/r")
+    with pytest.raises(ConfigError, match="expected best, last or a step"):
+        load_config((), [*backend, "label.backend.checkpoint=bestt"], model=JOB_MODELS["label"],
+                    root="/tmp/r")

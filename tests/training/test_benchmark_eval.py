@@ -134,6 +134,7 @@ def test_heat_map_means_by_hand(tmp_path: Path) -> None:
     perfect = evaluate_heatmaps(lambda image, s: read_heatmap(s.gt), samples)
     assert perfect.metrics["KLD"] == pytest.approx(0.0, abs=1e-6)
     assert perfect.metrics["SIM"] == pytest.approx(1.0)
+    assert perfect.thumbnails[0].shape == (32, 64) and perfect.thumbnails[0].dtype == np.float16
     flat = evaluate_heatmaps(uniform_predictor(), samples)
     # uniform over 128 px vs 6 px of ground truth: SIM = 6 x min(1/128, 1/6) = 6/128;
     # NSS is undefined for a flat map (skipped)

@@ -300,6 +300,8 @@ def run_instructpart(config: EvalJob, root: RunRoot, data: str, models: list[str
                      checkpoint: str, name: str | None, tic: float, scratch: Path) -> BenchmarkReport:
     from operators.benchmarks.instructpart import StandinSettings, load_samples, write_standin
     from operators.data.taxonomy import load_taxonomy
+    import torch.nn.functional as F
+
     from operators.models.backbones import load_text_encoder
     from operators.models.registry import OracleOptions
     from training.evaluation import model_describer
@@ -345,7 +347,7 @@ def run_instructpart(config: EvalJob, root: RunRoot, data: str, models: list[str
         encoder = load_text_encoder(model.record.get("text_encoder", "minilm-text"),
                                     options.get("model_path"),
                                     allow_download=bool(options.get("allow_download", False)))
-        text = torch_normalised(model.text)
+        text = F.normalize(model.text.float(), dim=-1)
         routing = Routing(list(model.functions), text, encoder.embed, by_part)
         routed[label] = {}
         predictors[f"{label} mask head"] = mask_head_predictor(
@@ -387,15 +389,11 @@ def run_instructpart(config: EvalJob, root: RunRoot, data: str, models: list[str
     return _write(root, "instructpart", name, record, table, picture, "masks.png", tic)
 
 
-def torch_normalised(text: Any) -> Any:
-    import torch.nn.functional as F
-    return F.normalize(text.float(), dim=-1)
-
-
 def parts_picture(samples: list[Any], masks: dict[str, list[np.ndarray]]) -> bytes:
     """Per sample: the image with the true mask (green), the ORPS and the TRPS predictions
     (red), each over the image."""
-    from operators.benchmarks.instructpart import read_image, read_mask
+    from operators.benchmarks import read_image
+    from operators.benchmarks.instructpart import read_mask
     size = 224
     sheet = Image.new("RGB", (3 * size, max(1, len(samples)) * size), "white")
     draw = ImageDraw.Draw(sheet)
@@ -484,7 +482,7 @@ def run_agd20k(config: EvalJob, root: RunRoot, data: str, models: list[str], che
 def heat_picture(samples: list[Any], maps: list[np.ndarray]) -> bytes:
     """Per sample: the image, the ground-truth heat map and the prediction (red overlays)."""
     from operators.benchmarks.agd20k import read_heatmap
-    from training.agd20k_eval import read_image
+    from operators.benchmarks import read_image
     size = 224
     sheet = Image.new("RGB", (3 * size, max(1, len(samples)) * size), "white")
     draw = ImageDraw.Draw(sheet)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from operators.benchmarks import read_image
 from operators.benchmarks.agd20k import HeatSample, read_heatmap
 from operators.metrics.affordance import kld, nss, sim_map
 
@@ -24,11 +25,6 @@ PAPER_ROWS = {"AffordanceCLIP (paper, Test A)": (1.628, 0.335, 0.791),
               "LOCATE, weakly supervised (paper, Test A)": (1.226, 0.401, 1.177)}
 
 HeatPredictor = Callable[[np.ndarray, HeatSample], np.ndarray]
-
-
-def read_image(path) -> np.ndarray:  # noqa: ANN001 - a Path
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), np.uint8)
 
 
 def uniform_predictor() -> HeatPredictor:

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from operators.benchmarks.instructpart import TASKS, PartSample, read_image, read_mask
+from operators.benchmarks import read_image
+from operators.benchmarks.instructpart import TASKS, PartSample, read_mask
 from operators.metrics.segmentation import referring_metrics
 
 # InstructPart Table 2 (ORPS / TRPS, human instructions): published rows for scale only.

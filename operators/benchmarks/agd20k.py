@@ -39,8 +39,7 @@ class HeatSample:
         return self.affordance.replace("_", " ")
 
 
-def load_samples(data: Path | str, split: str = "Seen", limit: int | None = None
-                 ) -> list[HeatSample]:
+def load_samples(data: Path | str, split: str = "Seen") -> list[HeatSample]:
     base = Path(data).expanduser() / split / "testset"
     images, gts = base / "egocentric", base / "GT"
     for needed in (images, gts):
@@ -54,8 +53,6 @@ def load_samples(data: Path | str, split: str = "Seen", limit: int | None = None
         if not gt.is_file():
             raise ConfigError(f"agd20k: {path} has no ground-truth heat map {gt}")
         samples.append(HeatSample(path, gt, affordance, obj))
-        if limit is not None and len(samples) >= limit:
-            break
     return samples
 
 

@@ -78,8 +78,7 @@ def _find(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def load_samples(data: Path | str, split: str = "test", limit: int | None = None
-                 ) -> list[PartSample]:
+def load_samples(data: Path | str, split: str = "test") -> list[PartSample]:
     """One sample per (image, part) of `<data>/<split>/data_<split>.json`, in file order."""
     folder = Path(data).expanduser() / split
     index = folder / f"data_{Path(split).parts[0]}.json"  # train/train200/data_train.json
@@ -120,14 +119,7 @@ def load_samples(data: Path | str, split: str = "test", limit: int | None = None
                                       asset if asset.is_file() else None, obj,
                                       part, str(item.get("affordance", "")),
                                       str(item.get("action", "")), instructions))
-            if limit is not None and len(samples) >= limit:
-                return samples
     return samples
-
-
-def read_image(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), np.uint8)
 
 
 def read_mask(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
